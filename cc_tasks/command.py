@@ -1,0 +1,60 @@
+"""The claude command line and environment for a task: pure functions, asserted on by tests.
+
+No shell is involved. Every option value is passed in the ``--flag=value`` form, so a value that
+starts with ``-`` can never be read as another flag; the prompt goes to claude's standard input,
+so it is never read as a flag either and is not bounded by the argv size limit.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping
+
+from .models import TaskOptions
+
+#: Variables that make a nested claude believe it runs inside its parent's session.
+STRIP_ENV = (
+    "CLAUDECODE",
+    "CLAUDE_CODE_ENTRYPOINT",
+    "CLAUDE_CODE_SSE_PORT",
+    "CLAUDE_CODE_IDE_HOST_OVERRIDE",
+    "CLAUDE_AGENT_SDK_VERSION",
+    "CLAUDE_CODE_SESSION_ID",
+)
+
+
+def build_argv(opts: TaskOptions, claude_bin: str) -> list[str]:
+    argv = [claude_bin, "-p", "--output-format=stream-json", "--verbose"]
+
+    def flag(name: str, value: object | None) -> None:
+        if value is not None:
+            argv.append(f"--{name}={value}")
+
+    flag("model", opts.model)
+    flag("fallback-model", opts.fallback_model)
+    for tool in opts.allowed_tools or []:
+        flag("allowedTools", tool)
+    for tool in opts.disallowed_tools or []:
+        flag("disallowedTools", tool)
+    flag("permission-mode", opts.permission_mode)
+    flag("max-turns", opts.max_turns)
+    flag("max-budget-usd", opts.max_budget_usd)
+    flag("system-prompt", opts.system_prompt)
+    flag("append-system-prompt", opts.append_system_prompt)
+    flag("resume", opts.resume_session_id)
+    for d in opts.add_dirs or []:
+        flag("add-dir", d)
+    if opts.mcp_config is not None:
+        cfg = opts.mcp_config if isinstance(opts.mcp_config, str) else json.dumps(opts.mcp_config)
+        flag("mcp-config", cfg)
+    return argv
+
+
+def build_env(base: Mapping[str, str], opts: TaskOptions, *, depth: int, task_id: str, store_dir: str) -> dict[str, str]:
+    """The server's environment, less what confuses a nested claude, plus the task's own variables."""
+    env = {k: v for k, v in base.items() if k not in STRIP_ENV}
+    env.update(opts.env or {})
+    env["CC_TASKS_DEPTH"] = str(depth + 1)
+    env["CC_TASKS_TASK_ID"] = task_id
+    env["CC_TASKS_DIR"] = store_dir
+    return env

@@ -1,0 +1,39 @@
+"""One small tree of named errors. Tools turn them into MCP tool errors at the edge (server.py)."""
+
+from __future__ import annotations
+
+
+class CCTasksError(Exception):
+    """Base of every error this package raises on purpose; the message is meant for the user."""
+
+
+class ConfigError(CCTasksError):
+    """A configuration value (environment variable or flag) is unusable."""
+
+
+class UnsafeStoreError(CCTasksError):
+    """The task store directory is not safe to use (owner, permissions, symlink)."""
+
+
+class InvalidTaskIdError(CCTasksError):
+    """A task id is not of the form this server generates."""
+
+
+class TaskNotFoundError(CCTasksError):
+    """No task with this id exists in the store."""
+
+
+class InvalidOptionsError(CCTasksError):
+    """Task options that cannot run (missing cwd, empty prompt, ...)."""
+
+
+class ClaudeNotFoundError(CCTasksError):
+    """The claude CLI binary could not be found or is not executable."""
+
+
+class DepthLimitError(CCTasksError):
+    """Starting a task here would nest sub-agents deeper than CC_TASKS_MAX_DEPTH."""
+
+
+class InvalidTransitionError(CCTasksError):
+    """A status change that the task lifecycle does not allow."""

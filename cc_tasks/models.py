@@ -1,0 +1,286 @@
+"""Records and schemas: task status and its transitions, task options, the task record, replies."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import InvalidTransitionError
+
+#: Most characters of task text (results, transcripts) that one reply carries.
+REPLY_TEXT_BUDGET = 20_000
+#: Characters of the result kept inside the record itself (the whole result is in result.txt).
+RESULT_PREVIEW_CHARS = 16_000
+#: Characters of the last assistant text kept in the live progress.
+PROGRESS_TEXT_CHARS = 500
+
+
+class TaskStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return not TRANSITIONS[self]
+
+
+#: The task lifecycle: every allowed status change, in one place.
+TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.CANCELLED}),
+    TaskStatus.RUNNING: frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED}),
+    TaskStatus.COMPLETED: frozenset(),
+    TaskStatus.FAILED: frozenset(),
+    TaskStatus.TIMEOUT: frozenset(),
+    TaskStatus.CANCELLED: frozenset(),
+}
+ACTIVE_STATUSES = frozenset(s for s in TaskStatus if not s.terminal)
+
+
+def check_transition(old: TaskStatus, new: TaskStatus) -> None:
+    if new not in TRANSITIONS[old]:
+        raise InvalidTransitionError(f"a task cannot go from {old.value} to {new.value}")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "manual", "dontAsk", "plan"]
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SESSION = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+#: Variables a task may not set through ``env``: they are how nesting is bounded.
+RESERVED_ENV = frozenset({"CC_TASKS_DEPTH", "CC_TASKS_MAX_DEPTH", "CC_TASKS_TASK_ID"})
+
+
+def _no_nul(value: Any, what: str) -> None:
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError(f"{what} contains a NUL character")
+
+
+class TaskOptions(BaseModel):
+    """What to run: the prompt and how claude runs it. Every field maps to a claude CLI flag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="The task for the sub-agent (required, non-empty). Sent on claude's standard input.")
+    cwd: str | None = Field(None, description="Working directory of the sub-agent; must exist. Default: the server's cwd.")
+    model: str | None = Field(None, description="Model for the session (--model), e.g. 'sonnet' or a full model name.")
+    fallback_model: str | None = Field(None, description="Fallback model(s) when the main one is busy (--fallback-model).")
+    allowed_tools: list[str] | None = Field(None, description="Tools allowed without asking, e.g. ['Bash', 'Edit'] (--allowedTools).")
+    disallowed_tools: list[str] | None = Field(None, description="Tools denied (--disallowedTools).")
+    permission_mode: PermissionMode | None = Field(None, description="Permission mode (--permission-mode).")
+    max_turns: int | None = Field(None, ge=1, le=10_000, description="Most agentic turns (--max-turns).")
+    max_budget_usd: float | None = Field(None, gt=0, description="Most dollars to spend on API calls (--max-budget-usd).")
+    system_prompt: str | None = Field(None, description="Replace the system prompt (--system-prompt).")
+    append_system_prompt: str | None = Field(None, description="Append to the system prompt (--append-system-prompt).")
+    resume_session_id: str | None = Field(None, description="Resume this claude session id (--resume).")
+    add_dirs: list[str] | None = Field(None, description="More directories the sub-agent may access; each must exist (--add-dir).")
+    mcp_config: str | dict[str, Any] | None = Field(
+        None, description="MCP servers for the sub-agent: a JSON object, a JSON string or a file path (--mcp-config).")
+    env: dict[str, str] | None = Field(None, description="Extra environment variables for the sub-agent.")
+    timeout_seconds: float | None = Field(
+        None, gt=0, le=7 * 86400, description="Stop the task after this many seconds (default CC_TASKS_DEFAULT_TIMEOUT).")
+    name: str | None = Field(None, max_length=200, description="A label for the task, shown in listings.")
+    metadata: dict[str, Any] | None = Field(None, description="Free-form JSON kept with the task (at most 16 KB).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt is empty: give the sub-agent something to do")
+        _no_nul(v, "prompt")
+        return v
+
+    @field_validator("cwd", "model", "fallback_model", "system_prompt", "append_system_prompt", "name")
+    @classmethod
+    def _strings(cls, v: str | None, info) -> str | None:
+        _no_nul(v, info.field_name)
+        if v is not None and info.field_name in ("model", "fallback_model", "cwd") and not v.strip():
+            raise ValueError(f"{info.field_name} is empty: leave it out to use the default")
+        return v
+
+    @field_validator("allowed_tools", "disallowed_tools", "add_dirs")
+    @classmethod
+    def _lists(cls, v: list[str] | None, info) -> list[str] | None:
+        for item in v or []:
+            _no_nul(item, info.field_name)
+            if not item.strip():
+                raise ValueError(f"{info.field_name} has an empty entry")
+        return v
+
+    @field_validator("resume_session_id")
+    @classmethod
+    def _session(cls, v: str | None) -> str | None:
+        if v is not None and not _SESSION.match(v):
+            raise ValueError("resume_session_id must be a claude session id (letters, digits, '.', '_', '-')")
+        return v
+
+    @field_validator("mcp_config")
+    @classmethod
+    def _mcp(cls, v: str | dict | None) -> str | dict | None:
+        if isinstance(v, str):
+            _no_nul(v, "mcp_config")
+            if v.lstrip().startswith("{"):
+                try:
+                    json.loads(v)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"mcp_config is not valid JSON: {e}") from None
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for k, val in (v or {}).items():
+            if not _ENV_NAME.match(k):
+                raise ValueError(f"env name {k!r} is not a valid variable name")
+            if k in RESERVED_ENV:
+                raise ValueError(f"env may not set {k}: it bounds sub-agent nesting")
+            _no_nul(val, f"env {k}")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict | None) -> dict | None:
+        if v is not None and len(json.dumps(v, default=str)) > 16_384:
+            raise ValueError("metadata is larger than 16 KB")
+        return v
+
+
+class ProcRef(BaseModel):
+    """A process, identified by pid and create time so that a recycled pid is never mistaken for it."""
+
+    pid: int
+    create_time: float
+
+
+class Progress(BaseModel):
+    """Live progress drawn from claude's stream-json output."""
+
+    turns: int = 0
+    tool_calls: int = 0
+    last_tool: str | None = None
+    last_text: str | None = None
+    cost_usd: float | None = None
+    output_bytes: int = 0
+    updated_at: datetime | None = None
+
+
+class TaskRecord(BaseModel):
+    """Everything known about one task; stored as record.json in the task's folder."""
+
+    task_id: str
+    name: str | None = None
+    status: TaskStatus = TaskStatus.QUEUED
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    cwd: str
+    model: str | None = None
+    prompt_preview: str = ""
+    timeout_seconds: float
+    depth: int = 0
+    exit_code: int | None = None
+    result: str | None = None
+    result_truncated: bool = False
+    result_chars: int = 0
+    is_error: bool | None = None
+    error: str | None = None
+    session_id: str | None = None
+    total_cost_usd: float | None = None
+    num_turns: int | None = None
+    duration_ms: int | None = None
+    usage: dict[str, Any] | None = None
+    progress: Progress = Field(default_factory=Progress)
+    cancel_requested: bool = False
+    supervisor: ProcRef | None = None
+    claude: ProcRef | None = None
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def elapsed_seconds(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at or utcnow()
+        return max(0.0, (end - self.started_at).total_seconds())
+
+    def bounded(self, result_chars: int = RESULT_PREVIEW_CHARS) -> "TaskRecord":
+        """A copy whose result carries at most ``result_chars`` characters."""
+        if self.result is None or len(self.result) <= result_chars:
+            return self
+        return self.model_copy(update={"result": self.result[:result_chars], "result_truncated": True})
+
+
+class TaskSummary(BaseModel):
+    """One line of a listing."""
+
+    task_id: str
+    name: str | None
+    status: TaskStatus
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    elapsed_seconds: float | None
+    cwd: str
+    model: str | None
+    turns: int
+    last_tool: str | None
+    cost_usd: float | None
+    exit_code: int | None
+    error: str | None
+    prompt_preview: str
+
+    @classmethod
+    def of(cls, r: TaskRecord) -> "TaskSummary":
+        return cls(
+            task_id=r.task_id, name=r.name, status=r.status, created_at=r.created_at, started_at=r.started_at,
+            finished_at=r.finished_at, elapsed_seconds=r.elapsed_seconds, cwd=r.cwd, model=r.model,
+            turns=r.num_turns if r.num_turns is not None else r.progress.turns, last_tool=r.progress.last_tool,
+            cost_usd=r.total_cost_usd if r.total_cost_usd is not None else r.progress.cost_usd,
+            exit_code=r.exit_code, error=(r.error or "")[:300] or None, prompt_preview=r.prompt_preview[:200],
+        )
+
+
+class StartResult(BaseModel):
+    task_id: str
+    status: TaskStatus
+    name: str | None = None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskSummary]
+    count: int
+    more: bool = Field(description="True when more tasks matched than `limit` allowed.")
+
+
+class OutputPage(BaseModel):
+    task_id: str
+    source: Literal["result", "transcript", "stderr"]
+    offset: int = Field(description="Byte offset this page starts at.")
+    next_offset: int = Field(description="Pass as `offset` to read the next page.")
+    total_bytes: int
+    eof: bool = Field(description="True when this page reaches the current end of the output.")
+    text: str
+    status: TaskStatus
+
+
+class WaitResult(BaseModel):
+    done: bool = Field(description="True when the wait condition (all/any finished) was met.")
+    timed_out: bool
+    finished: list[str]
+    pending: list[str]
+    tasks: list[TaskRecord]
+
+
+class CleanupResult(BaseModel):
+    task_id: str
+    deleted: bool
+    was_status: TaskStatus

@@ -1,0 +1,140 @@
+"""Processes: identity that survives pid reuse, and stopping a whole process tree."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Callable, Iterable
+
+import psutil
+
+from .models import ProcRef
+
+#: Seconds to wait after SIGINT, then after SIGTERM, before SIGKILL.
+GRACE_INT = 3.0
+GRACE_TERM = 3.0
+
+
+def ref_of(pid: int) -> ProcRef:
+    return ProcRef(pid=pid, create_time=psutil.Process(pid).create_time())
+
+
+def process_of(ref: ProcRef | None) -> psutil.Process | None:
+    """The live process behind ``ref``; None if it exited, is a zombie, or the pid was reused."""
+    if ref is None:
+        return None
+    try:
+        p = psutil.Process(ref.pid)
+        if abs(p.create_time() - ref.create_time) > 0.05:
+            return None
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return p
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def alive(ref: ProcRef | None) -> bool:
+    return process_of(ref) is not None
+
+
+def _gone(p: psutil.Process) -> bool:
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _signal(procs: Iterable[psutil.Process], sig: int) -> None:
+    for p in procs:
+        try:
+            if p.is_running():
+                p.send_signal(sig)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+def _descendants(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return p.children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+def _wait(procs: list[psutil.Process], timeout: float, reap: Callable[[], None] | None) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while True:
+        if reap:
+            reap()
+        left = [p for p in procs if not _gone(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.02)
+
+
+def stop_tree(root: psutil.Process | None, *, others: Iterable[psutil.Process] = (),
+              reap: Callable[[], None] | None = None,
+              grace_int: float = GRACE_INT, grace_term: float = GRACE_TERM) -> list[int]:
+    """Stop ``root`` and all its descendants (and ``others``): SIGINT to root, then SIGTERM, then SIGKILL.
+
+    Descendants are snapshotted before any signal, since claude's tools run in sessions of their own
+    and would be orphaned (and lost from view) once claude exits. ``reap`` is called while waiting so
+    that a caller can collect its own children. Returns the pids that were stopped.
+    """
+    procs: list[psutil.Process] = []
+    if root is not None and not _gone(root):
+        procs.append(root)
+        procs.extend(_descendants(root))
+    for p in others:
+        if not _gone(p) and p not in procs:
+            procs.append(p)
+    if not procs:
+        return []
+    pids = [p.pid for p in procs]
+    if root is not None and root in procs:
+        _signal([root], signal.SIGINT)
+        left = _wait(procs, grace_int, reap)
+    else:
+        left = procs
+    for step_sig, grace in ((signal.SIGTERM, grace_term), (signal.SIGKILL, 5.0)):
+        if not left:
+            break
+        # pick up anything the survivors started meanwhile
+        extra = [d for p in left for d in _descendants(p) if d not in left]
+        left = left + extra
+        pids.extend(d.pid for d in extra)
+        _signal(left, step_sig)
+        left = _wait(left, grace, reap)
+    return pids
+
+
+def reap_children(exclude: Iterable[int] = ()) -> None:
+    """Collect exited children of this process, except ``exclude`` (pids owned by a Popen)."""
+    skip = set(exclude)
+    for child in _descendants_direct():
+        if child.pid in skip:
+            continue
+        try:
+            os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def _descendants_direct() -> list[psutil.Process]:
+    try:
+        return psutil.Process().children()
+    except psutil.NoSuchProcess:
+        return []
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process (Linux), so a task's tree stays in view."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_CHILD_SUBREAPER = 36
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False

@@ -1,0 +1,164 @@
+"""The MCP server: thin tool adapters over TaskManager. Errors become MCP tool errors only here."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import signal
+from typing import Annotated, Any, Literal
+
+from fastmcp import FastMCP
+from fastmcp.exceptions import ToolError
+from fastmcp.server.dependencies import get_context
+from mcp.types import ToolAnnotations
+from pydantic import Field, ValidationError
+
+from .errors import CCTasksError
+from .manager import TaskManager
+from .models import (REPLY_TEXT_BUDGET, CleanupResult, OutputPage, StartResult, TaskList, TaskOptions, TaskRecord,
+                     TaskStatus, WaitResult)
+
+log = logging.getLogger("cc_tasks")
+
+INSTRUCTIONS = """Run Claude Code sub-agents in parallel. start_cc_task_async starts a sub-agent and returns its
+task_id at once; wait_for_tasks waits for several (cheaper than polling check_task_status);
+get_task_output pages through long results; cancel_task stops one; cleanup_task deletes it.
+execute_cc_task runs one and returns when it ends. Every server process of this user shares the tasks."""
+
+
+def _validation_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err.get("loc", ())) or "options"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "invalid task options: " + "; ".join(parts)
+
+
+def edge(fn):
+    """Turn this package's errors into MCP tool errors with their message."""
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except CCTasksError as e:
+            raise ToolError(str(e)) from None
+        except ValidationError as e:
+            raise ToolError(_validation_message(e)) from None
+    return wrapper
+
+
+def with_task_options(fn):
+    """Give ``fn(**options)`` the signature of TaskOptions' fields, so the tool schema lists each option."""
+    params = []
+    for name, f in TaskOptions.model_fields.items():
+        ann = Annotated[(f.annotation, *f.metadata, Field(description=f.description))]  # type: ignore[misc]
+        default = inspect.Parameter.empty if f.is_required() else f.default
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann))
+    ret = inspect.signature(fn).return_annotation
+    fn.__signature__ = inspect.Signature(params, return_annotation=ret)
+    fn.__annotations__ = {p.name: p.annotation for p in params} | {"return": ret}
+    return fn
+
+
+def _annotations(read_only: bool, destructive: bool = False, idempotent: bool = False,
+                 open_world: bool = False) -> ToolAnnotations:
+    return ToolAnnotations(readOnlyHint=read_only, destructiveHint=destructive, idempotentHint=idempotent,
+                           openWorldHint=open_world)
+
+
+async def _report(elapsed: float, message: str) -> None:
+    try:
+        await get_context().report_progress(progress=round(elapsed, 3), total=None, message=message)
+    except Exception:  # a client that went away must not break the task
+        pass
+
+
+TaskId = Annotated[str, Field(description="A task id returned by start_cc_task_async or list_active_tasks.")]
+
+
+def create_server(manager: TaskManager | None = None) -> FastMCP:
+    mgr = manager or TaskManager()
+    mcp = FastMCP("cc-tasks", instructions=INSTRUCTIONS)
+    mcp.manager = mgr  # type: ignore[attr-defined]
+
+    @with_task_options
+    async def execute_cc_task(**options: Any) -> TaskRecord:
+        """Run one Claude Code sub-agent and return its record when it ends (result bounded; page the rest
+        with get_task_output). Sends progress while it runs; cancelling the call stops the sub-agent."""
+        return await mgr.execute(TaskOptions(**options), progress=_report)
+
+    @with_task_options
+    async def start_cc_task_async(**options: Any) -> StartResult:
+        """Start a Claude Code sub-agent in the background and return its task_id at once."""
+        import anyio
+        r = await anyio.to_thread.run_sync(mgr.start, TaskOptions(**options))
+        return StartResult(task_id=r.task_id, status=r.status, name=r.name)
+
+    async def check_task_status(task_id: TaskId) -> TaskRecord:
+        """The task's record: status, timings, live progress while it runs, its (bounded) result once finished."""
+        return mgr.get(task_id).bounded()
+
+    async def list_active_tasks(
+        include_finished: Annotated[bool, Field(description="Also list finished tasks, newest first.")] = False,
+        limit: Annotated[int, Field(ge=1, le=500, description="Most tasks to return.")] = 50,
+    ) -> TaskList:
+        """Tasks of this store that are queued or running (optionally finished ones too), from every server process."""
+        return mgr.list(include_finished=include_finished, limit=limit)
+
+    async def cancel_task(task_id: TaskId) -> TaskRecord:
+        """Stop the task's whole process tree. The record stays, with status cancelled."""
+        import anyio
+        return (await anyio.to_thread.run_sync(mgr.cancel, task_id)).bounded()
+
+    async def cleanup_task(task_id: TaskId) -> CleanupResult:
+        """Stop the task if it still runs, then delete its files."""
+        import anyio
+        return await anyio.to_thread.run_sync(mgr.cleanup, task_id)
+
+    async def get_task_output(
+        task_id: TaskId,
+        offset: Annotated[int, Field(ge=0, description="Byte offset to read from; pass next_offset of the previous page.")] = 0,
+        limit: Annotated[int, Field(ge=1, le=REPLY_TEXT_BUDGET, description="Most bytes to return.")] = REPLY_TEXT_BUDGET,
+        source: Annotated[Literal["result", "transcript", "stderr"], Field(
+            description="'result': the final result text; 'transcript': claude's raw stream-json; 'stderr'.")] = "result",
+    ) -> OutputPage:
+        """Page through a task's full result text (or raw transcript, or stderr)."""
+        return mgr.output(task_id, offset=offset, limit=limit, source=source)
+
+    async def wait_for_tasks(
+        task_ids: Annotated[list[str], Field(min_length=1, max_length=200, description="Task ids to wait for.")],
+        mode: Annotated[Literal["all", "any"], Field(description="Wait until all, or any one, are finished.")] = "all",
+        timeout_seconds: Annotated[float, Field(ge=0, le=86400, description="Give up waiting after this long.")] = 300,
+    ) -> WaitResult:
+        """Block until all (or any) of the tasks are finished or the timeout passes; returns their records."""
+        return await mgr.wait(task_ids, mode=mode, timeout=timeout_seconds, progress=_report)
+
+    tools = [
+        (execute_cc_task, _annotations(False, destructive=True, open_world=True)),
+        (start_cc_task_async, _annotations(False, destructive=True, open_world=True)),
+        (check_task_status, _annotations(True, idempotent=True)),
+        (list_active_tasks, _annotations(True, idempotent=True)),
+        (cancel_task, _annotations(False, destructive=True, idempotent=True)),
+        (cleanup_task, _annotations(False, destructive=True)),
+        (get_task_output, _annotations(True, idempotent=True)),
+        (wait_for_tasks, _annotations(True, idempotent=True)),
+    ]
+    for fn, ann in tools:
+        mcp.tool(edge(fn), annotations=ann)
+    return mcp
+
+
+def run_stdio(manager: TaskManager | None = None) -> None:
+    """Run the stdio server. Tasks keep running under their supervisors when this process exits."""
+    mgr = manager or TaskManager()
+    mgr.install_sigchld_handler()
+
+    def on_term(signum, frame):
+        log.info("server pid %s got signal %s; exiting (running tasks continue)", os.getpid(), signum)
+        logging.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    create_server(mgr).run(show_banner=False)

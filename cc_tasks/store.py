@@ -1,0 +1,225 @@
+"""The task store: one folder per task under a private directory, shared by every process of the user.
+
+Layout::
+
+    <root>/tasks/<task_id>/record.json   the TaskRecord, replaced atomically
+                           request.json  the TaskOptions as submitted (prompt in prompt.txt)
+                           prompt.txt    claude's standard input
+                           stdout.jsonl  claude's stream-json transcript
+                           stderr.log    claude's standard error
+                           result.txt    the whole final result text
+                           events.jsonl  append-only event log
+                           lock          filelock serialising updates of record.json
+    <root>/active/<task_id>              marker of a task that is not finished (cheap listing)
+    <root>/cc_tasks.log                  rotating log
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+from filelock import FileLock
+
+from .errors import InvalidTaskIdError, TaskNotFoundError, UnsafeStoreError
+from .models import TRANSITIONS, TaskRecord, TaskStatus, check_transition, utcnow
+
+TASK_ID_RE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9]{3}-[0-9a-f]{8}$")
+LOCK_TIMEOUT = 30.0
+
+
+def new_task_id(now: datetime | None = None) -> str:
+    """Time-sortable id: ``YYYYMMDD-HHMMSS-mmm-<8 hex>`` (UTC)."""
+    now = now or datetime.now(timezone.utc)
+    return f"{now:%Y%m%d-%H%M%S}-{now.microsecond // 1000:03d}-{secrets.token_hex(4)}"
+
+
+def validate_task_id(task_id: object) -> str:
+    if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
+        shown = repr(task_id)[:80]
+        raise InvalidTaskIdError(
+            f"invalid task id {shown}: task ids look like 20260101-120000-000-1a2b3c4d "
+            "(use an id returned by start_cc_task_async or list_active_tasks)")
+    return task_id
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` with mode 0700 if missing; refuse it if it is unsafe."""
+    path = Path(os.path.abspath(path))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeStoreError(f"task store {path} is a symlink; refusing it (set CC_TASKS_DIR to a real directory)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeStoreError(f"task store {path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise UnsafeStoreError(
+            f"task store {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
+            "remove it or set CC_TASKS_DIR to a directory of your own")
+    if st.st_mode & 0o022:
+        raise UnsafeStoreError(
+            f"task store {path} is group- or world-writable (mode {oct(st.st_mode & 0o777)}); "
+            f"run 'chmod 700 {path}' or set CC_TASKS_DIR elsewhere")
+    return path
+
+
+def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class TaskStore:
+    def __init__(self, root: Path):
+        self.root = ensure_private_dir(root)
+        self.tasks_dir = ensure_private_dir(self.root / "tasks")
+        self.active_dir = ensure_private_dir(self.root / "active")
+
+    # -- paths ---------------------------------------------------------------
+    def task_dir(self, task_id: str) -> Path:
+        return self.tasks_dir / validate_task_id(task_id)
+
+    def path(self, task_id: str, name: str) -> Path:
+        return self.task_dir(task_id) / name
+
+    def lock(self, task_id: str) -> FileLock:
+        return FileLock(str(self.path(task_id, "lock")), timeout=LOCK_TIMEOUT)
+
+    # -- create / read -------------------------------------------------------
+    def create(self, record: TaskRecord, files: dict[str, bytes]) -> None:
+        """Write a new task's folder completely, then make it appear at once (rename)."""
+        final = self.task_dir(record.task_id)
+        tmp = self.tasks_dir / f".new-{record.task_id}"
+        os.mkdir(tmp, 0o700)
+        try:
+            for name, data in files.items():
+                atomic_write(tmp / name, data, fsync=False)
+            atomic_write(tmp / "record.json", record.model_dump_json().encode())
+            (tmp / "lock").touch(0o600)
+            (self.active_dir / record.task_id).touch(0o600)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                os.unlink(self.active_dir / record.task_id)
+            except FileNotFoundError:
+                pass
+            raise
+        self.append_event(record.task_id, "status", status=record.status.value)
+
+    def exists(self, task_id: str) -> bool:
+        return (self.task_dir(task_id) / "record.json").is_file()
+
+    def read(self, task_id: str) -> TaskRecord:
+        try:
+            data = (self.task_dir(task_id) / "record.json").read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise TaskNotFoundError(f"no task {task_id} in this store ({self.root}); list_active_tasks shows the known ones") from None
+        return TaskRecord.model_validate_json(data)
+
+    def write(self, record: TaskRecord, *, fsync: bool = True) -> None:
+        atomic_write(self.task_dir(record.task_id) / "record.json", record.model_dump_json().encode(), fsync=fsync)
+
+    # -- update --------------------------------------------------------------
+    def update(self, task_id: str, fn: Callable[[TaskRecord], TaskRecord | None], *, fsync: bool = False) -> TaskRecord:
+        """Read, change and write the record under the task's lock. ``fn`` returns None for no change."""
+        if not self.exists(task_id):
+            raise TaskNotFoundError(f"no task {task_id} in this store ({self.root})")
+        try:
+            with self.lock(task_id):
+                current = self.read(task_id)
+                new = fn(current.model_copy(deep=True))
+                if new is None:
+                    return current
+                if new.status != current.status:
+                    check_transition(current.status, new.status)
+                    if new.status.terminal:
+                        new.finished_at = new.finished_at or utcnow()
+                    fsync = True
+                self.write(new, fsync=fsync)
+        except FileNotFoundError:
+            raise TaskNotFoundError(f"task {task_id} was deleted") from None
+        if new.status != current.status:
+            if new.status.terminal:
+                self._unmark_active(task_id)
+            self.append_event(task_id, "status", status=new.status.value, error=new.error)
+        return new
+
+    def transition(self, task_id: str, status: TaskStatus, **fields) -> TaskRecord:
+        """Move to ``status`` if the lifecycle allows it from the current one; else leave the record alone."""
+        def fn(r: TaskRecord) -> TaskRecord | None:
+            if r.status == status or status not in TRANSITIONS[r.status]:
+                return None
+            return r.model_copy(update={"status": status, **fields})
+        return self.update(task_id, fn)
+
+    def _unmark_active(self, task_id: str) -> None:
+        try:
+            os.unlink(self.active_dir / task_id)
+        except FileNotFoundError:
+            pass
+
+    # -- events --------------------------------------------------------------
+    def append_event(self, task_id: str, kind: str, **data) -> None:
+        line = json.dumps({"ts": time.time(), "kind": kind, **{k: v for k, v in data.items() if v is not None}},
+                          default=str) + "\n"
+        try:
+            fd = os.open(self.path(task_id, "events.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            return  # task deleted meanwhile
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    # -- listing -------------------------------------------------------------
+    def active_ids(self) -> list[str]:
+        return sorted((e.name for e in os.scandir(self.active_dir) if TASK_ID_RE.match(e.name)), reverse=True)
+
+    def all_ids(self) -> Iterator[str]:
+        """Every task id, newest first (ids sort by creation time)."""
+        names = [e.name for e in os.scandir(self.tasks_dir) if TASK_ID_RE.match(e.name)]
+        names.sort(reverse=True)
+        return iter(names)
+
+    def unmark_if_finished(self, record: TaskRecord) -> None:
+        if record.status.terminal:
+            self._unmark_active(record.task_id)
+
+    # -- delete --------------------------------------------------------------
+    def delete(self, task_id: str) -> None:
+        d = self.task_dir(task_id)
+        if not d.exists():
+            raise TaskNotFoundError(f"no task {task_id} in this store ({self.root})")
+        self._unmark_active(task_id)
+        trash = self.tasks_dir / f".del-{task_id}-{secrets.token_hex(3)}"
+        os.rename(d, trash)  # disappears at once for every reader
+        shutil.rmtree(trash, ignore_errors=True)
+
