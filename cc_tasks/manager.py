@@ -63,8 +63,15 @@ class TaskManager:
         signal.signal(signal.SIGCHLD, lambda signum, frame: self.reap())
         return True
 
-    def reap(self) -> None:
+    def reap(self, wait: float = 0.0) -> None:
+        """Collect exited supervisors; with ``wait``, give running ones that long to exit first."""
+        deadline = time.monotonic() + wait
         for pid, p in list(self._children.items()):
+            try:
+                if wait > 0:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
             if p.poll() is not None:
                 self._children.pop(pid, None)
 
@@ -218,8 +225,7 @@ class TaskManager:
             deadline = time.monotonic() + CANCEL_WAIT
             while time.monotonic() < deadline:
                 self.reap()
-                record = self.store.read(task_id)
-                if record.status.terminal or procs.process_of(record.supervisor) is None:
+                if procs.process_of(record.supervisor) is None:  # it writes the record, then exits
                     break
                 time.sleep(0.02)
         record = self.store.read(task_id)

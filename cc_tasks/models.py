@@ -56,7 +56,7 @@ def utcnow() -> datetime:
 
 PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "manual", "dontAsk", "plan"]
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SESSION = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_SESSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Variables a task may not set through ``env``: they are how nesting is bounded.
 RESERVED_ENV = frozenset({"CC_TASKS_DEPTH", "CC_TASKS_MAX_DEPTH", "CC_TASKS_TASK_ID"})
 
@@ -120,8 +120,8 @@ class TaskOptions(BaseModel):
     @field_validator("resume_session_id")
     @classmethod
     def _session(cls, v: str | None) -> str | None:
-        if v is not None and not _SESSION.match(v):
-            raise ValueError("resume_session_id must be a claude session id (letters, digits, '.', '_', '-')")
+        if v is not None and not _SESSION.fullmatch(v):
+            raise ValueError("resume_session_id must be a claude session id (a letter or digit, then letters, digits, '.', '_', '-')")
         return v
 
     @field_validator("mcp_config")
@@ -140,7 +140,7 @@ class TaskOptions(BaseModel):
     @classmethod
     def _env(cls, v: dict[str, str] | None) -> dict[str, str] | None:
         for k, val in (v or {}).items():
-            if not _ENV_NAME.match(k):
+            if not _ENV_NAME.fullmatch(k):
                 raise ValueError(f"env name {k!r} is not a valid variable name")
             if k in RESERVED_ENV:
                 raise ValueError(f"env may not set {k}: it bounds sub-agent nesting")

@@ -32,7 +32,7 @@ from filelock import FileLock
 from .errors import InvalidTaskIdError, TaskNotFoundError, UnsafeStoreError
 from .models import TRANSITIONS, TaskRecord, TaskStatus, check_transition, utcnow
 
-TASK_ID_RE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9]{3}-[0-9a-f]{8}$")
+TASK_ID_RE = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9]{3}-[0-9a-f]{8}")
 LOCK_TIMEOUT = 30.0
 
 
@@ -43,7 +43,7 @@ def new_task_id(now: datetime | None = None) -> str:
 
 
 def validate_task_id(task_id: object) -> str:
-    if not isinstance(task_id, str) or not TASK_ID_RE.match(task_id):
+    if not isinstance(task_id, str) or not TASK_ID_RE.fullmatch(task_id):
         shown = repr(task_id)[:80]
         raise InvalidTaskIdError(
             f"invalid task id {shown}: task ids look like 20260101-120000-000-1a2b3c4d "
@@ -201,11 +201,11 @@ class TaskStore:
 
     # -- listing -------------------------------------------------------------
     def active_ids(self) -> list[str]:
-        return sorted((e.name for e in os.scandir(self.active_dir) if TASK_ID_RE.match(e.name)), reverse=True)
+        return sorted((e.name for e in os.scandir(self.active_dir) if TASK_ID_RE.fullmatch(e.name)), reverse=True)
 
     def all_ids(self) -> Iterator[str]:
         """Every task id, newest first (ids sort by creation time)."""
-        names = [e.name for e in os.scandir(self.tasks_dir) if TASK_ID_RE.match(e.name)]
+        names = [e.name for e in os.scandir(self.tasks_dir) if TASK_ID_RE.fullmatch(e.name)]
         names.sort(reverse=True)
         return iter(names)
 
