@@ -96,5 +96,6 @@ def outcome(result_event: dict[str, Any] | None, exit_code: int | None, stderr_t
     if exit_code == 0 and not is_error:
         return Outcome(status=TaskStatus.COMPLETED, **fields)
     reason = (fields["result"] or "").strip()[:1000] or f"subtype {ev.get('subtype')}"
-    error = f"claude reported an error (exit code {exit_code}): {reason}"
+    api = f"an API error ({fields['api_error_status']})" if fields["api_error_status"] else "an error"
+    error = f"claude reported {api} (exit code {exit_code}): {reason}"
     return Outcome(status=TaskStatus.FAILED, error=error, **fields)
