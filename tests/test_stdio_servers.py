@@ -1,0 +1,86 @@
+"""Real server processes over stdio: tasks outlive a SIGKILLed server, and servers share one store."""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from fastmcp import Client
+from fastmcp.client.transports import StdioTransport
+from fastmcp.exceptions import ToolError
+
+from .conftest import ROOT, mock_prompt, pid_alive
+from .test_manager import wait_until
+
+
+def server(tag: str) -> Client:
+    """A client driving a fresh `python main.py` process; ``tag`` marks its command line."""
+    env = dict(os.environ)
+    return Client(StdioTransport(command=sys.executable, args=[str(ROOT / "main.py"), "serve"],
+                                 env={**env, "CC_TASKS_TEST_TAG": tag}, cwd=str(ROOT), keep_alive=False))
+
+
+def server_pids() -> list[int]:
+    return [p.pid for p in psutil.Process().children(recursive=True)
+            if any(a.endswith("main.py") for a in p.cmdline())]
+
+
+def data(res) -> dict:
+    return res.structured_content
+
+
+async def test_task_survives_a_sigkilled_server(cc_env, workdir):
+    first = server("a")
+    await first.__aenter__()
+    try:
+        started = data(await first.call_tool("start_cc_task_async", {
+            "prompt": mock_prompt([{"bash": "sleep 2; echo survived"}, {"text": "result: {last_result}"}]),
+            "cwd": str(workdir), "allowed_tools": ["Bash"]}))
+        pids = server_pids()
+        assert len(pids) == 1
+        os.kill(pids[0], signal.SIGKILL)
+        wait_until(lambda: not pid_alive(pids[0]))
+    finally:
+        try:
+            await first.__aexit__(None, None, None)
+        except Exception:
+            pass
+    async with server("b") as second:
+        res = data(await second.call_tool("wait_for_tasks", {"task_ids": [started["task_id"]], "timeout_seconds": 60}))
+    task = res["tasks"][0]
+    assert res["done"] and task["status"] == "completed", task
+    assert task["exit_code"] == 0 and task["result"] == "result: survived"
+
+
+async def test_two_servers_see_cancel_and_clean_up_each_others_tasks(cc_env, workdir):
+    async with server("a") as a, server("b") as b:
+        long = data(await a.call_tool("start_cc_task_async", {
+            "prompt": mock_prompt([{"bash": "sleep 300"}, {"text": "never"}]), "cwd": str(workdir),
+            "allowed_tools": ["Bash"], "name": "long one"}))["task_id"]
+        listed = data(await b.call_tool("list_active_tasks", {}))
+        assert [t["task_id"] for t in listed["tasks"]] == [long] and listed["tasks"][0]["name"] == "long one"
+        cancelled = data(await b.call_tool("cancel_task", {"task_id": long}))
+        assert cancelled["status"] == "cancelled"
+        assert data(await a.call_tool("check_task_status", {"task_id": long}))["status"] == "cancelled"
+
+        quick = data(await b.call_tool("start_cc_task_async", {"prompt": "quick one", "cwd": str(workdir)}))["task_id"]
+        res = data(await a.call_tool("wait_for_tasks", {"task_ids": [quick], "timeout_seconds": 60}))
+        assert res["tasks"][0]["result"].strip() == "mock reply: quick one"
+        page = data(await a.call_tool("get_task_output", {"task_id": quick}))
+        assert page["text"].strip() == "mock reply: quick one" and page["eof"]
+        assert data(await a.call_tool("cleanup_task", {"task_id": quick}))["deleted"]
+        with pytest.raises(ToolError, match="no task"):
+            await b.call_tool("check_task_status", {"task_id": quick})
+        everything = data(await b.call_tool("list_active_tasks", {"include_finished": True}))
+        assert [t["task_id"] for t in everything["tasks"]] == [long]
+
+
+async def test_python_m_entry_point_serves(cc_env):
+    client = Client(StdioTransport(command=sys.executable, args=["-m", "cc_tasks"], env=dict(os.environ),
+                                   cwd=str(ROOT), keep_alive=False))
+    async with client:
+        names = {t.name for t in await client.list_tools()}
+    assert names == {"execute_cc_task", "start_cc_task_async", "check_task_status", "list_active_tasks",
+                     "cancel_task", "cleanup_task", "get_task_output", "wait_for_tasks"}
