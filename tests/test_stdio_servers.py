@@ -84,3 +84,31 @@ async def test_python_m_entry_point_serves(cc_env):
         names = {t.name for t in await client.list_tools()}
     assert names == {"execute_cc_task", "start_cc_task_async", "check_task_status", "list_active_tasks",
                      "cancel_task", "cleanup_task", "get_task_output", "wait_for_tasks"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"CC_TASKS_MAX_DEPTH": "lots"}, "CC_TASKS_MAX_DEPTH='lots' is not a number"),
+    ({"CC_TASKS_DEFAULT_TIMEOUT": "0"}, "CC_TASKS_DEFAULT_TIMEOUT='0' must be at least 1"),
+    ({"CC_TASKS_DIR": "LOOSE"}, "is group- or world-writable"),
+])
+def test_server_refuses_bad_configuration_clearly(cc_env, tmp_path, change, message):
+    import subprocess
+    if change.get("CC_TASKS_DIR") == "LOOSE":
+        loose = tmp_path / "loose"
+        loose.mkdir()
+        loose.chmod(0o777)
+        change = {"CC_TASKS_DIR": str(loose)}
+    r = subprocess.run([sys.executable, str(ROOT / "main.py")], env={**os.environ, **change}, capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_version_and_help(cc_env):
+    import subprocess
+    r = subprocess.run([sys.executable, "-m", "cc_tasks", "--version"], capture_output=True, text=True, timeout=60,
+                       cwd=str(ROOT))
+    assert r.returncode == 0 and r.stdout.startswith("cc-tasks ")
+    r = subprocess.run([sys.executable, "-m", "cc_tasks", "--help"], capture_output=True, text=True, timeout=60,
+                       cwd=str(ROOT))
+    assert r.returncode == 0 and "serve" in r.stdout
