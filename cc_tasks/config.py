@@ -17,12 +17,21 @@ def default_store_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"cc_tasks-{os.getuid()}"
 
 
+def default_max_concurrent() -> int:
+    """Twice the CPU count, at most one per GiB of memory, between 2 and 16."""
+    import psutil
+    cpus = os.cpu_count() or 2
+    gib = psutil.virtual_memory().total // (1 << 30)
+    return max(2, min(16, 2 * cpus, gib))
+
+
 class Settings(BaseModel):
     store_dir: Path = Field(default_factory=default_store_dir)
     claude_bin: str = "claude"
     default_timeout: float = 3600.0
     max_depth: int = 2
     depth: int = 0
+    max_concurrent: int = Field(default_factory=default_max_concurrent)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -36,6 +45,7 @@ class Settings(BaseModel):
             ("CC_TASKS_DEFAULT_TIMEOUT", "default_timeout", float, 1.0),
             ("CC_TASKS_MAX_DEPTH", "max_depth", int, 0),
             ("CC_TASKS_DEPTH", "depth", int, 0),
+            ("CC_TASKS_MAX_CONCURRENT", "max_concurrent", int, 1),
         ):
             raw = env.get(var)
             if raw is None or raw == "":

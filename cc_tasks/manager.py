@@ -17,22 +17,44 @@ from typing import Awaitable, Callable, Literal, Mapping
 
 import anyio
 
-from . import procs
-from .command import build_argv, build_env
+from . import procs, scheduler
+from .command import build_argv
 from .config import Settings
-from .errors import DepthLimitError, InvalidOptionsError, TaskNotFoundError
-from .models import (REPLY_TEXT_BUDGET, CleanupResult, OutputPage, TaskList, TaskOptions, TaskRecord,
-                     TaskStatus, TaskSummary, WaitResult, utcnow)
+from .errors import CCTasksError, DepthLimitError, InvalidOptionsError, TaskNotFoundError
+from .models import (REPLY_TEXT_BUDGET, BatchItem, BatchResult, BatchStarted, CleanupResult, EventPage, OutputPage,
+                     TaskList, TaskOptions, TaskRecord, TaskStatus, TaskSummary, WaitResult)
 from .store import TaskStore, new_task_id, validate_task_id
 
 log = logging.getLogger("cc_tasks")
 ProgressFn = Callable[[float, str], Awaitable[None]]
-PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
-#: A queued task whose supervisor never recorded itself is declared dead after this many seconds.
-START_GRACE = 60.0
 #: How long cancel waits for a supervisor to stop its task before stopping it itself.
 CANCEL_WAIT = 15.0
 PROGRESS_EVERY = 1.0
+
+
+def _topological(items: list[BatchItem]) -> list[int]:
+    """Batch indexes ordered so that each item comes after the batch items it depends on; rejects cycles."""
+    key_index = {it.key: n for n, it in enumerate(items) if it.key is not None}
+    deps = {n: [key_index[d] for d in (it.depends_on or []) if d in key_index] for n, it in enumerate(items)}
+    order: list[int] = []
+    state: dict[int, int] = {}  # 1 = visiting, 2 = done
+
+    def visit(n: int, path: list[int]) -> None:
+        if state.get(n) == 2:
+            return
+        if state.get(n) == 1:
+            cycle = path[path.index(n):] + [n]
+            names = " -> ".join(str(items[i].key) for i in cycle)
+            raise InvalidOptionsError(f"dependency cycle in the batch: {names}")
+        state[n] = 1
+        for d in deps[n]:
+            visit(d, path + [n])
+        state[n] = 2
+        order.append(n)
+
+    for n in range(len(items)):
+        visit(n, [])
+    return order
 
 
 def setup_logging(store: TaskStore) -> None:
@@ -94,68 +116,108 @@ class TaskManager:
         return cwd, s.resolve_claude()
 
     def start(self, opts: TaskOptions) -> TaskRecord:
-        cwd, claude = self._check_start(opts)
-        task_id = new_task_id()
-        record = TaskRecord(
-            task_id=task_id, name=opts.name, cwd=cwd, model=opts.model, prompt_preview=opts.prompt[:200],
-            timeout_seconds=opts.timeout_seconds or self.settings.default_timeout,
-            depth=self.settings.depth + 1, metadata=opts.metadata)
-        request = opts.model_dump(mode="json", exclude={"env"})
-        request["env_names"] = sorted(opts.env or {})
-        files = {
-            "request.json": json.dumps(request).encode(),
-            "prompt.txt": opts.prompt.encode("utf-8", "surrogatepass"),
-            "launch.json": json.dumps({"argv": build_argv(opts, claude), "cwd": cwd}).encode(),
-        }
-        self.store.create(record, files)
-        base = os.environ if self._env is None else self._env
-        env = build_env(base, opts, depth=self.settings.depth, task_id=task_id, store_dir=str(self.store.root))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        """Submit one task; it starts at once when a slot is free, else it is queued (or waits for its
+        dependencies)."""
+        return self.submit([BatchItem(**opts.model_dump())])[0]
+
+    def start_batch(self, items: list[BatchItem]) -> BatchResult:
+        records = self.submit(items)
+        return BatchResult(tasks=[BatchStarted(key=item.key, task_id=r.task_id, status=r.status, name=r.name)
+                                  for item, r in zip(items, records)])
+
+    def submit(self, items: list[BatchItem], parent_task_id: str | None = None) -> list[TaskRecord]:
+        """Validate every item (nothing is written if one is bad), create them all under one lock, then pump."""
+        if not items:
+            raise InvalidOptionsError("no tasks given: pass at least one")
+        keys = [it.key for it in items if it.key is not None]
+        if len(set(keys)) != len(keys):
+            raise InvalidOptionsError("batch keys must be unique within a batch")
+        order = _topological(items)
+        ids: dict[int, str] = {}
+        key_index = {it.key: n for n, it in enumerate(items) if it.key is not None}
+        prepared: list[tuple[int, TaskRecord, dict[str, bytes]]] = []
+        base_env = dict(os.environ if self._env is None else self._env)
+        env_blob = json.dumps(base_env).encode()
+        for n in order:
+            item = items[n]
+            opts = TaskOptions(**item.model_dump(exclude={"key"}))
+            cwd, claude = self._check_start(opts)
+            deps = []
+            for d in opts.depends_on or []:
+                if d in key_index:
+                    deps.append(ids[key_index[d]])
+                    continue
+                try:
+                    self.store.read(validate_task_id(d))
+                except CCTasksError:
+                    raise InvalidOptionsError(
+                        f"depends_on: {d!r} is neither a task of this store nor a key of this batch") from None
+                deps.append(d)
+            ids[n] = task_id = new_task_id()
+            record = TaskRecord(
+                task_id=task_id, name=opts.name, cwd=cwd, model=opts.model, prompt_preview=opts.prompt[:200],
+                timeout_seconds=opts.timeout_seconds or self.settings.default_timeout,
+                depth=self.settings.depth + 1, metadata=opts.metadata, priority=opts.priority,
+                depends_on=list(dict.fromkeys(deps)), max_attempts=opts.max_attempts, parent_task_id=parent_task_id,
+                status=TaskStatus.WAITING if deps else TaskStatus.QUEUED)
+            stored_opts = opts.model_copy(update={"depends_on": record.depends_on or None, "cwd": cwd})
+            files = {
+                "request.json": stored_opts.model_dump_json().encode(),
+                "prompt.txt": opts.prompt.encode("utf-8", "surrogatepass"),
+                "launch.json": json.dumps({"argv": build_argv(opts, claude), "cwd": cwd}).encode(),
+                "env.json": env_blob,
+            }
+            prepared.append((n, record, files))
+        with self.store.queue_lock():
+            for _, record, files in prepared:
+                self.store.create(record, files)
+        self.pump()
+        out = {n: self.store.read(r.task_id) for n, r, _ in prepared}
+        for n, r, _ in prepared:
+            log.info("submitted task %s (%s)", r.task_id, out[n].status.value)
+        return [out[n] for n in range(len(items))]
+
+    def continue_task(self, task_id: str, prompt: str, **overrides) -> TaskRecord:
+        """A new task that resumes a finished task's claude session, in the same cwd, linked to it."""
+        parent = self.get(task_id)
+        if not parent.status.terminal:
+            raise InvalidOptionsError(f"task {task_id} is {parent.status.value}; wait for it to finish, then continue it")
+        if not parent.session_id:
+            raise InvalidOptionsError(f"task {task_id} has no claude session to resume (it never started a session)")
         try:
-            with open(self.store.path(task_id, "supervisor.log"), "wb") as slog:
-                p = subprocess.Popen([sys.executable, "-m", "cc_tasks.supervisor", str(self.store.root), task_id],
-                                     stdin=subprocess.DEVNULL, stdout=slog, stderr=subprocess.STDOUT, env=env,
-                                     cwd=str(self.store.root), close_fds=True, start_new_session=True)
-        except OSError as e:
-            return self.store.transition(task_id, TaskStatus.FAILED, error=f"could not start the task's supervisor: {e}")
+            base = json.loads(self.store.path(task_id, "request.json").read_text())
+        except FileNotFoundError:
+            base = {}
+        for k in ("prompt", "name", "metadata", "depends_on", "include_dependency_results", "resume_session_id"):
+            base.pop(k, None)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        opts = TaskOptions(**{**base, **given, "prompt": prompt, "cwd": parent.cwd,
+                              "resume_session_id": parent.session_id})
+        return self.submit([BatchItem(**opts.model_dump())], parent_task_id=task_id)[0]
+
+    def pump(self) -> list[str]:
+        """Start what the shared queue allows now."""
+        return scheduler.pump(self.store, self.settings.max_concurrent, on_spawn=self._adopt)
+
+    def _adopt(self, p: subprocess.Popen) -> None:
         with self._children_lock:
             self._children[p.pid] = p
-        try:
-            ref = procs.ref_of(p.pid)
-            record = self.store.update(task_id, lambda r: None if r.supervisor or r.status.terminal
-                                       else r.model_copy(update={"supervisor": ref}))
-        except Exception:  # the supervisor may already be done; its own record write wins
-            record = self.store.read(task_id)
-        log.info("started task %s (supervisor pid %s) in %s", task_id, p.pid, cwd)
-        return record
 
     # -- read ----------------------------------------------------------------
-    def reconcile(self, record: TaskRecord) -> TaskRecord:
-        """Fail an unfinished task whose supervisor is gone (SIGKILLed, machine rebooted)."""
+    def reconcile(self, record: TaskRecord, position: bool = False) -> TaskRecord:
+        """Fail an unfinished task whose supervisor is gone; with ``position``, tell a queued task its place."""
         if record.status.terminal:
             self.store.unmark_if_finished(record)
             return record
-        if record.supervisor is None:
-            age = (utcnow() - record.created_at).total_seconds()
-            if age < START_GRACE:
-                return record
-            reason = f"the task's supervisor never started (waited {START_GRACE:g}s)"
-        elif procs.alive(record.supervisor):
-            return record
-        else:
-            reason = f"the task's supervisor (pid {record.supervisor.pid}) died; its process tree was stopped"
-
-        def fn(r: TaskRecord) -> TaskRecord | None:
-            if r.status.terminal or (r.supervisor is not None and procs.alive(r.supervisor)):
-                return None
-            procs.stop_tree(procs.process_of(r.claude))
-            return r.model_copy(update={"status": TaskStatus.FAILED, "error": reason})
-        try:
-            return self.store.update(record.task_id, fn)
-        except TaskNotFoundError:
-            return record
+        record = scheduler.fail_if_supervisor_died(self.store, record)
+        if position and record.status == TaskStatus.QUEUED and record.supervisor is None:
+            record.queue_position = scheduler.queue_position(self.store, record.task_id)
+        return record
 
     def get(self, task_id: str) -> TaskRecord:
+        return self.reconcile(self.store.read(validate_task_id(task_id)), position=True)
+
+    def _peek(self, task_id: str) -> TaskRecord:
         return self.reconcile(self.store.read(validate_task_id(task_id)))
 
     def list(self, include_finished: bool = False, limit: int = 50, status: TaskStatus | None = None) -> TaskList:
@@ -178,6 +240,36 @@ class TaskManager:
             records.append(r)
         records.sort(key=lambda r: r.created_at, reverse=True)
         return TaskList(tasks=[TaskSummary.of(r) for r in records], count=len(records), more=more)
+
+    def events(self, task_id: str, since: int = 0, limit: int = 200) -> EventPage:
+        """The task's event log from position ``since`` (a cursor: pass ``next`` of the previous page)."""
+        record = self.get(task_id)
+        if since < 0:
+            raise InvalidOptionsError("since must be 0 or more (use next from the previous page)")
+        limit = max(1, min(int(limit), 1000))
+        events: list[dict] = []
+        size = 0
+        n = since
+        more = False
+        try:
+            with open(self.store.path(task_id, "events.jsonl"), "rb") as f:
+                for i, line in enumerate(f):
+                    if i < since:
+                        continue
+                    if len(events) >= limit or size + len(line) > REPLY_TEXT_BUDGET:
+                        more = True
+                        break
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:
+                        ev = {"kind": "unreadable"}
+                    ev["seq"] = i
+                    events.append(ev)
+                    size += len(line)
+                    n = i + 1
+        except FileNotFoundError:
+            pass
+        return EventPage(task_id=task_id, events=events, next=n, more=more, status=record.status)
 
     def output(self, task_id: str, offset: int = 0, limit: int = REPLY_TEXT_BUDGET,
                source: Literal["result", "transcript", "stderr"] = "result") -> OutputPage:
@@ -235,7 +327,9 @@ class TaskManager:
         procs.stop_tree(procs.process_of(record.supervisor), others=[p for p in [procs.process_of(record.claude)] if p],
                         reap=self.reap, grace_int=0.5)
         self.reap()
-        return self.store.transition(task_id, TaskStatus.CANCELLED, error="cancelled: the task's process tree was stopped")
+        record = self.store.transition(task_id, TaskStatus.CANCELLED, error="cancelled: the task's process tree was stopped")
+        self.pump()  # dependents of this task are skipped now
+        return record
 
     def cleanup(self, task_id: str) -> CleanupResult:
         record = self.get(task_id)
@@ -259,7 +353,7 @@ class TaskManager:
         interval = min(0.25, 0.025 * max(1, len(ids) / 4))
         next_progress = t0
         while True:
-            records = [self.get(t) for t in ids]
+            records = [self._peek(t) for t in ids]
             finished = [r.task_id for r in records if r.status.terminal]
             done = len(finished) == len(ids) if mode == "all" else bool(finished)
             now = time.monotonic()
@@ -289,9 +383,12 @@ class TaskManager:
                     tool = f", last tool {p.last_tool}" if p.last_tool else ""
                     await progress(now - t0, f"{record.status.value}: {p.turns} turns{tool}, {now - t0:.0f}s")
                 await asyncio.sleep(0.025)
-                record = self.get(task_id)
+                record = self._peek(task_id)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.cancel, task_id)
+                try:
+                    await anyio.to_thread.run_sync(self.cancel, task_id)
+                except CCTasksError:  # deleted meanwhile
+                    pass
             raise
         return record.bounded()

@@ -21,12 +21,14 @@ PROGRESS_TEXT_CHARS = 500
 
 
 class TaskStatus(str, Enum):
+    WAITING = "waiting"
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"
 
     @property
     def terminal(self) -> bool:
@@ -35,12 +37,15 @@ class TaskStatus(str, Enum):
 
 #: The task lifecycle: every allowed status change, in one place.
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    # waiting: its dependencies have not all completed yet; skipped: one of them did not complete
+    TaskStatus.WAITING: frozenset({TaskStatus.QUEUED, TaskStatus.SKIPPED, TaskStatus.FAILED, TaskStatus.CANCELLED}),
     TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.CANCELLED}),
     TaskStatus.RUNNING: frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED}),
     TaskStatus.COMPLETED: frozenset(),
     TaskStatus.FAILED: frozenset(),
     TaskStatus.TIMEOUT: frozenset(),
     TaskStatus.CANCELLED: frozenset(),
+    TaskStatus.SKIPPED: frozenset(),
 }
 ACTIVE_STATUSES = frozenset(s for s in TaskStatus if not s.terminal)
 
@@ -91,6 +96,16 @@ class TaskOptions(BaseModel):
         None, gt=0, le=7 * 86400, description="Stop the task after this many seconds (default CC_TASKS_DEFAULT_TIMEOUT).")
     name: str | None = Field(None, max_length=200, description="A label for the task, shown in listings.")
     metadata: dict[str, Any] | None = Field(None, description="Free-form JSON kept with the task (at most 16 KB).")
+    depends_on: list[str] | None = Field(
+        None, max_length=100, description="Task ids that must complete first; if one does not, this task is skipped.")
+    include_dependency_results: bool = Field(
+        False, description="Put the dependencies' results (bounded) in front of the prompt.")
+    priority: int = Field(0, ge=-1000, le=1000, description="Higher starts first among queued tasks.")
+    max_attempts: int = Field(
+        3, ge=1, le=10, description="Attempts in all; only transient failures (API overload, rate limit, "
+                                    "server errors, a crash before the first turn) are retried.")
+    retry_backoff_seconds: float = Field(
+        2.0, ge=0, le=600, description="Wait before the 2nd attempt; doubles for each later one (at most 10 min).")
 
     @field_validator("prompt")
     @classmethod
@@ -155,6 +170,18 @@ class TaskOptions(BaseModel):
         return v
 
 
+class Attempt(BaseModel):
+    """One run of claude for a task."""
+
+    attempt: int
+    started_at: datetime
+    finished_at: datetime | None = None
+    exit_code: int | None = None
+    status: TaskStatus | None = None
+    reason: str | None = None
+    retried: bool = False
+
+
 class ProcRef(BaseModel):
     """A process, identified by pid and create time so that a recycled pid is never mistaken for it."""
 
@@ -201,6 +228,12 @@ class TaskRecord(BaseModel):
     usage: dict[str, Any] | None = None
     progress: Progress = Field(default_factory=Progress)
     cancel_requested: bool = False
+    priority: int = 0
+    depends_on: list[str] = Field(default_factory=list)
+    parent_task_id: str | None = Field(None, description="The task this one continues (continue_task).")
+    max_attempts: int = 1
+    attempts: list[Attempt] = Field(default_factory=list)
+    queue_position: int | None = Field(None, description="1 = next to start; only for queued tasks, at read time.")
     supervisor: ProcRef | None = None
     claude: ProcRef | None = None
     metadata: dict[str, Any] | None = None
@@ -247,6 +280,32 @@ class TaskSummary(BaseModel):
             cost_usd=r.total_cost_usd if r.total_cost_usd is not None else r.progress.cost_usd,
             exit_code=r.exit_code, error=(r.error or "")[:300] or None, prompt_preview=r.prompt_preview[:200],
         )
+
+
+class BatchItem(TaskOptions):
+    """One task of a batch: task options plus an optional key that other tasks of the batch may depend on."""
+
+    key: str | None = Field(None, max_length=100, description=(
+        "A name for this task within the batch; other tasks of the batch may list it in depends_on."))
+
+
+class BatchStarted(BaseModel):
+    key: str | None
+    task_id: str
+    status: TaskStatus
+    name: str | None = None
+
+
+class BatchResult(BaseModel):
+    tasks: list[BatchStarted]
+
+
+class EventPage(BaseModel):
+    task_id: str
+    events: list[dict[str, Any]] = Field(description="Events with seq (position), ts (unix time), kind, and details.")
+    next: int = Field(description="Pass as `since` to read the events after these.")
+    more: bool = Field(description="True when more events are already there.")
+    status: TaskStatus
 
 
 class StartResult(BaseModel):

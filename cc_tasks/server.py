@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+from contextlib import asynccontextmanager
+
+import anyio
 import logging
 import os
 import signal
@@ -17,15 +21,19 @@ from pydantic import Field, ValidationError
 
 from .errors import CCTasksError
 from .manager import TaskManager
-from .models import (REPLY_TEXT_BUDGET, CleanupResult, OutputPage, StartResult, TaskList, TaskOptions, TaskRecord,
-                     TaskStatus, WaitResult)
+from .models import (REPLY_TEXT_BUDGET, BatchItem, BatchResult, CleanupResult, EventPage, OutputPage, StartResult,
+                     TaskList, TaskOptions, TaskRecord, WaitResult)
 
 log = logging.getLogger("cc_tasks")
+#: Seconds between two looks at the shared queue (tasks whose dependencies finished, freed slots, dead supervisors).
+PUMP_EVERY = 1.0
 
 INSTRUCTIONS = """Run Claude Code sub-agents in parallel. start_cc_task_async starts a sub-agent and returns its
-task_id at once; wait_for_tasks waits for several (cheaper than polling check_task_status);
-get_task_output pages through long results; cancel_task stops one; cleanup_task deletes it.
-execute_cc_task runs one and returns when it ends. Every server process of this user shares the tasks."""
+task_id at once (start_cc_tasks_batch starts many, with dependencies between them); wait_for_tasks waits
+for several (cheaper than polling check_task_status); get_task_output pages through long results;
+continue_task asks a finished sub-agent a follow-up; cancel_task stops one; cleanup_task deletes it.
+execute_cc_task runs one and returns when it ends. Every server process of this user shares the tasks,
+and at most CC_TASKS_MAX_CONCURRENT run at once; the rest are queued by priority."""
 
 
 def _validation_message(e: ValidationError) -> str:
@@ -49,12 +57,20 @@ def edge(fn):
     return wrapper
 
 
-def with_task_options(fn):
-    """Give ``fn(**options)`` the signature of TaskOptions' fields, so the tool schema lists each option."""
-    params = []
+def with_task_options(fn=None, *, first: list[inspect.Parameter] = (), exclude: frozenset[str] = frozenset(),
+                      optional: bool = False):
+    """Give ``fn(**options)`` the signature of TaskOptions' fields, so the tool schema lists each option.
+    ``first`` parameters come before them; ``exclude`` leaves fields out; ``optional`` defaults all to None."""
+    if fn is None:
+        return functools.partial(with_task_options, first=first, exclude=exclude, optional=optional)
+    params = list(first)
     for name, f in TaskOptions.model_fields.items():
+        if name in exclude:
+            continue
         ann = Annotated[(f.annotation, *f.metadata, Field(description=f.description))]  # type: ignore[misc]
         default = inspect.Parameter.empty if f.is_required() else f.default
+        if optional:
+            ann, default = Annotated[(f.annotation | None, *f.metadata, Field(description=f.description))], None
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann))
     ret = inspect.signature(fn).return_annotation
     fn.__signature__ = inspect.Signature(params, return_annotation=ret)
@@ -76,11 +92,33 @@ async def _report(elapsed: float, message: str) -> None:
 
 
 TaskId = Annotated[str, Field(description="A task id returned by start_cc_task_async or list_active_tasks.")]
+_CONTINUE_FIRST = [
+    inspect.Parameter("task_id", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str, Field(
+        description="The finished task whose claude session to resume.")]),
+    inspect.Parameter("prompt", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str, Field(
+        description="The follow-up message for the sub-agent.")]),
+]
 
 
 def create_server(manager: TaskManager | None = None) -> FastMCP:
     mgr = manager or TaskManager()
-    mcp = FastMCP("cc-tasks", instructions=INSTRUCTIONS)
+
+    @asynccontextmanager
+    async def lifespan(server):
+        async def pump_forever():
+            while True:
+                try:
+                    await anyio.to_thread.run_sync(mgr.pump)
+                except Exception:
+                    log.exception("pump failed")
+                await anyio.sleep(PUMP_EVERY)
+        pumper = asyncio.get_running_loop().create_task(pump_forever())
+        try:
+            yield {}
+        finally:
+            pumper.cancel()
+
+    mcp = FastMCP("cc-tasks", instructions=INSTRUCTIONS, lifespan=lifespan)
     mcp.manager = mgr  # type: ignore[attr-defined]
 
     @with_task_options
@@ -92,9 +130,34 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
     @with_task_options
     async def start_cc_task_async(**options: Any) -> StartResult:
         """Start a Claude Code sub-agent in the background and return its task_id at once."""
-        import anyio
         r = await anyio.to_thread.run_sync(mgr.start, TaskOptions(**options))
         return StartResult(task_id=r.task_id, status=r.status, name=r.name)
+
+    async def start_cc_tasks_batch(
+        tasks: Annotated[list[BatchItem], Field(min_length=1, max_length=500, description=(
+            "Tasks to submit together. Each takes the task options plus an optional `key`; `depends_on` may "
+            "name keys of this batch as well as existing task ids."))],
+    ) -> BatchResult:
+        """Submit many tasks in one call (one lock round-trip); returns every task_id, in the order given."""
+        return await anyio.to_thread.run_sync(mgr.start_batch, tasks)
+
+    @with_task_options(first=_CONTINUE_FIRST, optional=True,
+                       exclude=frozenset({"prompt", "cwd", "resume_session_id", "depends_on",
+                                          "include_dependency_results"}))
+    async def continue_task(**options: Any) -> StartResult:
+        """Ask a finished sub-agent a follow-up: a new task that resumes its claude session (same cwd, same
+        options unless given), linked to it by parent_task_id. Returns at once, like start_cc_task_async."""
+        task_id, prompt = options.pop("task_id"), options.pop("prompt")
+        r = await anyio.to_thread.run_sync(functools.partial(mgr.continue_task, task_id, prompt, **options))
+        return StartResult(task_id=r.task_id, status=r.status, name=r.name)
+
+    async def get_task_events(
+        task_id: TaskId,
+        since: Annotated[int, Field(ge=0, description="Cursor: 0 for the start, else `next` of the previous page.")] = 0,
+        limit: Annotated[int, Field(ge=1, le=1000, description="Most events to return.")] = 200,
+    ) -> EventPage:
+        """The task's event log: status changes, retries, tool calls, assistant text previews."""
+        return mgr.events(task_id, since=since, limit=limit)
 
     async def check_task_status(task_id: TaskId) -> TaskRecord:
         """The task's record: status, timings, live progress while it runs, its (bounded) result once finished."""
@@ -109,12 +172,10 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
 
     async def cancel_task(task_id: TaskId) -> TaskRecord:
         """Stop the task's whole process tree. The record stays, with status cancelled."""
-        import anyio
         return (await anyio.to_thread.run_sync(mgr.cancel, task_id)).bounded()
 
     async def cleanup_task(task_id: TaskId) -> CleanupResult:
         """Stop the task if it still runs, then delete its files."""
-        import anyio
         return await anyio.to_thread.run_sync(mgr.cleanup, task_id)
 
     async def get_task_output(
@@ -138,6 +199,9 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
     tools = [
         (execute_cc_task, _annotations(False, destructive=True, open_world=True)),
         (start_cc_task_async, _annotations(False, destructive=True, open_world=True)),
+        (start_cc_tasks_batch, _annotations(False, destructive=True, open_world=True)),
+        (continue_task, _annotations(False, destructive=True, open_world=True)),
+        (get_task_events, _annotations(True, idempotent=True)),
         (check_task_status, _annotations(True, idempotent=True)),
         (list_active_tasks, _annotations(True, idempotent=True)),
         (cancel_task, _annotations(False, destructive=True, idempotent=True)),

@@ -101,6 +101,12 @@ class TaskStore:
         self.root = ensure_private_dir(root)
         self.tasks_dir = ensure_private_dir(self.root / "tasks")
         self.active_dir = ensure_private_dir(self.root / "active")
+        self._queue_lock_path = self.root / "scheduler.lock"
+        self._queue_lock_path.touch(0o600)
+
+    def queue_lock(self) -> FileLock:
+        """The store-wide lock of the shared queue (see scheduler.pump)."""
+        return FileLock(str(self._queue_lock_path), timeout=60.0)
 
     # -- paths ---------------------------------------------------------------
     def task_dir(self, task_id: str) -> Path:

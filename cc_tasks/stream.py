@@ -99,3 +99,20 @@ def outcome(result_event: dict[str, Any] | None, exit_code: int | None, stderr_t
     api = f"an API error ({fields['api_error_status']})" if fields["api_error_status"] else "an error"
     error = f"claude reported {api} (exit code {exit_code}): {reason}"
     return Outcome(status=TaskStatus.FAILED, error=error, **fields)
+
+
+#: API statuses worth another attempt: timeouts, conflicts, rate limits, server errors, overload.
+TRANSIENT_API_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+
+def is_transient(out: Outcome, turns: int) -> bool:
+    """Whether a failed run is worth retrying: an overloaded or rate-limited API, a server error, or a crash
+    before the first turn. A task that ran and answered with an error is not."""
+    if out.status != TaskStatus.FAILED:
+        return False
+    if out.api_error_status is not None:
+        return out.api_error_status in TRANSIENT_API_STATUSES
+    text = (out.result or out.error or "").lower()
+    if out.is_error and any(w in text for w in ("overloaded", "rate limit", "rate_limit")):
+        return True
+    return out.is_error is None and turns == 0  # no result event and not a single turn: a crash at start

@@ -1,17 +1,17 @@
-"""The per-task supervisor: a small process that runs one claude and outlives the MCP server.
+"""The per-task supervisor: a small process that runs one task's claude and outlives the MCP server.
 
-Started by the manager as ``python -m cc_tasks.supervisor STORE_DIR TASK_ID`` in a session of its own.
-It starts claude with stdout/stderr going to files, follows the stream-json transcript to keep the
-record's live progress, enforces the timeout, stops the whole tree on cancel (SIGTERM to the
-supervisor, or a ``cancel`` marker in the task folder), and writes the final record. It is a child
-subreaper, so tool processes that claude orphans stay in its tree and are stopped with the task.
+Started by the scheduler as ``python -m cc_tasks.supervisor STORE_DIR TASK_ID`` in a session of its own,
+with the environment of the process that submitted the task. It starts claude with stdout/stderr going
+to files, follows the stream-json transcript to keep the record's live progress, enforces the timeout,
+retries transient failures, stops the whole tree on cancel (SIGTERM to the supervisor, or a ``cancel``
+marker in the task folder), writes the final record, and then starts whatever the queue allows. It is a
+child subreaper, so tool processes that claude orphans stay in its tree and are stopped with the task.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import select
 import signal
@@ -24,13 +24,34 @@ from pathlib import Path
 import psutil
 
 from . import procs
-from .models import RESULT_PREVIEW_CHARS, Progress, TaskRecord, TaskStatus, utcnow
+from .command import build_env
+from .config import Settings
+from .models import RESULT_PREVIEW_CHARS, Attempt, Progress, TaskOptions, TaskRecord, TaskStatus, utcnow
+from .scheduler import pump
 from .store import TaskStore, atomic_write
-from .stream import apply_event, outcome, split_lines
+from .stream import Outcome, apply_event, is_transient, outcome, split_lines
 
-log = logging.getLogger("cc_tasks.supervisor")
 TICK = 0.25
 FLUSH_EVERY = 0.5
+#: Characters of each dependency's result put in front of the prompt, and of all of them together.
+DEP_RESULT_CHARS = 8_000
+DEP_RESULTS_TOTAL = 32_000
+
+
+def dependency_preamble(store: TaskStore, depends_on: list[str]) -> str:
+    """The dependencies' results, bounded, as text to put in front of a prompt."""
+    parts = []
+    per = max(500, min(DEP_RESULT_CHARS, DEP_RESULTS_TOTAL // max(1, len(depends_on))))
+    for dep in depends_on:
+        r = store.read(dep)
+        try:
+            text = store.path(dep, "result.txt").read_text(errors="replace")
+        except FileNotFoundError:
+            text = r.result or ""
+        cut = text[:per]
+        more = f"\n[... {len(text) - per} more characters: get_task_output(task_id={dep!r})]" if len(text) > per else ""
+        parts.append(f"<dependency task_id=\"{dep}\" name=\"{r.name or ''}\">\n{cut}{more}\n</dependency>")
+    return ("Results of the tasks this task depends on:\n\n" + "\n\n".join(parts) + "\n\n---\n\n") if parts else ""
 
 
 class Supervisor:
@@ -47,8 +68,7 @@ class Supervisor:
         self._out = None
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
-            fl = fcntl.fcntl(fd, fcntl.F_GETFL)
-            fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
     # -- signals -------------------------------------------------------------
     def _on_stop(self, signum, frame) -> None:
@@ -61,8 +81,20 @@ class Supervisor:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, lambda *a: None)  # wakes select; reaping happens in the loop
 
-    def cancel_marked(self) -> bool:
-        return (self.dir / "cancel").exists()
+    def cancelled(self) -> bool:
+        return bool(self.stop_reason) or (self.dir / "cancel").exists()
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once on a signal."""
+        try:
+            select.select([self._wake_r], [], [], max(0.0, seconds))
+        except InterruptedError:
+            pass
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
 
     # -- main ----------------------------------------------------------------
     def run(self) -> int:
@@ -71,36 +103,85 @@ class Supervisor:
         record = self.store.read(self.task_id)
         if record.status.terminal:
             return 0
-        if self.cancel_marked() or self.stop_reason:
+        if self.cancelled():
             self.store.transition(self.task_id, TaskStatus.CANCELLED, error="cancelled before it started")
             return 0
+        opts = TaskOptions.model_validate_json((self.dir / "request.json").read_bytes())
         launch = json.loads((self.dir / "launch.json").read_text())
-        try:
-            with open(self.dir / "prompt.txt", "rb") as stdin, open(self.dir / "stdout.jsonl", "wb") as out, \
-                    open(self.dir / "stderr.log", "wb") as err:
-                self.proc = subprocess.Popen(launch["argv"], stdin=stdin, stdout=out, stderr=err,
-                                             cwd=launch["cwd"], env=os.environ.copy(), close_fds=True)
-        except OSError as e:
-            self.store.transition(self.task_id, TaskStatus.FAILED, error=f"could not start claude: {e}")
+        base_env = json.loads((self.dir / "env.json").read_text())
+        env = build_env(base_env, opts, depth=record.depth - 1, task_id=self.task_id, store_dir=str(self.store.root))
+        stdin_path = self.dir / "prompt.txt"
+        if opts.include_dependency_results and record.depends_on:
+            stdin_path = self.dir / "prompt.full.txt"
+            atomic_write(stdin_path, dependency_preamble(self.store, record.depends_on).encode()
+                         + (self.dir / "prompt.txt").read_bytes(), fsync=False)
+        deadline = time.monotonic() + record.timeout_seconds
+        attempts: list[Attempt] = []
+        while True:
+            n = len(attempts) + 1
+            attempt = Attempt(attempt=n, started_at=utcnow())
+            try:
+                kind = self.run_attempt(launch, env, stdin_path, deadline, first=n == 1, attempts=attempts)
+            except OSError as e:
+                attempt.finished_at, attempt.status, attempt.reason = utcnow(), TaskStatus.FAILED, str(e)
+                self.store.transition(self.task_id, TaskStatus.FAILED, error=f"could not start claude: {e}",
+                                      attempts=attempts + [attempt])
+                return 0
+            rc = self.proc.returncode if self.proc else None
+            out = self.outcome(kind, record, rc)
+            attempt.finished_at, attempt.exit_code, attempt.status, attempt.reason = utcnow(), rc, out.status, out.error
+            if (kind == "exited" and n < record.max_attempts and is_transient(out, self.progress.turns)
+                    and not self.cancelled()):
+                delay = min(600.0, opts.retry_backoff_seconds * (2 ** (n - 1)))
+                if time.monotonic() + delay < deadline:
+                    attempt.retried = True
+                    attempts.append(attempt)
+                    self.store.append_event(self.task_id, "retry", attempt=n, delay=delay, reason=out.error)
+                    self.store.update(self.task_id, lambda r: r.model_copy(update={"attempts": list(attempts)}))
+                    self._sleep(delay)
+                    if self.cancelled():
+                        self.finish(Outcome(status=TaskStatus.CANCELLED, error="cancelled while waiting to retry"),
+                                    attempts, None)
+                        return 0
+                    continue
+            attempts.append(attempt)
+            self.finish(out, attempts, rc)
             return 0
-        started = utcnow()
-        me = procs.ref_of(os.getpid())
+
+    def run_attempt(self, launch: dict, env: dict, stdin_path: Path, deadline: float, *, first: bool,
+                    attempts: list[Attempt]) -> str:
+        self.progress = Progress()
+        self.result_event, self._buf = None, b""
+        out_path = self.dir / "stdout.jsonl"
+        start_offset = out_path.stat().st_size if out_path.exists() else 0  # earlier attempts stay in front
+        with open(stdin_path, "rb") as stdin, open(out_path, "ab") as out, \
+                open(self.dir / "stderr.log", "ab") as err:
+            self.proc = subprocess.Popen(launch["argv"], stdin=stdin, stdout=out, stderr=err, cwd=launch["cwd"],
+                                         env=env, close_fds=True)
         try:
             claude_ref = procs.ref_of(self.proc.pid)
         except psutil.NoSuchProcess:
             claude_ref = None
-        rec = self.store.transition(self.task_id, TaskStatus.RUNNING, started_at=started, supervisor=me, claude=claude_ref)
-        if rec.status != TaskStatus.RUNNING:  # cancelled by someone meanwhile
-            self.stop_reason = "cancel"
-        self.store.append_event(self.task_id, "started", pid=self.proc.pid)
-        deadline = time.monotonic() + record.timeout_seconds
-        self._out = open(self.dir / "stdout.jsonl", "rb")
+        if first:
+            rec = self.store.transition(self.task_id, TaskStatus.RUNNING, started_at=utcnow(),
+                                        supervisor=procs.ref_of(os.getpid()), claude=claude_ref)
+            if rec.status != TaskStatus.RUNNING:  # cancelled by someone meanwhile
+                self.stop_reason = "cancel"
+        else:
+            self.store.update(self.task_id, lambda r: r.model_copy(update={"claude": claude_ref, "progress": Progress()}))
+        self.store.append_event(self.task_id, "started", pid=self.proc.pid, attempt=len(attempts) + 1)
+        self._out = open(out_path, "rb")
+        self._out.seek(start_offset)
         try:
             kind = self.loop(deadline)
         finally:
             self.stop_everything()
-        self.finish(kind, record)
-        return 0
+        self.read_output()
+        if self._buf.strip():
+            self._buf += b"\n"
+            self._parse_buffer()
+        self._out.close()
+        return kind
 
     def loop(self, deadline: float) -> str:
         assert self.proc is not None
@@ -108,38 +189,35 @@ class Supervisor:
             pidfd = os.pidfd_open(self.proc.pid)
         except (AttributeError, OSError):
             pidfd = None
-        last_flush = 0.0
-        dirty = False
-        while True:
-            wait = max(0.0, min(TICK, deadline - time.monotonic()))
-            fds = [self._wake_r] + ([pidfd] if pidfd is not None else [])
-            try:
-                select.select(fds, [], [], wait)
-            except InterruptedError:
-                pass
-            try:
-                while os.read(self._wake_r, 512):
+        last_flush, dirty = 0.0, False
+        try:
+            while True:
+                wait = max(0.0, min(TICK, deadline - time.monotonic()))
+                fds = [self._wake_r] + ([pidfd] if pidfd is not None else [])
+                try:
+                    select.select(fds, [], [], wait)
+                except InterruptedError:
                     pass
-            except BlockingIOError:
-                pass
-            dirty |= self.read_output()
-            if self.proc.poll() is not None:
-                kind = "exited"
-                break
-            if self.stop_reason or self.cancel_marked():
-                kind = "cancel"
-                break
-            if time.monotonic() >= deadline:
-                kind = "timeout"
-                break
-            procs.reap_children(exclude=[self.proc.pid])
-            now = time.monotonic()
-            if dirty and now - last_flush >= FLUSH_EVERY:
-                self.flush_progress()
-                last_flush, dirty = now, False
-        if pidfd is not None:
-            os.close(pidfd)
-        return kind
+                try:
+                    while os.read(self._wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                dirty |= self.read_output()
+                if self.proc.poll() is not None:
+                    return "exited"
+                if self.cancelled():
+                    return "cancel"
+                if time.monotonic() >= deadline:
+                    return "timeout"
+                procs.reap_children(exclude=[self.proc.pid])
+                now = time.monotonic()
+                if dirty and now - last_flush >= FLUSH_EVERY:
+                    self.flush_progress()
+                    last_flush, dirty = now, False
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
 
     def read_output(self) -> bool:
         chunk = self._out.read() if self._out else b""
@@ -165,12 +243,8 @@ class Supervisor:
         self.progress.updated_at = utcnow()
         snapshot = self.progress.model_copy()
         sid = self.session_id
-
-        def fn(r: TaskRecord) -> TaskRecord | None:
-            if r.status.terminal:
-                return None
-            return r.model_copy(update={"progress": snapshot, "session_id": r.session_id or sid})
-        self.store.update(self.task_id, fn)
+        self.store.update(self.task_id, lambda r: None if r.status.terminal else r.model_copy(
+            update={"progress": snapshot, "session_id": r.session_id or sid}))
 
     def _reap(self) -> None:
         if self.proc is not None:
@@ -186,32 +260,31 @@ class Supervisor:
             except psutil.NoSuchProcess:
                 root = None
         procs.stop_tree(root, reap=self._reap)
-        leftovers = [p for p in psutil.Process().children(recursive=True)]
+        leftovers = psutil.Process().children(recursive=True)
         if leftovers:
             procs.stop_tree(None, others=leftovers, reap=self._reap)
+        if self.proc is not None:
+            self.proc.wait()
         self._reap()
 
-    def finish(self, kind: str, record: TaskRecord) -> None:
-        rc = self.proc.wait() if self.proc is not None else None
-        self.read_output()
-        if self._buf.strip():
-            self._buf += b"\n"
-            self._parse_buffer()
-        stderr_tail = _tail(self.dir / "stderr.log", 2000)
-        out = outcome(self.result_event, rc, stderr_tail, self.session_id)
-        fields = out.model_dump(exclude={"status", "api_error_status"})
-        status = out.status
+    def outcome(self, kind: str, record: TaskRecord, rc: int | None) -> Outcome:
+        out = outcome(self.result_event, rc, _tail(self.dir / "stderr.log", 2000), self.session_id)
         if kind == "cancel":
-            status, fields["error"] = TaskStatus.CANCELLED, "cancelled: the task's process tree was stopped"
-        elif kind == "timeout":
-            status = TaskStatus.TIMEOUT
-            fields["error"] = f"timed out after {record.timeout_seconds:g}s: the task's process tree was stopped"
-        text = fields.pop("result")
+            return out.model_copy(update={"status": TaskStatus.CANCELLED,
+                                          "error": "cancelled: the task's process tree was stopped"})
+        if kind == "timeout":
+            return out.model_copy(update={"status": TaskStatus.TIMEOUT, "error":
+                                          f"timed out after {record.timeout_seconds:g}s: the task's process tree was stopped"})
+        return out
+
+    def finish(self, out: Outcome, attempts: list[Attempt], rc: int | None) -> None:
+        fields = out.model_dump(exclude={"status", "api_error_status", "result"})
+        text = out.result
         if text is not None:
             atomic_write(self.dir / "result.txt", text.encode("utf-8", "surrogatepass"))
         self.progress.updated_at = utcnow()
         self.store.transition(
-            self.task_id, status, exit_code=rc, progress=self.progress,
+            self.task_id, out.status, exit_code=rc, progress=self.progress, attempts=attempts,
             result=None if text is None else text[:RESULT_PREVIEW_CHARS],
             result_truncated=text is not None and len(text) > RESULT_PREVIEW_CHARS,
             result_chars=len(text or ""), **fields)
@@ -221,8 +294,7 @@ def _tail(path: Path, n: int) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - n))
+            f.seek(max(0, f.tell() - n))
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
@@ -236,17 +308,23 @@ def main(argv: list[str] | None = None) -> int:
     store = TaskStore(Path(argv[0]))
     task_id = argv[1]
     sup = Supervisor(store, task_id)
+    code = 0
     try:
-        return sup.run()
+        code = sup.run()
     except Exception as e:  # never leave a task running without a final record
         traceback.print_exc()
+        code = 1
         try:
             sup.stop_everything()
-            sup.store.transition(task_id, TaskStatus.FAILED, error=f"supervisor error: {type(e).__name__}: {e}",
-                                 exit_code=sup.proc.returncode if sup.proc else None)
+            store.transition(task_id, TaskStatus.FAILED, error=f"supervisor error: {type(e).__name__}: {e}",
+                             exit_code=sup.proc.returncode if sup.proc else None)
         except Exception:
             traceback.print_exc()
-        return 1
+    try:  # this task's slot is free: start what the queue allows
+        pump(store, Settings.from_env().max_concurrent)
+    except Exception:
+        traceback.print_exc()
+    return code
 
 
 if __name__ == "__main__":

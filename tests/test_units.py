@@ -12,11 +12,14 @@ from cc_tasks.stream import apply_event, outcome, split_lines
 
 
 def test_lifecycle_is_written_in_one_place():
+    assert TRANSITIONS[TaskStatus.WAITING] == {TaskStatus.QUEUED, TaskStatus.SKIPPED, TaskStatus.FAILED,
+                                               TaskStatus.CANCELLED}
     assert TRANSITIONS[TaskStatus.QUEUED] == {TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.CANCELLED}
     assert TRANSITIONS[TaskStatus.RUNNING] == {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMEOUT,
                                                TaskStatus.CANCELLED}
     terminal = {s for s in TaskStatus if s.terminal}
-    assert terminal == {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED}
+    assert terminal == {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED,
+                        TaskStatus.SKIPPED}
     check_transition(TaskStatus.QUEUED, TaskStatus.RUNNING)
     with pytest.raises(InvalidTransitionError, match="completed to running"):
         check_transition(TaskStatus.COMPLETED, TaskStatus.RUNNING)

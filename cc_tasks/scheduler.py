@@ -1,0 +1,144 @@
+"""The shared queue: which waiting and queued tasks may start now, and starting their supervisors.
+
+``pump`` runs under one store-wide lock, so whichever process calls it (any server, or the supervisor of a
+task that just ended) sees the same queue and no task is started twice. A slot is held by a task whose
+supervisor is alive; a SIGKILLed supervisor frees its slot as soon as anyone pumps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from . import procs
+from .errors import TaskNotFoundError
+from .models import TaskRecord, TaskStatus
+from .store import TaskStore
+
+log = logging.getLogger("cc_tasks")
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+#: Statuses of dependencies that make a dependent task skip.
+DEP_FAILED = frozenset({TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED, TaskStatus.SKIPPED})
+
+
+def spawn_supervisor(store: TaskStore, task_id: str) -> subprocess.Popen:
+    """Start the task's supervisor in a session of its own, with the environment its submitter had."""
+    env = json.loads(store.path(task_id, "env.json").read_text())
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    with open(store.path(task_id, "supervisor.log"), "ab") as slog:
+        return subprocess.Popen([sys.executable, "-m", "cc_tasks.supervisor", str(store.root), task_id],
+                                stdin=subprocess.DEVNULL, stdout=slog, stderr=subprocess.STDOUT, env=env,
+                                cwd=str(store.root), close_fds=True, start_new_session=True)
+
+
+def holds_slot(r: TaskRecord) -> bool:
+    return r.status in (TaskStatus.QUEUED, TaskStatus.RUNNING) and r.supervisor is not None
+
+
+def queue_order(r: TaskRecord) -> tuple:
+    return (-r.priority, r.created_at, r.task_id)
+
+
+def _read_all(store: TaskStore, ids: list[str]) -> dict[str, TaskRecord]:
+    out = {}
+    for t in ids:
+        try:
+            out[t] = store.read(t)
+        except (TaskNotFoundError, ValueError):
+            continue
+    return out
+
+
+def fail_if_supervisor_died(store: TaskStore, r: TaskRecord) -> TaskRecord:
+    """A task whose supervisor is gone (SIGKILL, reboot) fails; what is left of its claude tree is stopped."""
+    if r.status.terminal or r.supervisor is None or procs.alive(r.supervisor):
+        return r
+
+    def fn(cur: TaskRecord) -> TaskRecord | None:
+        if cur.status.terminal or cur.supervisor is None or procs.alive(cur.supervisor):
+            return None
+        procs.stop_tree(procs.process_of(cur.claude))
+        return cur.model_copy(update={"status": TaskStatus.FAILED, "error":
+                                      f"the task's supervisor (pid {cur.supervisor.pid}) died; its process tree was stopped"})
+    try:
+        return store.update(r.task_id, fn)
+    except TaskNotFoundError:
+        return r
+
+
+def resolve_waiting(store: TaskStore, records: dict[str, TaskRecord]) -> None:
+    """Move waiting tasks whose dependencies all completed to queued; skip those with a failed one."""
+    changed = True
+    while changed:
+        changed = False
+        for r in [r for r in records.values() if r.status == TaskStatus.WAITING]:
+            verdict, reason = TaskStatus.QUEUED, None
+            for dep in r.depends_on:
+                d = records.get(dep)
+                if d is None:
+                    try:
+                        d = records[dep] = store.read(dep)
+                    except TaskNotFoundError:
+                        verdict, reason = TaskStatus.SKIPPED, f"dependency {dep} was deleted"
+                        break
+                if d.status in DEP_FAILED:
+                    verdict, reason = TaskStatus.SKIPPED, f"dependency {dep} ended {d.status.value}"
+                    break
+                if d.status != TaskStatus.COMPLETED:
+                    verdict = None
+            if verdict is None:
+                continue
+            new = store.transition(r.task_id, verdict, **({"error": reason} if reason else {}))
+            records[r.task_id] = new
+            changed = changed or new.status != r.status
+
+
+def pump(store: TaskStore, max_concurrent: int,
+         on_spawn: Callable[[subprocess.Popen], None] | None = None) -> list[str]:
+    """Start as many queued tasks as free slots allow, highest priority then oldest first."""
+    started: list[str] = []
+    with store.queue_lock():
+        records = _read_all(store, store.active_ids())
+        for t, r in list(records.items()):
+            records[t] = fail_if_supervisor_died(store, r)
+            store.unmark_if_finished(records[t])
+        resolve_waiting(store, records)
+        busy = sum(holds_slot(r) for r in records.values())
+        ready = sorted((r for r in records.values() if r.status == TaskStatus.QUEUED and r.supervisor is None),
+                       key=queue_order)
+        for r in ready[:max(0, max_concurrent - busy)]:
+            try:
+                p = spawn_supervisor(store, r.task_id)
+            except OSError as e:
+                store.transition(r.task_id, TaskStatus.FAILED, error=f"could not start the task's supervisor: {e}")
+                continue
+            try:
+                ref = procs.ref_of(p.pid)  # before anyone may reap it: a zombie still has its create time
+            except Exception:
+                ref = None
+            if on_spawn:
+                on_spawn(p)
+            if ref is None:
+                store.transition(r.task_id, TaskStatus.FAILED, error="the task's supervisor vanished at start")
+                continue
+            store.update(r.task_id, lambda cur: None if cur.supervisor or cur.status.terminal
+                         else cur.model_copy(update={"supervisor": ref}))
+            started.append(r.task_id)
+    if started:
+        log.info("started %d queued task(s): %s", len(started), ", ".join(started))
+    return started
+
+
+def queue_position(store: TaskStore, task_id: str) -> int | None:
+    records = _read_all(store, store.active_ids())
+    ready = sorted((r for r in records.values() if r.status == TaskStatus.QUEUED and r.supervisor is None),
+                   key=queue_order)
+    for i, r in enumerate(ready, 1):
+        if r.task_id == task_id:
+            return i
+    return None
