@@ -4,8 +4,12 @@ It reads the prompt from stdin like ``claude -p`` and prints stream-json. A line
 prompt changes what it does: ``sleep`` (seconds before answering), ``exit`` (exit code), ``no_result``
 (exit without a result event), ``is_error``, ``result`` (text), ``big`` (result of N chars),
 ``ignore_signals`` (ignore SIGINT and SIGTERM), ``grandchild`` (start ``sleep 300`` in a new session
-and write its pid to grandchild.pid), ``argv`` (write argv and selected env to argv.json).
+and write its pid to grandchild.pid), ``argv`` (write argv and selected env to argv.json), ``track`` (a
+directory: count how many copies run at once there, and log this run's task id and that count),
+``log`` (a file: append "start NAME" and "end NAME" lines), ``wait_file`` (wait until that file exists).
 """
+
+import fcntl
 
 import json
 import os
@@ -39,6 +43,35 @@ if cfg.get("grandchild"):
     p = subprocess.Popen(["sleep", "300"], start_new_session=True)
     with open("grandchild.pid", "w") as f:
         f.write(str(p.pid))
+track = cfg.get("track")
+
+
+def tracked(delta):
+    with open(os.path.join(track, "lock"), "a") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        path = os.path.join(track, "count")
+        n = int(open(path).read() or 0) if os.path.exists(path) else 0
+        n += delta
+        with open(path, "w") as f:
+            f.write(str(n))
+        if delta > 0:
+            with open(os.path.join(track, "runs.log"), "a") as f:
+                f.write(f"{os.environ.get('CC_TASKS_TASK_ID')} {n}\n")
+
+
+def log(what):
+    if cfg.get("log"):
+        with open(cfg["log"], "a") as f:
+            f.write(f"{what} {cfg.get('name', '')}\n")
+
+
+if track:
+    tracked(+1)
+log("start")
+if cfg.get("wait_file"):
+    deadline = time.time() + 60
+    while not os.path.exists(cfg["wait_file"]) and time.time() < deadline:
+        time.sleep(0.02)
 emit({"type": "system", "subtype": "init", "session_id": sid, "model": "fake", "cwd": os.getcwd()})
 emit({"type": "assistant", "session_id": sid, "parent_tool_use_id": None,
       "message": {"content": [{"type": "tool_use", "name": "Bash", "id": "t1", "input": {}}]}})
@@ -49,6 +82,9 @@ if cfg.get("big"):
     text = ("x" * 99 + "\n") * (int(cfg["big"]) // 100)
 emit({"type": "assistant", "session_id": sid, "parent_tool_use_id": None,
       "message": {"content": [{"type": "text", "text": text[:1000]}]}})
+log("end")
+if track:
+    tracked(-1)
 if not cfg.get("no_result"):
     emit({"type": "result", "subtype": "success", "is_error": bool(cfg.get("is_error")), "result": text,
           "session_id": sid, "total_cost_usd": 0.001, "num_turns": 2, "duration_ms": 5,

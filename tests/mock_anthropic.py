@@ -6,7 +6,8 @@ What it answers is decided by a directive inside the task's prompt::
     @@mock {"steps": [{"bash": "echo hi > out.txt"}, {"text": "done: {last_result}"}]}
 
 Each assistant turn of the conversation takes the next step (the step index is
-the number of assistant messages already in the request). Steps:
+the number of assistant messages after the user message holding the last directive,
+so a resumed session runs the new prompt's steps). Steps:
 
 - ``{"text": "..."}``: a final text answer. ``{last_result}`` is replaced by the
   last tool result, ``{all_results}`` by all of them joined by newlines,
@@ -68,10 +69,11 @@ def _tool_results(messages: list[dict]) -> list[str]:
     return results
 
 
-def _find_directive(messages: list[dict]) -> tuple[dict | None, str, int]:
-    """The last directive in the user texts, the first user text, how many user texts."""
-    script, first, n_text = None, "", 0
-    for msg in messages:
+def _find_directive(messages: list[dict]) -> tuple[dict | None, str, int, int]:
+    """The last directive in the user texts, the first user text, how many user texts, and the index of
+    the message that holds the directive."""
+    script, first, n_text, at = None, "", 0, 0
+    for i, msg in enumerate(messages):
         if msg.get("role") != "user":
             continue
         texts = [t for t in _texts(msg.get("content")) if not t.lstrip().startswith("<system-reminder>")]
@@ -82,11 +84,12 @@ def _find_directive(messages: list[dict]) -> tuple[dict | None, str, int]:
         for t in texts:
             m = DIRECTIVE.search(t)
             if m:
+                at = i
                 try:
                     script = json.loads(m.group(1))
                 except json.JSONDecodeError:
                     script = {"steps": [{"text": "mock: bad directive"}]}
-    return script, first, n_text
+    return script, first, n_text, at
 
 
 def _sub_ids(value: Any, ids: list[str]) -> Any:
@@ -124,14 +127,14 @@ class MockState:
 def plan_reply(body: dict, state: MockState) -> tuple[int, dict | None, list[dict]]:
     """Decide the answer: (http status, error body or None, content blocks)."""
     messages = body.get("messages") or []
-    script, first, n_text = _find_directive(messages)
+    script, first, n_text, at = _find_directive(messages)
     results = _tool_results(messages)
     if script is None:
         return 200, None, [{"type": "text", "text": f"mock reply: {first[:2000]}"}]
     steps = script.get("steps") or [{"text": "ok"}]
-    idx = sum(1 for m in messages if m.get("role") == "assistant")
-    # A resumed session carries earlier turns: count steps from the last directive's turn.
-    step = dict(steps[min(idx - script.get("_offset", 0), len(steps) - 1)]) if steps else {"text": "ok"}
+    # A resumed session carries earlier turns: count the steps from the message that holds the directive.
+    idx = sum(1 for m in messages[at:] if m.get("role") == "assistant")
+    step = dict(steps[min(idx, len(steps) - 1)])
     if "sleep" in step:
         time.sleep(float(step["sleep"]))
     if "error_once" in step and state.once(str(step.get("key", "default"))):
