@@ -15,15 +15,20 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import procs
+from . import launcher, procs
 from .errors import TaskNotFoundError
-from .models import TaskRecord, TaskStatus
+from .models import ProcRef, TaskRecord, TaskStatus
 from .store import TaskStore
 
 log = logging.getLogger("cc_tasks")
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 #: Statuses of dependencies that make a dependent task skip.
 DEP_FAILED = frozenset({TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED, TaskStatus.SKIPPED})
+
+
+def use_launcher() -> bool:
+    """Fork supervisors from the warm launcher unless CC_TASKS_LAUNCHER=0."""
+    return os.environ.get("CC_TASKS_LAUNCHER", "1") != "0"
 
 
 def spawn_supervisor(store: TaskStore, task_id: str) -> subprocess.Popen:
@@ -111,21 +116,32 @@ def pump(store: TaskStore, max_concurrent: int,
         busy = sum(holds_slot(r) for r in records.values())
         ready = sorted((r for r in records.values() if r.status == TaskStatus.QUEUED and r.supervisor is None),
                        key=queue_order)
-        for r in ready[:max(0, max_concurrent - busy)]:
-            try:
-                p = spawn_supervisor(store, r.task_id)
-            except OSError as e:
-                store.transition(r.task_id, TaskStatus.FAILED, error=f"could not start the task's supervisor: {e}")
-                continue
-            try:
-                ref = procs.ref_of(p.pid)  # before anyone may reap it: a zombie still has its create time
-            except Exception:
-                ref = None
-            if on_spawn:
-                on_spawn(p)
+        to_start = ready[:max(0, max_concurrent - busy)]
+        warm = bool(to_start) and use_launcher() and launcher.ensure_running(store, on_spawn)
+        for r in to_start:
+            ref = None
+            if warm:
+                try:
+                    pid, created = launcher.launch(store, r.task_id)
+                    ref = ProcRef(pid=pid, create_time=created)
+                except OSError as e:
+                    log.warning("launcher failed (%s); starting supervisors directly", e)
+                    warm = False
             if ref is None:
-                store.transition(r.task_id, TaskStatus.FAILED, error="the task's supervisor vanished at start")
-                continue
+                try:
+                    p = spawn_supervisor(store, r.task_id)
+                except OSError as e:
+                    store.transition(r.task_id, TaskStatus.FAILED, error=f"could not start the task's supervisor: {e}")
+                    continue
+                try:
+                    ref = procs.ref_of(p.pid)  # before anyone may reap it: a zombie still has its create time
+                except Exception:
+                    ref = None
+                if on_spawn:
+                    on_spawn(p)
+                if ref is None:
+                    store.transition(r.task_id, TaskStatus.FAILED, error="the task's supervisor vanished at start")
+                    continue
             store.update(r.task_id, lambda cur: None if cur.supervisor or cur.status.terminal
                          else cur.model_copy(update={"supervisor": ref}))
             started.append(r.task_id)

@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                              exit_code=sup.proc.returncode if sup.proc else None)
         except Exception:
             traceback.print_exc()
-    try:  # this task's slot is free: start what the queue allows
+    try:  # this task's slot is free: start what the queue allows (with the cap its submitter had)
         pump(store, Settings.from_env().max_concurrent)
     except Exception:
         traceback.print_exc()

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cc_tasks import launcher
 from cc_tasks.config import Settings
 from cc_tasks.manager import TaskManager
 
@@ -65,6 +66,7 @@ def cc_env(tmp_path, monkeypatch, mock_api, real_claude) -> dict[str, str]:
         "CC_TASKS_DIR": str(tmp_path / "store"),
         "CC_TASKS_CLAUDE_BIN": real_claude,
         "CC_TASKS_DEFAULT_TIMEOUT": "120",
+        "CC_TASKS_LAUNCHER_IDLE": "20",
     }
     for k in ("CC_TASKS_DEPTH", "CC_TASKS_MAX_DEPTH", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT"):
         monkeypatch.delenv(k, raising=False)
@@ -84,6 +86,7 @@ def running_manager():
     finally:
         for s in m.list().tasks:
             m.cancel(s.task_id)
+        launcher.stop(m.store)
         m.reap(wait=15)
         signal.signal(signal.SIGCHLD, old)
 

@@ -174,3 +174,21 @@ async def test_cleanup_stops_and_deletes(fake_manager, workdir):
         fake_manager.cleanup(r.task_id)
     with pytest.raises(InvalidTaskIdError):
         fake_manager.cleanup("/etc/passwd")
+
+
+async def test_supervisors_fork_from_a_warm_launcher_or_start_directly(fake_manager, workdir, monkeypatch):
+    import psutil as ps
+    r = await run(fake_manager, TaskOptions(prompt=fake({"result": "warm"}), cwd=str(workdir)))
+    assert r.result == "warm"
+    sock = fake_manager.store.root / "launcher.sock"
+    assert sock.exists() and (sock.stat().st_mode & 0o077) == 0
+    from cc_tasks import launcher
+    hello = launcher._request(fake_manager.store, {"op": "hello"})
+    assert hello["identity"] == launcher.IDENTITY
+    assert launcher._request(fake_manager.store, {"op": "start", "task_id": "../x"})["error"].startswith(
+        "InvalidTaskIdError")
+    assert launcher.stop(fake_manager.store)
+    wait_until(lambda: not pid_alive(hello["pid"]))
+    monkeypatch.setenv("CC_TASKS_LAUNCHER", "0")
+    r = await run(fake_manager, TaskOptions(prompt=fake({"result": "cold"}), cwd=str(workdir)))
+    assert r.result == "cold" and not sock.exists()
