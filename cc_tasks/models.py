@@ -339,6 +339,16 @@ class WaitResult(BaseModel):
     tasks: list[TaskRecord]
 
 
+class ServerInfo(BaseModel):
+    version: str
+    pid: int
+    store_dir: str
+    max_concurrent: int
+    depth: int
+    max_depth: int
+    default_timeout: float
+
+
 class CleanupResult(BaseModel):
     task_id: str
     deleted: bool

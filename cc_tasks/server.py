@@ -19,10 +19,11 @@ from fastmcp.server.dependencies import get_context
 from mcp.types import ToolAnnotations
 from pydantic import Field, ValidationError
 
+from . import __version__
 from .errors import CCTasksError
 from .manager import TaskManager
-from .models import (REPLY_TEXT_BUDGET, BatchItem, BatchResult, CleanupResult, EventPage, OutputPage, StartResult,
-                     TaskList, TaskOptions, TaskRecord, WaitResult)
+from .models import (REPLY_TEXT_BUDGET, BatchItem, BatchResult, CleanupResult, EventPage, OutputPage, ServerInfo,
+                     StartResult, TaskList, TaskOptions, TaskRecord, WaitResult)
 
 log = logging.getLogger("cc_tasks")
 #: Seconds between two looks at the shared queue (tasks whose dependencies finished, freed slots, dead supervisors).
@@ -159,6 +160,13 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         """The task's event log: status changes, retries, tool calls, assistant text previews."""
         return mgr.events(task_id, since=since, limit=limit)
 
+    async def get_server_info() -> ServerInfo:
+        """This server: version, store, concurrency cap, nesting depth. Cheap; touches no task."""
+        st = mgr.settings
+        return ServerInfo(version=__version__, pid=os.getpid(), store_dir=str(mgr.store.root),
+                          max_concurrent=st.max_concurrent, depth=st.depth, max_depth=st.max_depth,
+                          default_timeout=st.default_timeout)
+
     async def check_task_status(task_id: TaskId) -> TaskRecord:
         """The task's record: status, timings, live progress while it runs, its (bounded) result once finished."""
         return mgr.get(task_id).bounded()
@@ -208,6 +216,7 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         (cleanup_task, _annotations(False, destructive=True)),
         (get_task_output, _annotations(True, idempotent=True)),
         (wait_for_tasks, _annotations(True, idempotent=True)),
+        (get_server_info, _annotations(True, idempotent=True)),
     ]
     for fn, ann in tools:
         mcp.tool(edge(fn), annotations=ann)

@@ -66,6 +66,7 @@ class Supervisor:
         self.session_id: str | None = None
         self._buf = b""
         self._out = None
+        self._last_text_event = -1e9
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
@@ -237,6 +238,11 @@ class Supervisor:
             if ev.get("session_id") and not self.session_id:
                 self.session_id = ev["session_id"]
             for note in apply_event(self.progress, ev):
+                if note["kind"] == "assistant_text":  # at most one text preview a second in the log
+                    now = time.monotonic()
+                    if now - self._last_text_event < 1.0:
+                        continue
+                    self._last_text_event = now
                 self.store.append_event(self.task_id, note.pop("kind"), **note)
 
     def flush_progress(self) -> None:

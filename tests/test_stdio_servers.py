@@ -84,7 +84,7 @@ async def test_python_m_entry_point_serves(cc_env):
         names = {t.name for t in await client.list_tools()}
     assert names == {"execute_cc_task", "start_cc_task_async", "start_cc_tasks_batch", "continue_task",
                      "check_task_status", "get_task_events", "list_active_tasks", "cancel_task", "cleanup_task",
-                     "get_task_output", "wait_for_tasks"}
+                     "get_task_output", "wait_for_tasks", "get_server_info"}
 
 
 @pytest.mark.parametrize("change, message", [
