@@ -5,8 +5,10 @@ imports), as much as a third of a short claude run. The launcher pays that once:
 listens on ``<store>/launcher.sock`` (the store is 0700; peers must be this user), and for each request
 forks a child that becomes the task's supervisor, a process of its own in a session of its own, exactly
 as if it had been exec'd. The launcher reaps only the children it forked, and exits after being idle for
-``IDLE_EXIT`` seconds with no child left. Whoever pumps the queue starts it when it is not running; if it
-cannot be reached, supervisors are spawned directly (scheduler.spawn_supervisor).
+``IDLE_EXIT`` seconds with no child and no unfinished task left. It also pumps the shared queue itself,
+once a second and whenever a server sends ``kick`` after a submit, so queued tasks start even if every
+server has exited. Servers start it when it is not running; if it cannot be reached, supervisors are
+spawned directly (scheduler.spawn_supervisor).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from . import __version__
 from .store import TaskStore
 
 IDLE_EXIT = float(os.environ.get("CC_TASKS_LAUNCHER_IDLE", "600"))
+PUMP_EVERY = 1.0
 CONNECT_TIMEOUT = 2.0
 START_WAIT = 10.0
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -51,11 +54,30 @@ def _request(store: TaskStore, msg: dict, timeout: float = CONNECT_TIMEOUT) -> d
     return json.loads(buf or b"{}")
 
 
+_verified: dict[str, float] = {}  # socket path -> inode of a launcher this process found to be of its version
+
+
+def _known_good(store: TaskStore) -> bool:
+    try:
+        return _verified.get(str(socket_path(store))) == os.stat(socket_path(store)).st_ino
+    except OSError:
+        return False
+
+
 def ensure_running(store: TaskStore, on_spawn=None) -> bool:
     """Make sure a launcher of this code version serves the store; start one if needed (call under the queue lock)."""
+    if _known_good(store):
+        return True
+    from filelock import FileLock
+    with FileLock(str(store.root / "launcher.lock"), timeout=30):
+        return _ensure_running_locked(store, on_spawn)
+
+
+def _ensure_running_locked(store: TaskStore, on_spawn=None) -> bool:
     try:
         hello = _request(store, {"op": "hello"})
         if hello.get("identity") == IDENTITY:
+            _verified[str(socket_path(store))] = os.stat(socket_path(store)).st_ino
             return True
         _request(store, {"op": "quit"})  # another version of cc-tasks: replace it
     except (OSError, ValueError):
@@ -77,10 +99,26 @@ def ensure_running(store: TaskStore, on_spawn=None) -> bool:
         if p.poll() is not None:
             return False
         try:
-            return _request(store, {"op": "hello"}).get("identity") == IDENTITY
+            if _request(store, {"op": "hello"}).get("identity") == IDENTITY:
+                _verified[str(socket_path(store))] = os.stat(socket_path(store)).st_ino
+                return True
+            return False
         except (OSError, ValueError):
             time.sleep(0.01)
     return False
+
+
+def kick(store: TaskStore) -> bool:
+    """Ask the store's launcher to look at the queue soon, without waiting for it: the request waits in the
+    socket's backlog until the launcher gets to it. False if no launcher is listening."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(CONNECT_TIMEOUT)
+            s.connect(str(socket_path(store)))
+            s.sendall(b'{"op": "kick"}\n')
+        return True
+    except OSError:
+        return False
 
 
 def stop(store: TaskStore) -> bool:
@@ -107,6 +145,8 @@ class Launcher:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.last_activity = time.monotonic()
         self.quit = False
+        self.kicked = True
+        self.last_pump = 0.0
 
     def serve(self) -> None:
         path = socket_path(self.store)
@@ -128,13 +168,16 @@ class Launcher:
         signal.signal(signal.SIGTERM, lambda *a: setattr(self, "quit", True))
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         while not self.quit:
-            ready, _, _ = select.select([self.sock, wake_r], [], [], 5.0)
+            ready, _, _ = select.select([self.sock, wake_r], [], [], PUMP_EVERY)
             if wake_r in ready:
                 os.read(wake_r, 4096)
             self.reap()
             if self.sock in ready:
                 self.handle(self.sock.accept()[0])
-            if not self.children and time.monotonic() - self.last_activity > IDLE_EXIT:
+            active = bool(self.store.active_ids())
+            if active and (self.kicked or time.monotonic() - self.last_pump >= PUMP_EVERY):
+                self.pump()
+            if not active and not self.children and time.monotonic() - self.last_activity > IDLE_EXIT:
                 break
         try:
             if os.stat(path).st_ino == bound:  # not a successor's socket
@@ -180,6 +223,9 @@ class Launcher:
         op = msg.get("op")
         if op == "hello":
             return {"identity": IDENTITY, "pid": os.getpid(), "children": len(self.children)}
+        if op == "kick":
+            self.kicked = True
+            return {"ok": True}
         if op == "quit":
             self.quit = True
             return {"ok": True}
@@ -190,6 +236,24 @@ class Launcher:
             import psutil
             return {"pid": pid, "create_time": psutil.Process(pid).create_time()}
         return {"error": f"unknown op {op!r}"}
+
+    def pump(self) -> None:
+        """Start what the queue allows, forking supervisors here; skip if another process is pumping."""
+        self.kicked = False
+        self.last_pump = time.monotonic()
+        try:
+            from .config import Settings
+            from .scheduler import pump
+            pump(self.store, Settings.from_env().max_concurrent, spawn=self._spawn_ref, blocking=False)
+        except Exception:
+            traceback.print_exc()
+
+    def _spawn_ref(self, task_id: str):
+        import psutil
+
+        from .models import ProcRef
+        pid = self.fork_supervisor(task_id)
+        return ProcRef(pid=pid, create_time=psutil.Process(pid).create_time())
 
     def fork_supervisor(self, task_id: str) -> int:
         pid = os.fork()
@@ -204,7 +268,7 @@ class Launcher:
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             os.setsid()
-            env = json.loads(self.store.path(task_id, "env.json").read_text())
+            env = json.loads(self.store.path(task_id, "request.json").read_text())["env"]
             os.environ.clear()
             os.environ.update(env)
             with open(self.store.path(task_id, "supervisor.log"), "ab") as slog:

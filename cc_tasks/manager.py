@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -17,7 +18,7 @@ from typing import Awaitable, Callable, Literal, Mapping
 
 import anyio
 
-from . import procs, scheduler
+from . import launcher, procs, scheduler
 from .command import build_argv
 from .config import Settings
 from .errors import CCTasksError, DepthLimitError, InvalidOptionsError, TaskNotFoundError
@@ -75,6 +76,8 @@ class TaskManager:
         self._env = env
         self._children: dict[int, subprocess.Popen] = {}
         self._children_lock = threading.Lock()
+        #: set by the server: wakes its pump loop (so that tool calls do not wait for a pump)
+        self.pump_soon: Callable[[], None] | None = None
         setup_logging(self.store)
 
     # -- child processes -----------------------------------------------------
@@ -115,17 +118,17 @@ class TaskManager:
             raise InvalidOptionsError(f"mcp_config {opts.mcp_config!r} is neither a JSON object nor an existing file")
         return cwd, s.resolve_claude()
 
-    def start(self, opts: TaskOptions) -> TaskRecord:
+    def start(self, opts: TaskOptions, pump: bool = True) -> TaskRecord:
         """Submit one task; it starts at once when a slot is free, else it is queued (or waits for its
-        dependencies)."""
-        return self.submit([BatchItem(**opts.model_dump())])[0]
+        dependencies). With ``pump=False`` the caller starts it later (the server's pump loop does)."""
+        return self.submit([BatchItem(**opts.model_dump())], pump=pump)[0]
 
-    def start_batch(self, items: list[BatchItem]) -> BatchResult:
-        records = self.submit(items)
+    def start_batch(self, items: list[BatchItem], pump: bool = True) -> BatchResult:
+        records = self.submit(items, pump=pump)
         return BatchResult(tasks=[BatchStarted(key=item.key, task_id=r.task_id, status=r.status, name=r.name)
                                   for item, r in zip(items, records)])
 
-    def submit(self, items: list[BatchItem], parent_task_id: str | None = None) -> list[TaskRecord]:
+    def submit(self, items: list[BatchItem], parent_task_id: str | None = None, pump: bool = True) -> list[TaskRecord]:
         """Validate every item (nothing is written if one is bad), create them all under one lock, then pump."""
         if not items:
             raise InvalidOptionsError("no tasks given: pass at least one")
@@ -137,7 +140,6 @@ class TaskManager:
         key_index = {it.key: n for n, it in enumerate(items) if it.key is not None}
         prepared: list[tuple[int, TaskRecord, dict[str, bytes]]] = []
         base_env = dict(os.environ if self._env is None else self._env)
-        env_blob = json.dumps(base_env).encode()
         for n in order:
             item = items[n]
             opts = TaskOptions(**item.model_dump(exclude={"key"}))
@@ -161,23 +163,24 @@ class TaskManager:
                 depends_on=list(dict.fromkeys(deps)), max_attempts=opts.max_attempts, parent_task_id=parent_task_id,
                 status=TaskStatus.WAITING if deps else TaskStatus.QUEUED)
             stored_opts = opts.model_copy(update={"depends_on": record.depends_on or None, "cwd": cwd})
-            files = {
-                "request.json": stored_opts.model_dump_json().encode(),
-                "prompt.txt": opts.prompt.encode("utf-8", "surrogatepass"),
-                "launch.json": json.dumps({"argv": build_argv(opts, claude), "cwd": cwd}).encode(),
-                "env.json": env_blob,
-            }
+            # one file for all a supervisor needs: options, argv, cwd, and the submitter's environment
+            request = json.dumps({"options": stored_opts.model_dump(mode="json"), "argv": build_argv(opts, claude),
+                                  "cwd": cwd, "env": base_env})
+            files = {"request.json": request.encode("utf-8", "surrogatepass")}
             prepared.append((n, record, files))
-        with self.store.queue_lock():
+        # A batch appears under the queue lock, all at once for every pump; a single task needs no lock.
+        with self.store.locked(self.store.queue_lock()) if len(prepared) > 1 else contextlib.nullcontext():
             for _, record, files in prepared:
                 self.store.create(record, files)
+        for _, r, _ in prepared:
+            log.info("submitted task %s (%s)", r.task_id, r.status.value)
+        if not pump:
+            return [r for _, r, _ in sorted(prepared, key=lambda p: p[0])]
         self.pump()
         out = {n: self.store.read(r.task_id) for n, r, _ in prepared}
-        for n, r, _ in prepared:
-            log.info("submitted task %s (%s)", r.task_id, out[n].status.value)
         return [out[n] for n in range(len(items))]
 
-    def continue_task(self, task_id: str, prompt: str, **overrides) -> TaskRecord:
+    def continue_task(self, task_id: str, prompt: str, pump: bool = True, **overrides) -> TaskRecord:
         """A new task that resumes a finished task's claude session, in the same cwd, linked to it."""
         parent = self.get(task_id)
         if not parent.status.terminal:
@@ -185,7 +188,7 @@ class TaskManager:
         if not parent.session_id:
             raise InvalidOptionsError(f"task {task_id} has no claude session to resume (it never started a session)")
         try:
-            base = json.loads(self.store.path(task_id, "request.json").read_text())
+            base = json.loads(self.store.path(task_id, "request.json").read_text())["options"]
         except FileNotFoundError:
             base = {}
         for k in ("prompt", "name", "metadata", "depends_on", "include_dependency_results", "resume_session_id"):
@@ -193,11 +196,21 @@ class TaskManager:
         given = {k: v for k, v in overrides.items() if v is not None}
         opts = TaskOptions(**{**base, **given, "prompt": prompt, "cwd": parent.cwd,
                               "resume_session_id": parent.session_id})
-        return self.submit([BatchItem(**opts.model_dump())], parent_task_id=task_id)[0]
+        return self.submit([BatchItem(**opts.model_dump())], parent_task_id=task_id, pump=pump)[0]
 
     def pump(self) -> list[str]:
         """Start what the shared queue allows now."""
         return scheduler.pump(self.store, self.settings.max_concurrent, on_spawn=self._adopt)
+
+    def kick(self) -> None:
+        """Have the queue looked at now, without waiting for supervisors to start: the store's launcher
+        pumps (it outlives this process); without one, the server's pump loop or a direct pump does."""
+        if scheduler.use_launcher() and launcher.ensure_running(self.store, self._adopt) and launcher.kick(self.store):
+            return
+        if self.pump_soon is not None:
+            self.pump_soon()
+        else:
+            self.pump()
 
     def _adopt(self, p: subprocess.Popen) -> None:
         with self._children_lock:
@@ -370,7 +383,8 @@ class TaskManager:
 
     async def execute(self, opts: TaskOptions, progress: ProgressFn | None = None) -> TaskRecord:
         """Run one task to its end. If the caller is cancelled, the task's process tree is stopped."""
-        record = await anyio.to_thread.run_sync(self.start, opts)
+        record = self.start(opts, pump=False)
+        self.kick()
         task_id = record.task_id
         t0 = time.monotonic()
         next_progress = t0

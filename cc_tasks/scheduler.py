@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from filelock import Timeout
+
 from . import launcher, procs
 from .errors import TaskNotFoundError
 from .models import ProcRef, TaskRecord, TaskStatus
@@ -33,7 +35,7 @@ def use_launcher() -> bool:
 
 def spawn_supervisor(store: TaskStore, task_id: str) -> subprocess.Popen:
     """Start the task's supervisor in a session of its own, with the environment its submitter had."""
-    env = json.loads(store.path(task_id, "env.json").read_text())
+    env = json.loads(store.path(task_id, "request.json").read_text())["env"]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     with open(store.path(task_id, "supervisor.log"), "ab") as slog:
         return subprocess.Popen([sys.executable, "-m", "cc_tasks.supervisor", str(store.root), task_id],
@@ -103,11 +105,44 @@ def resolve_waiting(store: TaskStore, records: dict[str, TaskRecord]) -> None:
             changed = changed or new.status != r.status
 
 
-def pump(store: TaskStore, max_concurrent: int,
-         on_spawn: Callable[[subprocess.Popen], None] | None = None) -> list[str]:
-    """Start as many queued tasks as free slots allow, highest priority then oldest first."""
+def _start_one(store: TaskStore, task_id: str, warm: bool,
+               on_spawn: Callable[[subprocess.Popen], None] | None) -> tuple[ProcRef | None, bool]:
+    """Start one supervisor: forked by the warm launcher, or exec'd directly. Returns (ref, still warm)."""
+    if warm:
+        try:
+            pid, created = launcher.launch(store, task_id)
+            return ProcRef(pid=pid, create_time=created), True
+        except OSError as e:
+            log.warning("launcher failed (%s); starting supervisors directly", e)
+    try:
+        p = spawn_supervisor(store, task_id)
+    except OSError as e:
+        store.transition(task_id, TaskStatus.FAILED, error=f"could not start the task's supervisor: {e}")
+        return None, False
+    try:
+        ref = procs.ref_of(p.pid)  # before anyone may reap it: a zombie still has its create time
+    except Exception:
+        ref = None
+    if on_spawn:
+        on_spawn(p)
+    if ref is None:
+        store.transition(task_id, TaskStatus.FAILED, error="the task's supervisor vanished at start")
+    return ref, False
+
+
+def pump(store: TaskStore, max_concurrent: int, on_spawn: Callable[[subprocess.Popen], None] | None = None,
+         spawn: Callable[[str], ProcRef] | None = None, blocking: bool = True) -> list[str]:
+    """Start as many queued tasks as free slots allow, highest priority then oldest first.
+
+    ``spawn`` starts a supervisor in-process (the launcher forks); by default the launcher is asked, or the
+    supervisor is exec'd. With ``blocking=False`` the pump is skipped when another process holds the lock."""
     started: list[str] = []
-    with store.queue_lock():
+    lock = store.queue_lock()
+    try:
+        lock.acquire(timeout=None if blocking else 0, poll_interval=0.002)
+    except Timeout:
+        return started
+    try:
         records = _read_all(store, store.active_ids())
         for t, r in list(records.items()):
             records[t] = fail_if_supervisor_died(store, r)
@@ -117,34 +152,19 @@ def pump(store: TaskStore, max_concurrent: int,
         ready = sorted((r for r in records.values() if r.status == TaskStatus.QUEUED and r.supervisor is None),
                        key=queue_order)
         to_start = ready[:max(0, max_concurrent - busy)]
-        warm = bool(to_start) and use_launcher() and launcher.ensure_running(store, on_spawn)
+        warm = spawn is None and bool(to_start) and use_launcher() and launcher.ensure_running(store, on_spawn)
         for r in to_start:
-            ref = None
-            if warm:
-                try:
-                    pid, created = launcher.launch(store, r.task_id)
-                    ref = ProcRef(pid=pid, create_time=created)
-                except OSError as e:
-                    log.warning("launcher failed (%s); starting supervisors directly", e)
-                    warm = False
+            if spawn is not None:
+                ref = spawn(r.task_id)
+            else:
+                ref, warm = _start_one(store, r.task_id, warm, on_spawn)
             if ref is None:
-                try:
-                    p = spawn_supervisor(store, r.task_id)
-                except OSError as e:
-                    store.transition(r.task_id, TaskStatus.FAILED, error=f"could not start the task's supervisor: {e}")
-                    continue
-                try:
-                    ref = procs.ref_of(p.pid)  # before anyone may reap it: a zombie still has its create time
-                except Exception:
-                    ref = None
-                if on_spawn:
-                    on_spawn(p)
-                if ref is None:
-                    store.transition(r.task_id, TaskStatus.FAILED, error="the task's supervisor vanished at start")
-                    continue
+                continue
             store.update(r.task_id, lambda cur: None if cur.supervisor or cur.status.terminal
                          else cur.model_copy(update={"supervisor": ref}))
             started.append(r.task_id)
+    finally:
+        lock.release()
     if started:
         log.info("started %d queued task(s): %s", len(started), ", ".join(started))
     return started

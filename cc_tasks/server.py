@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 from contextlib import asynccontextmanager
@@ -106,17 +107,27 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
 
     @asynccontextmanager
     async def lifespan(server):
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
         async def pump_forever():
             while True:
+                wake.clear()
                 try:
                     await anyio.to_thread.run_sync(mgr.pump)
                 except Exception:
                     log.exception("pump failed")
-                await anyio.sleep(PUMP_EVERY)
-        pumper = asyncio.get_running_loop().create_task(pump_forever())
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), PUMP_EVERY)
+
+        def pump_soon():
+            loop.call_soon_threadsafe(wake.set)
+        pumper = loop.create_task(pump_forever())
+        mgr.pump_soon = pump_soon
         try:
             yield {}
         finally:
+            mgr.pump_soon = None
             pumper.cancel()
 
     mcp = FastMCP("cc-tasks", instructions=INSTRUCTIONS, lifespan=lifespan)
@@ -131,7 +142,8 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
     @with_task_options
     async def start_cc_task_async(**options: Any) -> StartResult:
         """Start a Claude Code sub-agent in the background and return its task_id at once."""
-        r = await anyio.to_thread.run_sync(mgr.start, TaskOptions(**options))
+        r = mgr.start(TaskOptions(**options), pump=False)
+        mgr.kick()
         return StartResult(task_id=r.task_id, status=r.status, name=r.name)
 
     async def start_cc_tasks_batch(
@@ -140,7 +152,9 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
             "name keys of this batch as well as existing task ids."))],
     ) -> BatchResult:
         """Submit many tasks in one call (one lock round-trip); returns every task_id, in the order given."""
-        return await anyio.to_thread.run_sync(mgr.start_batch, tasks)
+        res = await anyio.to_thread.run_sync(functools.partial(mgr.start_batch, tasks, pump=False))
+        mgr.kick()
+        return res
 
     @with_task_options(first=_CONTINUE_FIRST, optional=True,
                        exclude=frozenset({"prompt", "cwd", "resume_session_id", "depends_on",
@@ -149,7 +163,8 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         """Ask a finished sub-agent a follow-up: a new task that resumes its claude session (same cwd, same
         options unless given), linked to it by parent_task_id. Returns at once, like start_cc_task_async."""
         task_id, prompt = options.pop("task_id"), options.pop("prompt")
-        r = await anyio.to_thread.run_sync(functools.partial(mgr.continue_task, task_id, prompt, **options))
+        r = await anyio.to_thread.run_sync(functools.partial(mgr.continue_task, task_id, prompt, pump=False, **options))
+        mgr.kick()
         return StartResult(task_id=r.task_id, status=r.status, name=r.name)
 
     async def get_task_events(

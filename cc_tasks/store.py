@@ -3,8 +3,8 @@
 Layout::
 
     <root>/tasks/<task_id>/record.json   the TaskRecord, replaced atomically
-                           request.json  the TaskOptions as submitted (prompt in prompt.txt)
-                           prompt.txt    claude's standard input
+                           request.json  options, claude argv and cwd, the submitter's environment
+                           prompt.txt    claude's standard input (written by the supervisor)
                            stdout.jsonl  claude's stream-json transcript
                            stderr.log    claude's standard error
                            result.txt    the whole final result text
@@ -16,6 +16,7 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from .models import TRANSITIONS, TaskRecord, TaskStatus, check_transition, utcno
 
 TASK_ID_RE = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9]{3}-[0-9a-f]{8}")
 LOCK_TIMEOUT = 30.0
+POLL = 0.002
 
 
 def new_task_id(now: datetime | None = None) -> str:
@@ -96,6 +98,17 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
         raise
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _event_line(kind: str, **data) -> bytes:
+    return (json.dumps({"ts": time.time(), "kind": kind, **{k: v for k, v in data.items() if v is not None}},
+                       default=str) + "\n").encode()
+
+
 class TaskStore:
     def __init__(self, root: Path):
         self.root = ensure_private_dir(root)
@@ -107,6 +120,15 @@ class TaskStore:
     def queue_lock(self) -> FileLock:
         """The store-wide lock of the shared queue (see scheduler.pump)."""
         return FileLock(str(self._queue_lock_path), timeout=60.0)
+
+    @contextlib.contextmanager
+    def locked(self, lock: FileLock, timeout: float | None = None):
+        """Hold ``lock``, polling briskly (filelock's default poll is 50 ms)."""
+        lock.acquire(timeout=timeout, poll_interval=POLL)
+        try:
+            yield lock
+        finally:
+            lock.release()
 
     # -- paths ---------------------------------------------------------------
     def task_dir(self, task_id: str) -> Path:
@@ -125,10 +147,15 @@ class TaskStore:
         tmp = self.tasks_dir / f".new-{record.task_id}"
         os.mkdir(tmp, 0o700)
         try:
-            for name, data in files.items():
-                atomic_write(tmp / name, data, fsync=False)
-            atomic_write(tmp / "record.json", record.model_dump_json().encode())
-            (tmp / "lock").touch(0o600)
+            # nothing in tmp is visible before the rename, so plain writes are enough here
+            first_event = _event_line("status", status=record.status.value)
+            for name, data in {**files, "record.json": record.model_dump_json().encode(),
+                               "events.jsonl": first_event}.items():
+                fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    _write_all(fd, data)
+                finally:
+                    os.close(fd)
             (self.active_dir / record.task_id).touch(0o600)
             os.rename(tmp, final)
         except BaseException:
@@ -138,7 +165,6 @@ class TaskStore:
             except FileNotFoundError:
                 pass
             raise
-        self.append_event(record.task_id, "status", status=record.status.value)
 
     def exists(self, task_id: str) -> bool:
         return (self.task_dir(task_id) / "record.json").is_file()
@@ -159,16 +185,20 @@ class TaskStore:
         if not self.exists(task_id):
             raise TaskNotFoundError(f"no task {task_id} in this store ({self.root})")
         try:
-            with self.lock(task_id):
-                current = self.read(task_id)
+            with self.locked(self.lock(task_id)):
+                try:
+                    current = self.read(task_id)
+                except TaskNotFoundError:  # deleted while we waited: filelock re-made the folder; undo that
+                    self._remove_husk(task_id)
+                    raise
                 new = fn(current.model_copy(deep=True))
                 if new is None:
                     return current
                 if new.status != current.status:
                     check_transition(current.status, new.status)
-                    if new.status.terminal:
+                    if new.status.terminal:  # a final record reaches the disk before anyone is told
                         new.finished_at = new.finished_at or utcnow()
-                    fsync = True
+                        fsync = True
                 self.write(new, fsync=fsync)
         except FileNotFoundError:
             raise TaskNotFoundError(f"task {task_id} was deleted") from None
@@ -186,6 +216,14 @@ class TaskStore:
             return r.model_copy(update={"status": status, **fields})
         return self.update(task_id, fn)
 
+    def _remove_husk(self, task_id: str) -> None:
+        d = self.task_dir(task_id)
+        try:
+            os.unlink(d / "lock")
+            os.rmdir(d)
+        except OSError:
+            pass
+
     def _unmark_active(self, task_id: str) -> None:
         try:
             os.unlink(self.active_dir / task_id)
@@ -194,14 +232,13 @@ class TaskStore:
 
     # -- events --------------------------------------------------------------
     def append_event(self, task_id: str, kind: str, **data) -> None:
-        line = json.dumps({"ts": time.time(), "kind": kind, **{k: v for k, v in data.items() if v is not None}},
-                          default=str) + "\n"
+        line = _event_line(kind, **data)
         try:
             fd = os.open(self.path(task_id, "events.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except FileNotFoundError:
             return  # task deleted meanwhile
         try:
-            os.write(fd, line.encode())
+            os.write(fd, line)
         finally:
             os.close(fd)
 

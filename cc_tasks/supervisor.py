@@ -107,15 +107,15 @@ class Supervisor:
         if self.cancelled():
             self.store.transition(self.task_id, TaskStatus.CANCELLED, error="cancelled before it started")
             return 0
-        opts = TaskOptions.model_validate_json((self.dir / "request.json").read_bytes())
-        launch = json.loads((self.dir / "launch.json").read_text())
-        base_env = json.loads((self.dir / "env.json").read_text())
-        env = build_env(base_env, opts, depth=record.depth - 1, task_id=self.task_id, store_dir=str(self.store.root))
-        stdin_path = self.dir / "prompt.txt"
+        launch = json.loads((self.dir / "request.json").read_bytes())
+        opts = TaskOptions.model_validate(launch["options"])
+        env = build_env(launch["env"], opts, depth=record.depth - 1, task_id=self.task_id,
+                        store_dir=str(self.store.root))
+        prompt = opts.prompt
         if opts.include_dependency_results and record.depends_on:
-            stdin_path = self.dir / "prompt.full.txt"
-            atomic_write(stdin_path, dependency_preamble(self.store, record.depends_on).encode()
-                         + (self.dir / "prompt.txt").read_bytes(), fsync=False)
+            prompt = dependency_preamble(self.store, record.depends_on) + prompt
+        stdin_path = self.dir / "prompt.txt"  # claude's standard input
+        atomic_write(stdin_path, prompt.encode("utf-8", "surrogatepass"), fsync=False)
         deadline = time.monotonic() + record.timeout_seconds
         attempts: list[Attempt] = []
         while True:
