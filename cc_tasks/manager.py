@@ -231,7 +231,7 @@ class TaskManager:
         return self.reconcile(self.store.read(validate_task_id(task_id)), position=True)
 
     def _peek(self, task_id: str) -> TaskRecord:
-        return self.reconcile(self.store.read(validate_task_id(task_id)))
+        return self.reconcile(self.store.read_cached(validate_task_id(task_id)))
 
     def list(self, include_finished: bool = False, limit: int = 50, status: TaskStatus | None = None) -> TaskList:
         limit = max(1, min(int(limit), 500))
@@ -365,8 +365,12 @@ class TaskManager:
         deadline = t0 + max(0.0, timeout)
         interval = min(0.25, 0.025 * max(1, len(ids) / 4))
         next_progress = t0
+        latest: dict[str, TaskRecord] = {}
         while True:
-            records = [self._peek(t) for t in ids]
+            for t in ids:  # a finished record does not change: read only the others again
+                if t not in latest or not latest[t].status.terminal:
+                    latest[t] = self._peek(t)
+            records = [latest[t] for t in ids]
             finished = [r.task_id for r in records if r.status.terminal]
             done = len(finished) == len(ids) if mode == "all" else bool(finished)
             now = time.monotonic()

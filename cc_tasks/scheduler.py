@@ -55,7 +55,7 @@ def _read_all(store: TaskStore, ids: list[str]) -> dict[str, TaskRecord]:
     out = {}
     for t in ids:
         try:
-            out[t] = store.read(t)
+            out[t] = store.read_cached(t)
         except (TaskNotFoundError, ValueError):
             continue
     return out
@@ -89,7 +89,7 @@ def resolve_waiting(store: TaskStore, records: dict[str, TaskRecord]) -> None:
                 d = records.get(dep)
                 if d is None:
                     try:
-                        d = records[dep] = store.read(dep)
+                        d = records[dep] = store.read_cached(dep)
                     except TaskNotFoundError:
                         verdict, reason = TaskStatus.SKIPPED, f"dependency {dep} was deleted"
                         break

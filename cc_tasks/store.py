@@ -114,6 +114,7 @@ class TaskStore:
         self.root = ensure_private_dir(root)
         self.tasks_dir = ensure_private_dir(self.root / "tasks")
         self.active_dir = ensure_private_dir(self.root / "active")
+        self._cache: dict[str, tuple[bytes, TaskRecord]] = {}
         self._queue_lock_path = self.root / "scheduler.lock"
         self._queue_lock_path.touch(0o600)
 
@@ -175,6 +176,21 @@ class TaskStore:
         except (FileNotFoundError, NotADirectoryError):
             raise TaskNotFoundError(f"no task {task_id} in this store ({self.root}); list_active_tasks shows the known ones") from None
         return TaskRecord.model_validate_json(data)
+
+    def read_cached(self, task_id: str) -> TaskRecord:
+        """Like ``read``, but a record whose bytes have not changed since the last call is not parsed and
+        validated again. Returns a copy the caller may change."""
+        try:
+            data = (self.task_dir(task_id) / "record.json").read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            self._cache.pop(task_id, None)
+            raise TaskNotFoundError(f"no task {task_id} in this store ({self.root})") from None
+        hit = self._cache.get(task_id)
+        if hit is None or hit[0] != data:
+            if len(self._cache) > 50_000:
+                self._cache.clear()
+            self._cache[task_id] = hit = (data, TaskRecord.model_validate_json(data))
+        return hit[1].model_copy()
 
     def write(self, record: TaskRecord, *, fsync: bool = True) -> None:
         atomic_write(self.task_dir(record.task_id) / "record.json", record.model_dump_json().encode(), fsync=fsync)

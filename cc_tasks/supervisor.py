@@ -23,11 +23,11 @@ from pathlib import Path
 
 import psutil
 
-from . import procs
+from . import launcher, procs
 from .command import build_env
 from .config import Settings
 from .models import RESULT_PREVIEW_CHARS, Attempt, Progress, TaskOptions, TaskRecord, TaskStatus, utcnow
-from .scheduler import pump
+from .scheduler import pump, use_launcher
 from .store import TaskStore, atomic_write
 from .stream import Outcome, apply_event, is_transient, outcome, split_lines
 
@@ -326,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                              exit_code=sup.proc.returncode if sup.proc else None)
         except Exception:
             traceback.print_exc()
-    try:  # this task's slot is free: start what the queue allows (with the cap its submitter had)
-        pump(store, Settings.from_env().max_concurrent)
+    try:  # this task's slot is free: have the launcher start what the queue allows, or do it here
+        if not (use_launcher() and launcher.kick(store)):
+            pump(store, Settings.from_env().max_concurrent)
     except Exception:
         traceback.print_exc()
     return code
