@@ -1,24 +1,372 @@
-"""The ``cc-tasks`` command. For now it serves; more subcommands come with the CLI issue."""
+"""The ``cc-tasks`` command: serve the MCP server, and look after tasks from a shell.
+
+Every subcommand reads the same store as the servers (CC_TASKS_DIR, or --store). Exit codes: 0 success,
+1 a task did not complete (run --wait) or a doctor check failed, 2 bad usage or an error."""
 
 from __future__ import annotations
 
-import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
 import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from . import __version__
+from .errors import CCTasksError
+
+# not a terminal (a pipe, a file): never squeeze tables to 80 columns
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+STATUS_STYLE = {"waiting": "yellow", "queued": "yellow", "running": "cyan", "completed": "green", "failed": "red",
+                "timeout": "red", "cancelled": "dim", "skipped": "dim"}
+ENTRY_STYLE = {"assistant": "cyan", "tool": "yellow", "tool_result": "white", "result": "green", "session": "dim"}
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+
+
+def parse_duration(text: str) -> timedelta:
+    m = DURATION.match(text.strip().lower())
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a duration like 30m, 12h, 7d or 2w")
+    n, unit = float(m.group(1)), m.group(2)
+    return timedelta(seconds=n * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit])
+
+
+def _manager(ctx: click.Context):
+    from .config import Settings
+    from .manager import TaskManager
+    store = ctx.obj.get("store") if ctx.obj else None
+    return TaskManager(Settings.from_env(store_dir=Path(store) if store else None))
+
+
+def _elapsed(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def _status(s: str) -> str:
+    return f"[{STATUS_STYLE.get(s, 'white')}]{s}[/]"
+
+
+class Group(click.Group):
+    """Turns this package's errors into a one-line message and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CCTasksError as e:
+            err_console.print(f"[red]error:[/] {escape(str(e))}")
+            sys.exit(2)
+
+
+@click.group(cls=Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cc-tasks", message="%(prog)s %(version)s")
+@click.option("--store", type=click.Path(file_okay=False), help="Task store (default: CC_TASKS_DIR, else <tmp>/cc_tasks-<uid>).")
+@click.pass_context
+def main_group(ctx: click.Context, store: str | None) -> None:
+    """Run Claude Code sub-agents in parallel. Without a command: serve MCP over stdio."""
+    ctx.obj = {"store": store}
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve)
+
+
+@main_group.command()
+@click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address; anything but loopback needs a token.")
+@click.option("--port", type=int, default=8765, show_default=True)
+@click.option("--path", default="/mcp", show_default=True, help="MCP endpoint path.")
+@click.option("--token", envvar="CC_TASKS_TOKEN", help="Bearer token required by every HTTP request (or CC_TASKS_TOKEN).")
+@click.pass_context
+def serve(ctx, transport, host, port, path, token):
+    """Serve the MCP tools over stdio (default) or Streamable HTTP with the live dashboard at /."""
+    mgr = _manager(ctx)
+    if transport == "stdio":
+        from .server import run_stdio
+        run_stdio(mgr)
+    else:
+        from .http import run_http
+        run_http(mgr, host, port, path, token)
+
+
+@main_group.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Finished tasks too, newest first.")
+@click.option("--status", type=click.Choice(list(STATUS_STYLE)), help="Only tasks with this status.")
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def list_cmd(ctx, show_all, status, limit, as_json):
+    """List tasks: id, name, status, elapsed, turns, cost, cwd."""
+    from .models import TaskStatus
+    listing = _manager(ctx).list(include_finished=show_all or bool(status), limit=limit,
+                                 status=TaskStatus(status) if status else None)
+    if as_json:
+        click.echo(listing.model_dump_json(indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("id", "name", "status", "elapsed", "turns", "cost", "cwd"):
+        table.add_column(col, no_wrap=col in ("id", "status"))
+    for t in listing.tasks:
+        table.add_row(t.task_id, escape(t.name or t.prompt_preview[:40]), _status(t.status.value),
+                      _elapsed(t.elapsed_seconds), str(t.turns), "" if t.cost_usd is None else f"${t.cost_usd:.4f}",
+                      escape(t.cwd))
+    if listing.tasks:
+        console.print(table)
+    else:
+        console.print("[dim]no tasks[/]" + ("" if show_all else " running or queued (--all shows finished ones)"))
+    if listing.more:
+        console.print(f"[dim]… more than {limit}; raise --limit[/]")
+
+
+@main_group.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def show(ctx, task_id, as_json):
+    """Show a task's record."""
+    r = _manager(ctx).get(task_id)
+    if as_json:
+        click.echo(r.model_dump_json(indent=2))
+        return
+    rows = [("id", r.task_id), ("name", r.name), ("status", _status(r.status.value)), ("cwd", r.cwd),
+            ("model", r.model), ("created", r.created_at), ("started", r.started_at), ("finished", r.finished_at),
+            ("elapsed", _elapsed(r.elapsed_seconds)), ("exit code", r.exit_code),
+            ("turns", r.num_turns if r.num_turns is not None else r.progress.turns),
+            ("cost", r.total_cost_usd), ("session", r.session_id), ("attempts", len(r.attempts) or None),
+            ("depends on", ", ".join(r.depends_on) or None), ("parent", r.parent_task_id),
+            ("queue position", r.queue_position), ("error", r.error), ("prompt", r.prompt_preview)]
+    for k, v in rows:
+        if v is not None and v != "":
+            console.print(f"[bold]{k:>14}[/]  {v if k == 'status' else escape(str(v))}")
+    if r.result is not None:
+        console.print(f"[bold]{'result':>14}[/]")
+        console.print(r.result, markup=False)
+        if r.result_truncated:
+            console.print(f"[dim]… {r.result_chars - len(r.result)} more characters (cc-tasks logs, or get_task_output)[/]")
+
+
+@main_group.command()
+@click.argument("task_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing as the task runs, until it ends.")
+@click.pass_context
+def logs(ctx, task_id, follow):
+    """Print a task's transcript readably: assistant text, tool calls and their results."""
+    from .transcript import read_entries
+    mgr = _manager(ctx)
+    record = mgr.get(task_id)
+    path = mgr.store.path(task_id, "stdout.jsonl")
+    offset = 0
+    while True:
+        entries, offset = read_entries(path, offset)
+        for e in entries:
+            style = ENTRY_STYLE.get(e.kind, "white")
+            console.print(f"[{style}]{e.kind:>11}[/] ", end="")
+            console.print(e.text, markup=False)
+        if entries:
+            continue
+        if not follow or record.status.terminal:
+            break
+        time.sleep(0.25)
+        record = mgr.get(task_id)
+    if follow:
+        console.print(f"[dim]task {task_id} is {record.status.value}[/]")
+
+
+def _task_options(f):
+    opts = [
+        click.option("--cwd", type=click.Path(file_okay=False), help="Working directory (default: here)."),
+        click.option("--model"), click.option("--fallback-model"),
+        click.option("--allowed-tool", "allowed_tools", multiple=True, help="Repeatable, e.g. --allowed-tool Bash."),
+        click.option("--disallowed-tool", "disallowed_tools", multiple=True),
+        click.option("--permission-mode", type=click.Choice(["acceptEdits", "auto", "bypassPermissions", "manual",
+                                                             "dontAsk", "plan"])),
+        click.option("--max-turns", type=int), click.option("--max-budget-usd", type=float),
+        click.option("--system-prompt"), click.option("--append-system-prompt"),
+        click.option("--resume", "resume_session_id", help="Resume this claude session id."),
+        click.option("--add-dir", "add_dirs", multiple=True), click.option("--mcp-config"),
+        click.option("--env", "env", multiple=True, help="KEY=VALUE for the sub-agent; repeatable."),
+        click.option("--timeout", "timeout_seconds", type=float, help="Seconds."),
+        click.option("--name"), click.option("--priority", type=int, default=0, show_default=True),
+        click.option("--depends-on", "depends_on", multiple=True, help="A task id that must complete first; repeatable."),
+        click.option("--include-dependency-results", is_flag=True),
+        click.option("--max-attempts", type=int, default=3, show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@main_group.command()
+@click.argument("prompt")
+@_task_options
+@click.option("--wait", is_flag=True, help="Show live progress, print the result; exit 1 unless it completed.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def run(ctx, prompt, wait, as_json, env, **options):
+    """Start a task from a shell (PROMPT '-' reads the prompt from standard input). Prints its id."""
+    from .models import TaskOptions
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    env_vars = {}
+    for item in env:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--env")
+        k, v = item.split("=", 1)
+        env_vars[k] = v
+    clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+    clean = {k: v for k, v in clean.items() if v not in (None, [], False)}
+    from pydantic import ValidationError
+    try:
+        opts = TaskOptions(prompt=prompt, env=env_vars or None, **clean)
+    except ValidationError as e:
+        from .server import _validation_message
+        raise click.UsageError(_validation_message(e)) from None
+    mgr = _manager(ctx)
+    record = mgr.start(opts)
+    if not wait:
+        click.echo(record.model_dump_json(indent=2) if as_json else record.task_id)
+        return
+    task_id = record.task_id
+    err_console.print(f"[dim]task {task_id}[/]")
+    try:
+        with err_console.status("starting…") as status:
+            while not record.status.terminal:
+                p = record.progress
+                tool = f" · last tool {p.last_tool}" if p.last_tool else ""
+                pos = f" · queue position {record.queue_position}" if record.queue_position else ""
+                status.update(escape(f"{record.status.value}{pos} · {p.turns} turns{tool} · "
+                                     f"{_elapsed(record.elapsed_seconds) or '0s'}"))
+                time.sleep(0.2)
+                record = mgr.get(task_id)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted: cancelling the task[/]")
+        record = mgr.cancel(task_id)
+    if as_json:
+        click.echo(record.model_dump_json(indent=2))
+    else:
+        page = mgr.output(task_id, limit=20_000)
+        text, offset = page.text, page.next_offset
+        while not page.eof:
+            page = mgr.output(task_id, offset=offset, limit=20_000)
+            text, offset = text + page.text, page.next_offset
+        if text:
+            click.echo(text)
+        err_console.print(f"{_status(record.status.value)} · exit code {record.exit_code} · "
+                          f"{_elapsed(record.elapsed_seconds)}" + (f" · {escape(record.error)}" if record.error else ""))
+    sys.exit(0 if record.status.value == "completed" else 1)
+
+
+@main_group.command()
+@click.argument("task_id")
+@click.pass_context
+def cancel(ctx, task_id):
+    """Stop a task's whole process tree (the record stays, status cancelled)."""
+    r = _manager(ctx).cancel(task_id)
+    console.print(f"{task_id} {_status(r.status.value)}")
+
+
+@main_group.command()
+@click.argument("task_id", required=False)
+@click.option("--older-than", type=str, help="Delete finished tasks older than this (e.g. 7d, 12h); never running ones.")
+@click.option("--status", type=click.Choice(list(STATUS_STYLE)), help="With --older-than: only tasks with this status.")
+@click.pass_context
+def cleanup(ctx, task_id, older_than, status):
+    """Delete a task (stopping it first if it runs), or finished tasks older than a duration."""
+    mgr = _manager(ctx)
+    if bool(task_id) == bool(older_than):
+        raise click.UsageError("give either a TASK_ID or --older-than DURATION")
+    if task_id:
+        if status:
+            raise click.UsageError("--status goes with --older-than")
+        res = mgr.cleanup(task_id)
+        console.print(f"deleted {task_id} (was {res.was_status.value})")
+        return
+    from .models import TaskStatus, utcnow
+    cutoff = utcnow() - parse_duration(older_than)
+    wanted = TaskStatus(status) if status else None
+    if wanted is not None and not wanted.terminal:
+        raise click.UsageError(f"--status {status}: only finished tasks are cleaned up by age")
+    deleted = 0
+    for tid in list(mgr.store.all_ids()):
+        try:
+            r = mgr.store.read(tid)
+        except CCTasksError:
+            continue
+        if not r.status.terminal or (wanted and r.status != wanted):
+            continue
+        if (r.finished_at or r.created_at) < cutoff:
+            mgr.store.delete(tid)
+            deleted += 1
+    console.print(f"deleted {deleted} finished task(s) older than {older_than}" + (f" with status {status}" if status else ""))
+
+
+@main_group.command()
+@click.pass_context
+def doctor(ctx):
+    """Check the setup: claude binary and version, store path and permissions, API credentials, free disk."""
+    from .config import Settings
+    from .store import ensure_private_dir
+    ok = True
+
+    def line(good: bool, what: str, detail: str, essential: bool = True):
+        nonlocal ok
+        ok = ok and (good or not essential)
+        mark = "[green]✓[/]" if good else ("[red]✗[/]" if essential else "[yellow]![/]")
+        console.print(f"{mark} [bold]{what}[/]: {escape(detail)}")
+
+    try:
+        settings = Settings.from_env(store_dir=Path(ctx.obj["store"]) if ctx.obj.get("store") else None)
+    except CCTasksError as e:
+        line(False, "configuration", str(e))
+        sys.exit(1)
+    try:
+        claude = settings.resolve_claude()
+        try:
+            v = subprocess.run([claude, "--version"], capture_output=True, text=True, timeout=30)
+            line(v.returncode == 0, "claude", f"{claude} ({(v.stdout or v.stderr).strip()[:80]})")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            line(False, "claude", f"{claude} does not run: {e}")
+    except CCTasksError as e:
+        line(False, "claude", str(e))
+    try:
+        root = ensure_private_dir(settings.store_dir)
+        n = sum(1 for _ in (root / "tasks").iterdir()) if (root / "tasks").exists() else 0
+        line(True, "store", f"{root} (mode {oct(root.stat().st_mode & 0o777)}, owner uid {root.stat().st_uid}, {n} tasks)")
+        free = shutil.disk_usage(root).free
+        line(free > 1 << 30, "disk", f"{free / (1 << 30):.1f} GiB free at the store", essential=False)
+    except CCTasksError as e:
+        line(False, "store", str(e))
+    creds = [k for k in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN") if os.environ.get(k)]
+    cred_file = Path.home() / ".claude" / ".credentials.json"
+    if cred_file.exists():
+        creds.append(str(cred_file))
+    for k in ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX"):
+        if os.environ.get(k):
+            creds.append(k)
+    line(bool(creds), "credentials", ("present: " + ", ".join(creds) + " (values not shown)") if creds else
+         "none found: set ANTHROPIC_API_KEY, or log in with `claude` once", essential=False)
+    if os.environ.get("ANTHROPIC_BASE_URL"):
+        line(True, "API endpoint", os.environ["ANTHROPIC_BASE_URL"], essential=False)
+    line(True, "limits", f"CC_TASKS_MAX_CONCURRENT={settings.max_concurrent}, depth {settings.depth} of "
+                         f"CC_TASKS_MAX_DEPTH={settings.max_depth}, default timeout {settings.default_timeout:g}s")
+    sys.exit(0 if ok else 1)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="cc-tasks", description="Run Claude Code sub-agents in parallel (MCP server).")
-    ap.add_argument("--version", action="version", version=f"cc-tasks {__version__}")
-    sub = ap.add_subparsers(dest="cmd")
-    sub.add_parser("serve", help="run the MCP server over stdio (the default)")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    from .errors import CCTasksError
-    from .server import run_stdio
     try:
-        run_stdio()
-    except CCTasksError as e:
-        print(f"cc-tasks: {e}", file=sys.stderr)
-        return 2
+        main_group.main(args=sys.argv[1:] if argv is None else argv, prog_name="cc-tasks", standalone_mode=True)
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
     return 0

@@ -1,0 +1,131 @@
+"""The same tools over MCP Streamable HTTP, with bearer-token auth on every route, and the live dashboard."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+from importlib import resources
+from urllib.parse import parse_qs
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+from .errors import CCTasksError, ConfigError, TaskNotFoundError
+from .manager import TaskManager
+from .server import create_server
+from .transcript import read_entries
+
+log = logging.getLogger("cc_tasks")
+COOKIE = "cc_tasks_token"
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    if not is_loopback(host) and not token:
+        raise ConfigError(f"refusing to serve on {host} without a token: pass --token or set CC_TASKS_TOKEN "
+                          "(or bind 127.0.0.1)")
+
+
+class TokenAuth:
+    """ASGI middleware: every request but /health needs ``Authorization: Bearer <token>`` or the dashboard's
+    cookie; compared in constant time. ``GET /?token=...`` sets the cookie and redirects to a clean URL."""
+
+    def __init__(self, app, token: str | None):
+        self.app = app
+        self.token = token.encode() if token else None
+
+    def _ok(self, candidate: str | None) -> bool:
+        return bool(candidate) and hmac.compare_digest(candidate.encode(), self.token)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.token is None or scope["path"] in PUBLIC_PATHS:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        auth = headers.get("authorization", "")
+        if auth[:7].lower() == "bearer " and self._ok(auth[7:].strip()):
+            return await self.app(scope, receive, send)
+        cookies = dict(part.strip().split("=", 1) for part in headers.get("cookie", "").split(";") if "=" in part)
+        if self._ok(cookies.get(COOKIE)):
+            return await self.app(scope, receive, send)
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if scope["path"] == "/" and scope["method"] == "GET" and self._ok((query.get("token") or [None])[0]):
+            resp = Response(status_code=303, headers={"location": "/", "cache-control": "no-store"})
+            resp.set_cookie(COOKIE, self.token.decode(), httponly=True, samesite="strict", path="/")
+            return await resp(scope, receive, send)
+        resp = JSONResponse({"error": "unauthorized: send Authorization: Bearer <token>"}, status_code=401,
+                            headers={"www-authenticate": 'Bearer realm="cc-tasks"'})
+        return await resp(scope, receive, send)
+
+
+def create_http_app(manager: TaskManager, token: str | None, path: str = "/mcp"):
+    mcp = create_server(manager)
+
+    @mcp.custom_route("/health", methods=["GET"])
+    async def health(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    @mcp.custom_route("/", methods=["GET"])
+    async def dashboard(request: Request) -> Response:
+        html = resources.files("cc_tasks").joinpath("dashboard.html").read_text()
+        return HTMLResponse(html, headers={"cache-control": "no-store"})
+
+    @mcp.custom_route("/api/tasks", methods=["GET"])
+    async def api_tasks(request: Request) -> Response:
+        listing = manager.list(include_finished=True, limit=int(request.query_params.get("limit", 200)))
+        return JSONResponse(json.loads(listing.model_dump_json()))
+
+    def _task_route(fn):
+        async def route(request: Request) -> Response:
+            try:
+                return await fn(request, request.path_params["task_id"])
+            except TaskNotFoundError as e:
+                return JSONResponse({"error": str(e)}, status_code=404)
+            except CCTasksError as e:
+                return JSONResponse({"error": str(e)}, status_code=400)
+        return route
+
+    @mcp.custom_route("/api/tasks/{task_id}", methods=["GET"])
+    @_task_route
+    async def api_task(request: Request, task_id: str) -> Response:
+        return JSONResponse(json.loads(manager.get(task_id).bounded().model_dump_json()))
+
+    @mcp.custom_route("/api/tasks/{task_id}/transcript", methods=["GET"])
+    @_task_route
+    async def api_transcript(request: Request, task_id: str) -> Response:
+        record = manager.get(task_id)
+        offset = max(0, int(request.query_params.get("offset", 0)))
+        entries, nxt = read_entries(manager.store.path(task_id, "stdout.jsonl"), offset, max_bytes=256 * 1024)
+        return JSONResponse({"entries": [e.model_dump() for e in entries], "next": nxt, "status": record.status.value})
+
+    @mcp.custom_route("/api/tasks/{task_id}/cancel", methods=["POST"])
+    @_task_route
+    async def api_cancel(request: Request, task_id: str) -> Response:
+        if request.headers.get("x-cc-tasks") != "1":  # not sendable cross-site without a preflight
+            return JSONResponse({"error": "missing X-CC-Tasks header"}, status_code=400)
+        import anyio
+        record = await anyio.to_thread.run_sync(manager.cancel, task_id)
+        return JSONResponse({"task_id": task_id, "status": record.status.value})
+
+    return TokenAuth(mcp.http_app(path=path), token)  # outermost: nothing is reachable around it
+
+
+def run_http(manager: TaskManager, host: str, port: int, path: str, token: str | None) -> None:
+    import uvicorn
+    check_bind(host, token)
+    manager.install_sigchld_handler()
+    app = create_http_app(manager, token, path)
+    log.info("serving MCP over HTTP on %s:%s%s (token %s)", host, port, path, "set" if token else "not set")
+    # no access log: a dashboard URL may carry the token once
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning",
+                                  lifespan="on")).run()

@@ -1,0 +1,114 @@
+"""The cc-tasks command line, run as real processes against a real store (fake claude for speed)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cc_tasks import launcher
+from cc_tasks.models import TaskStatus
+from cc_tasks.store import TaskStore
+
+from .conftest import ROOT, pid_alive
+from .test_manager import fake, wait_until
+
+
+@pytest.fixture
+def cli(cc_env, fake_claude, monkeypatch):
+    monkeypatch.setenv("CC_TASKS_CLAUDE_BIN", fake_claude)
+    store = TaskStore(cc_env["CC_TASKS_DIR"])
+
+    def call(*args, input=None, timeout=60, env=None):
+        return subprocess.run([sys.executable, "-m", "cc_tasks", *args], capture_output=True, text=True,
+                              input=input, timeout=timeout, cwd=str(ROOT), env={**os.environ, **(env or {})})
+    call.store = store
+    yield call
+    for t in store.active_ids():
+        call("cancel", t)
+    launcher.stop(store)
+
+
+def test_every_subcommand_has_help(cli):
+    for cmd in ("serve", "list", "show", "logs", "run", "cancel", "cleanup", "doctor"):
+        r = cli(cmd, "--help")
+        assert r.returncode == 0 and "Usage: cc-tasks " + cmd in r.stdout, (cmd, r.stderr)
+
+
+def test_run_wait_show_list_logs(cli, workdir):
+    r = cli("run", fake({"result": "the answer is 42"}, "first line"), "--cwd", str(workdir), "--name", "cli-task",
+            "--wait")
+    assert r.returncode == 0, r.stderr
+    assert "the answer is 42" in r.stdout and "completed" in r.stderr
+    (tid,) = list(cli.store.all_ids())
+    shown = cli("show", tid)
+    assert shown.returncode == 0 and "cli-task" in shown.stdout and "completed" in shown.stdout
+    as_json = json.loads(cli("show", tid, "--json").stdout)
+    assert as_json["task_id"] == tid and as_json["result"] == "the answer is 42"
+    assert "no tasks" in cli("list").stdout  # nothing active
+    listed = cli("list", "--all")
+    assert tid in listed.stdout and "cli-task" in listed.stdout and str(workdir) in listed.stdout
+    assert [t["task_id"] for t in json.loads(cli("list", "--all", "--json").stdout)["tasks"]] == [tid]
+    assert json.loads(cli("list", "--status", "failed", "--json").stdout)["tasks"] == []
+    logs = cli("logs", tid)
+    assert logs.returncode == 0 and "session" in logs.stdout and "Bash" in logs.stdout and "done" in logs.stdout
+
+
+def test_run_wait_exit_code_reflects_failure(cli, workdir):
+    r = cli("run", fake({"is_error": True, "exit": 1, "result": "API Error: 500 nope"}), "--cwd", str(workdir),
+            "--wait", "--max-attempts", "1")
+    assert r.returncode == 1 and "failed" in r.stderr and "API Error: 500 nope" in r.stderr
+
+
+def test_run_without_wait_prints_the_id_and_logs_follow(cli, workdir):
+    r = cli("run", fake({"sleep": 1.5, "result": "slow done"}), "--cwd", str(workdir))
+    tid = r.stdout.strip()
+    assert r.returncode == 0 and cli.store.exists(tid)
+    followed = cli("logs", tid, "-f", timeout=60)
+    assert followed.returncode == 0 and "slow done" in followed.stdout and "is completed" in followed.stdout
+
+
+def test_cancel_and_cleanup(cli, workdir):
+    tid = cli("run", fake({"sleep": 300}), "--cwd", str(workdir)).stdout.strip()
+    wait_until(lambda: cli.store.read(tid).status == TaskStatus.RUNNING and cli.store.read(tid).claude)
+    claude_pid = cli.store.read(tid).claude.pid
+    r = cli("cancel", tid)
+    assert r.returncode == 0 and "cancelled" in r.stdout and not pid_alive(claude_pid)
+    r = cli("cleanup", tid)
+    assert r.returncode == 0 and not cli.store.exists(tid)
+    r = cli("cleanup", tid)
+    assert r.returncode == 2 and "no task" in r.stderr
+    r = cli("show", "../etc/passwd")
+    assert r.returncode == 2 and "invalid task id" in r.stderr
+
+
+def test_cleanup_older_than_spares_running_and_recent(cli, workdir):
+    old = cli("run", fake(), "--cwd", str(workdir), "--wait")
+    assert old.returncode == 0
+    (old_id,) = list(cli.store.all_ids())
+    failed_id = None
+    cli("run", fake({"exit": 1, "is_error": True}), "--cwd", str(workdir), "--wait", "--max-attempts", "1")
+    failed_id = [t for t in cli.store.all_ids() if t != old_id][0]
+    running = cli("run", fake({"sleep": 300}), "--cwd", str(workdir)).stdout.strip()
+    wait_until(lambda: cli.store.read(running).status == TaskStatus.RUNNING)
+    # age the finished ones by a week
+    for t in (old_id, failed_id):
+        cli.store.update(t, lambda r: r.model_copy(update={"finished_at": r.finished_at.replace(year=2020)}))
+    r = cli("cleanup", "--older-than", "7d", "--status", "failed")
+    assert r.returncode == 0 and "deleted 1" in r.stdout and not cli.store.exists(failed_id)
+    r = cli("cleanup", "--older-than", "7d")
+    assert "deleted 1" in r.stdout and not cli.store.exists(old_id)
+    assert cli.store.exists(running) and cli.store.read(running).status == TaskStatus.RUNNING
+    assert cli("cleanup", "--older-than", "soon").returncode == 2
+    assert cli("cleanup").returncode == 2
+
+
+def test_doctor(cli, tmp_path):
+    r = cli("doctor")
+    assert r.returncode == 0, r.stdout
+    assert "claude" in r.stdout and "store" in r.stdout and "mode 0o700" in r.stdout
+    assert "ANTHROPIC_API_KEY" in r.stdout and "test-key" not in r.stdout  # present, never printed
+    r = cli("doctor", env={"CC_TASKS_CLAUDE_BIN": str(tmp_path / "missing")})
+    assert r.returncode == 1 and "claude CLI not found" in r.stdout
