@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
+import signal
 from importlib import resources
 from urllib.parse import parse_qs
 
@@ -127,5 +129,19 @@ def run_http(manager: TaskManager, host: str, port: int, path: str, token: str |
     app = create_http_app(manager, token, path)
     log.info("serving MCP over HTTP on %s:%s%s (token %s)", host, port, path, "set" if token else "not set")
     # no access log: a dashboard URL may carry the token once
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning",
-                                  lifespan="on")).run()
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="on")
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """SIGTERM or SIGINT: shut down gracefully and exit 0 (uvicorn re-raises the signal afterwards)."""
+            def stop(signum, frame):
+                log.info("HTTP server got signal %s; shutting down (running tasks continue)", signum)
+                self.should_exit = True
+            old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+    Server(config).run()
