@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything cc-tasks needs into this checkout: a virtualenv (.venv) with the package and its
-# test dependencies, and the pinned Claude Code CLI (tools/claude-cli/node_modules/.bin/claude).
+# test dependencies, the pinned Claude Code CLI (tools/claude-cli/node_modules/.bin/claude), and, for the
+# dashboard's browser test, Debian's chromium and chromium-driver (via apt-get, as root or with sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -12,4 +13,13 @@ CLAUDE_VERSION="$(.venv/bin/python -c 'import json;print(json.load(open("tools/c
 if [ "$(tools/claude-cli/node_modules/.bin/claude --version 2>/dev/null | cut -d' ' -f1)" != "$CLAUDE_VERSION" ]; then
   (cd tools/claude-cli && npm install --no-audit --no-fund --loglevel=error)
 fi
-echo "bootstrap: $(.venv/bin/python --version), fastmcp $(.venv/bin/python -c 'import fastmcp;print(fastmcp.__version__)'), claude $(tools/claude-cli/node_modules/.bin/claude --version)"
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
+      || echo "bootstrap: could not install chromium/chromium-driver; the dashboard browser test will fail" >&2
+  else
+    echo "bootstrap: no apt-get; install chromium and chromedriver for the dashboard browser test" >&2
+  fi
+fi
+echo "bootstrap: $(.venv/bin/python --version), fastmcp $(.venv/bin/python -c 'import fastmcp;print(fastmcp.__version__)'), claude $(tools/claude-cli/node_modules/.bin/claude --version), $(chromium --version 2>/dev/null || echo 'no chromium')"

@@ -1,0 +1,74 @@
+"""The live dashboard end to end in headless Chromium (Debian chromium + chromedriver, driven by selenium)."""
+
+import shutil
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from cc_tasks.models import TaskOptions, TaskStatus
+
+from .test_http import TOKEN, http_server  # noqa: F401  (fixture)
+from .test_manager import fake, wait_until
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not shutil.which(CHROMIUM) or not shutil.which(CHROMEDRIVER):
+        pytest.fail("chromium and chromedriver are missing: run scripts/bootstrap.sh (installs Debian's packages)")
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1400,900"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def row_status(driver, task_id: str) -> str | None:
+    cells = driver.find_elements(By.CSS_SELECTOR, f'tr[data-task-id="{task_id}"] td.status')
+    return cells[0].text if cells else None
+
+
+def test_dashboard_live_updates_and_cancel(http_server, browser, fake_manager, workdir, tmp_path):  # noqa: F811
+    base = http_server.base
+    browser.get(base + "/")
+    assert "unauthorized" in browser.find_element(By.TAG_NAME, "body").text
+    assert "cc-tasks" not in browser.title
+
+    quick = fake_manager.start(TaskOptions(prompt=fake({"sleep": 3, "result": "finished-in-browser"}),
+                                           cwd=str(workdir), name="quick one"))
+    browser.get(base + f"/?token={TOKEN}")
+    assert browser.current_url == base + "/"  # the token left the URL; a cookie carries it now
+    wait = WebDriverWait(browser, 40, poll_frequency=0.2)
+    wait.until(lambda d: row_status(d, quick.task_id) == "running")
+    wait.until(lambda d: row_status(d, quick.task_id) == "completed")  # changes live, without a reload
+
+    browser.find_element(By.CSS_SELECTOR, f'tr[data-task-id="{quick.task_id}"]').click()
+    wait.until(lambda d: "finished-in-browser" in d.find_element(By.ID, "result").text)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .entry.tool"))
+    assert "Bash" in browser.find_element(By.ID, "transcript").text
+
+    slow = fake_manager.start(TaskOptions(prompt=fake({"sleep": 300}), cwd=str(workdir), name="slow one"))
+    wait.until(lambda d: row_status(d, slow.task_id) == "running")
+    claude_pid = wait_until(lambda: (r := fake_manager.get(slow.task_id)).claude and r.claude.pid)
+    browser.find_element(By.CSS_SELECTOR, f'tr[data-task-id="{slow.task_id}"]').click()
+    wait.until(lambda d: d.find_elements(By.ID, "cancel"))
+    browser.find_element(By.ID, "cancel").click()
+    wait.until(lambda d: row_status(d, slow.task_id) == "cancelled")
+    wait.until(lambda d: d.find_element(By.ID, "detail-status").text == "cancelled")
+    assert "cancelled: the task's process tree was stopped" in browser.find_element(By.ID, "detail").text
+    assert fake_manager.get(slow.task_id).status == TaskStatus.CANCELLED
+    from .conftest import pid_alive
+    assert not pid_alive(claude_pid)
+    browser.save_screenshot(str(tmp_path / "dashboard.png"))
+    assert not browser.find_elements(By.ID, "cancel")  # nothing left to cancel
