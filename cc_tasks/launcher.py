@@ -45,13 +45,18 @@ def _request(store: TaskStore, msg: dict, timeout: float = CONNECT_TIMEOUT) -> d
         s.settimeout(timeout)
         s.connect(str(socket_path(store)))
         s.sendall(json.dumps(msg).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    return json.loads(buf or b"{}")
+        return json.loads(_recv_line(s) or b"{}")
+
+
+def _recv_line(s: socket.socket) -> bytes:
+    """Bytes up to and including the first newline, or whatever came before the peer closed."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
 
 
 _verified: dict[str, float] = {}  # socket path -> inode of a launcher this process found to be of its version
@@ -204,12 +209,9 @@ class Launcher:
                 _, uid, _ = struct.unpack("3i", creds)
                 if uid != os.getuid():
                     return
-                buf = b""
-                while not buf.endswith(b"\n"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
+                buf = _recv_line(conn)
+                if not buf.endswith(b"\n"):
+                    return
                 msg = json.loads(buf)
                 reply = self.dispatch(msg)
                 conn.sendall(json.dumps(reply).encode() + b"\n")

@@ -400,7 +400,7 @@ class TaskManager:
                     p = record.progress
                     tool = f", last tool {p.last_tool}" if p.last_tool else ""
                     await progress(now - t0, f"{record.status.value}: {p.turns} turns{tool}, {now - t0:.0f}s")
-                await asyncio.sleep(0.025)
+                await asyncio.sleep(0.01)
                 record = self._peek(task_id)
         except BaseException:
             with anyio.CancelScope(shield=True):

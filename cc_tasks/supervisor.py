@@ -85,10 +85,10 @@ class Supervisor:
     def cancelled(self) -> bool:
         return bool(self.stop_reason) or (self.dir / "cancel").exists()
 
-    def _sleep(self, seconds: float) -> None:
-        """Sleep, but wake at once on a signal."""
+    def _sleep(self, seconds: float, fds: tuple[int, ...] = ()) -> None:
+        """Sleep, but wake at once on a signal (or when one of ``fds`` is readable)."""
         try:
-            select.select([self._wake_r], [], [], max(0.0, seconds))
+            select.select([self._wake_r, *fds], [], [], max(0.0, seconds))
         except InterruptedError:
             pass
         try:
@@ -193,17 +193,7 @@ class Supervisor:
         last_flush, dirty = 0.0, False
         try:
             while True:
-                wait = max(0.0, min(TICK, deadline - time.monotonic()))
-                fds = [self._wake_r] + ([pidfd] if pidfd is not None else [])
-                try:
-                    select.select(fds, [], [], wait)
-                except InterruptedError:
-                    pass
-                try:
-                    while os.read(self._wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
+                self._sleep(min(TICK, deadline - time.monotonic()), (pidfd,) if pidfd is not None else ())
                 dirty |= self.read_output()
                 if self.proc.poll() is not None:
                     return "exited"
