@@ -165,7 +165,8 @@ class Launcher:
         finally:
             os.umask(old)
         bound = os.stat(path).st_ino
-        self.sock.listen(64)
+        self.sock.listen(128)
+        self.sock.setblocking(False)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
@@ -177,8 +178,14 @@ class Launcher:
             if wake_r in ready:
                 os.read(wake_r, 4096)
             self.reap()
-            if self.sock in ready:
-                self.handle(self.sock.accept()[0])
+            if self.sock in ready:  # take every waiting request, then pump once for all their kicks
+                while True:
+                    try:
+                        conn = self.sock.accept()[0]
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    conn.setblocking(True)
+                    self.handle(conn)
             active = bool(self.store.active_ids())
             if active and (self.kicked or time.monotonic() - self.last_pump >= PUMP_EVERY):
                 self.pump()
@@ -290,6 +297,8 @@ def warm_imports() -> None:
     from .models import Attempt, Progress, TaskOptions, TaskRecord
     for model in (TaskRecord, TaskOptions, Progress, Attempt):
         model.model_rebuild()
+    import ctypes  # noqa: F401  (procs.become_subreaper)
+
     import psutil
     psutil.Process().create_time()
 
@@ -300,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m cc_tasks.launcher STORE_DIR", file=sys.stderr)
         return 2
     warm_imports()
+    import gc
+    gc.freeze()  # keep the collector of forked children off the inherited objects (fewer copy-on-write faults)
     Launcher(TaskStore(Path(argv[0]))).serve()
     return 0
 

@@ -256,7 +256,7 @@ class Supervisor:
             except psutil.NoSuchProcess:
                 root = None
         procs.stop_tree(root, reap=self._reap)
-        leftovers = psutil.Process().children(recursive=True)
+        leftovers = procs.children(psutil.Process())
         if leftovers:
             procs.stop_tree(None, others=leftovers, reap=self._reap)
         if self.proc is not None:
