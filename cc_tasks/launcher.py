@@ -62,7 +62,8 @@ def _recv_line(s: socket.socket) -> bytes:
 _verified: dict[str, float] = {}  # socket path -> inode of a launcher this process found to be of its version
 
 
-def _known_good(store: TaskStore) -> bool:
+def is_known_good(store: TaskStore) -> bool:
+    """True if this process already found a launcher of its own version behind the store's socket."""
     try:
         return _verified.get(str(socket_path(store))) == os.stat(socket_path(store)).st_ino
     except OSError:
@@ -71,7 +72,7 @@ def _known_good(store: TaskStore) -> bool:
 
 def ensure_running(store: TaskStore, on_spawn=None) -> bool:
     """Make sure a launcher of this code version serves the store; start one if needed (call under the queue lock)."""
-    if _known_good(store):
+    if is_known_good(store):
         return True
     from filelock import FileLock
     with FileLock(str(store.root / "launcher.lock"), timeout=30):
@@ -123,6 +124,7 @@ def kick(store: TaskStore) -> bool:
             s.sendall(b'{"op": "kick"}\n')
         return True
     except OSError:
+        _verified.pop(str(socket_path(store)), None)  # gone: the next ensure_running starts a new one
         return False
 
 
@@ -137,7 +139,11 @@ def stop(store: TaskStore) -> bool:
 
 def launch(store: TaskStore, task_id: str) -> tuple[int, float]:
     """Ask the launcher to fork the task's supervisor; returns its pid and create time. Raises OSError."""
-    reply = _request(store, {"op": "start", "task_id": task_id}, timeout=10.0)
+    try:
+        reply = _request(store, {"op": "start", "task_id": task_id}, timeout=10.0)
+    except (OSError, ValueError) as e:
+        _verified.pop(str(socket_path(store)), None)
+        raise OSError(f"launcher unreachable: {e}") from None
     if "pid" not in reply:
         raise OSError(reply.get("error", "launcher gave no pid"))
     return int(reply["pid"]), float(reply["create_time"])

@@ -202,6 +202,13 @@ class TaskManager:
         """Start what the shared queue allows now."""
         return scheduler.pump(self.store, self.settings.max_concurrent, on_spawn=self._adopt)
 
+    async def akick(self) -> None:
+        """``kick`` for the event loop: inline when a launcher is known to listen, else in a worker thread
+        (starting a launcher takes a moment and must not block other tool calls)."""
+        if scheduler.use_launcher() and launcher.is_known_good(self.store) and launcher.kick(self.store):
+            return
+        await anyio.to_thread.run_sync(self.kick)
+
     def kick(self) -> None:
         """Have the queue looked at now, without waiting for supervisors to start: the store's launcher
         pumps (it outlives this process); without one, the server's pump loop or a direct pump does."""
@@ -388,7 +395,7 @@ class TaskManager:
     async def execute(self, opts: TaskOptions, progress: ProgressFn | None = None) -> TaskRecord:
         """Run one task to its end. If the caller is cancelled, the task's process tree is stopped."""
         record = self.start(opts, pump=False)
-        self.kick()
+        await self.akick()
         task_id = record.task_id
         t0 = time.monotonic()
         next_progress = t0

@@ -143,7 +143,7 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
     async def start_cc_task_async(**options: Any) -> StartResult:
         """Start a Claude Code sub-agent in the background and return its task_id at once."""
         r = mgr.start(TaskOptions(**options), pump=False)
-        mgr.kick()
+        await mgr.akick()
         return StartResult(task_id=r.task_id, status=r.status, name=r.name)
 
     async def start_cc_tasks_batch(
@@ -153,7 +153,7 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
     ) -> BatchResult:
         """Submit many tasks in one call (one lock round-trip); returns every task_id, in the order given."""
         res = await anyio.to_thread.run_sync(functools.partial(mgr.start_batch, tasks, pump=False))
-        mgr.kick()
+        await mgr.akick()
         return res
 
     @with_task_options(first=_CONTINUE_FIRST, optional=True,
@@ -164,7 +164,7 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         options unless given), linked to it by parent_task_id. Returns at once, like start_cc_task_async."""
         task_id, prompt = options.pop("task_id"), options.pop("prompt")
         r = await anyio.to_thread.run_sync(functools.partial(mgr.continue_task, task_id, prompt, pump=False, **options))
-        mgr.kick()
+        await mgr.akick()
         return StartResult(task_id=r.task_id, status=r.status, name=r.name)
 
     async def get_task_events(

@@ -192,3 +192,17 @@ async def test_supervisors_fork_from_a_warm_launcher_or_start_directly(fake_mana
     monkeypatch.setenv("CC_TASKS_LAUNCHER", "0")
     r = await run(fake_manager, TaskOptions(prompt=fake({"result": "cold"}), cwd=str(workdir)))
     assert r.result == "cold" and not sock.exists()
+
+
+async def test_a_killed_launcher_is_replaced(fake_manager, workdir):
+    from cc_tasks import launcher
+    r = await run(fake_manager, TaskOptions(prompt=fake(), cwd=str(workdir)))
+    assert r.status == TaskStatus.COMPLETED
+    old = launcher._request(fake_manager.store, {"op": "hello"})["pid"]
+    os.kill(old, signal.SIGKILL)  # leaves its socket file behind
+    wait_until(lambda: not pid_alive(old))
+    r = fake_manager.start(TaskOptions(prompt=fake({"result": "after"}), cwd=str(workdir)), pump=False)
+    fake_manager.kick()
+    done = await fake_manager.wait([r.task_id], timeout=60)
+    assert done.tasks[0].result == "after"
+    assert launcher._request(fake_manager.store, {"op": "hello"})["pid"] != old
