@@ -20,6 +20,7 @@ STRIP_ENV = (
     "CLAUDE_CODE_IDE_HOST_OVERRIDE",
     "CLAUDE_AGENT_SDK_VERSION",
     "CLAUDE_CODE_SESSION_ID",
+    "CC_TASKS_TOKEN",  # the HTTP server's bearer token is not the sub-agents' business
 )
 
 

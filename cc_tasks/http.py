@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import ipaddress
 import json
@@ -11,6 +12,7 @@ import signal
 from importlib import resources
 from urllib.parse import parse_qs
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
@@ -33,6 +35,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _loopback_authority(authority: str) -> bool:
+    """``host[:port]`` (IPv6 in brackets) names this machine's loopback."""
+    authority = authority.strip().rstrip("/")
+    if authority.startswith("["):
+        host = authority[1:authority.find("]")] if "]" in authority else authority
+    else:
+        host = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+    return bool(host) and is_loopback(host)
+
+
 def check_bind(host: str, token: str | None) -> None:
     if not is_loopback(host) and not token:
         raise ConfigError(f"refusing to serve on {host} without a token: pass --token or set CC_TASKS_TOKEN "
@@ -51,9 +63,24 @@ class TokenAuth:
         return bool(candidate) and hmac.compare_digest(candidate.encode(), self.token)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.token is None or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] == "lifespan":
             return await self.app(scope, receive, send)
+        if scope["type"] != "http":  # no websocket routes here: refuse rather than pass anything unchecked
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.token is None:
+            # Without a token the server is bound to loopback; refuse requests whose Host or Origin is not
+            # loopback, so that a web page cannot reach it by DNS rebinding.
+            origin = headers.get("origin")
+            if not _loopback_authority(headers.get("host", "")) or (
+                    origin and origin != "null" and not _loopback_authority(origin.split("://", 1)[-1])):
+                resp = JSONResponse({"error": "forbidden: Host/Origin is not this machine"}, status_code=403)
+                return await resp(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope["path"] in PUBLIC_PATHS:
+            return await self.app(scope, receive, send)
         auth = headers.get("authorization", "")
         if auth[:7].lower() == "bearer " and self._ok(auth[7:].strip()):
             return await self.app(scope, receive, send)
@@ -82,9 +109,20 @@ def create_http_app(manager: TaskManager, token: str | None, path: str = "/mcp")
         html = resources.files("cc_tasks").joinpath("dashboard.html").read_text()
         return HTMLResponse(html, headers={"cache-control": "no-store"})
 
+    def _int(request: Request, name: str, default: int) -> int:
+        raw = request.query_params.get(name)
+        try:
+            return default if raw is None else max(0, int(raw))
+        except ValueError:
+            raise CCTasksError(f"query parameter {name}={raw!r} is not a whole number") from None
+
     @mcp.custom_route("/api/tasks", methods=["GET"])
     async def api_tasks(request: Request) -> Response:
-        listing = manager.list(include_finished=True, limit=int(request.query_params.get("limit", 200)))
+        try:
+            limit = max(1, _int(request, "limit", 200))
+        except CCTasksError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        listing = await anyio.to_thread.run_sync(functools.partial(manager.list, include_finished=True, limit=limit))
         return JSONResponse(json.loads(listing.model_dump_json()))
 
     def _task_route(fn):
@@ -100,14 +138,16 @@ def create_http_app(manager: TaskManager, token: str | None, path: str = "/mcp")
     @mcp.custom_route("/api/tasks/{task_id}", methods=["GET"])
     @_task_route
     async def api_task(request: Request, task_id: str) -> Response:
-        return JSONResponse(json.loads(manager.get(task_id).bounded().model_dump_json()))
+        record = await anyio.to_thread.run_sync(manager.get, task_id)
+        return JSONResponse(json.loads(record.bounded().model_dump_json()))
 
     @mcp.custom_route("/api/tasks/{task_id}/transcript", methods=["GET"])
     @_task_route
     async def api_transcript(request: Request, task_id: str) -> Response:
-        record = manager.get(task_id)
-        offset = max(0, int(request.query_params.get("offset", 0)))
-        entries, nxt = read_entries(manager.store.path(task_id, "stdout.jsonl"), offset, max_bytes=256 * 1024)
+        offset = _int(request, "offset", 0)
+        record = await anyio.to_thread.run_sync(manager.get, task_id)
+        entries, nxt = await anyio.to_thread.run_sync(functools.partial(
+            read_entries, manager.store.path(task_id, "stdout.jsonl"), offset, max_bytes=256 * 1024))
         return JSONResponse({"entries": [e.model_dump() for e in entries], "next": nxt, "status": record.status.value})
 
     @mcp.custom_route("/api/tasks/{task_id}/cancel", methods=["POST"])
@@ -115,7 +155,6 @@ def create_http_app(manager: TaskManager, token: str | None, path: str = "/mcp")
     async def api_cancel(request: Request, task_id: str) -> Response:
         if request.headers.get("x-cc-tasks") != "1":  # not sendable cross-site without a preflight
             return JSONResponse({"error": "missing X-CC-Tasks header"}, status_code=400)
-        import anyio
         record = await anyio.to_thread.run_sync(manager.cancel, task_id)
         return JSONResponse({"task_id": task_id, "status": record.status.value})
 

@@ -28,7 +28,14 @@ from pathlib import Path
 from . import __version__
 from .store import TaskStore
 
-IDLE_EXIT = float(os.environ.get("CC_TASKS_LAUNCHER_IDLE", "600"))
+def _idle_exit() -> float:
+    try:
+        return max(1.0, float(os.environ.get("CC_TASKS_LAUNCHER_IDLE") or 600))
+    except ValueError:
+        return 600.0  # a bad value must not break every command that imports this module
+
+
+IDLE_EXIT = _idle_exit()
 PUMP_EVERY = 1.0
 CONNECT_TIMEOUT = 2.0
 START_WAIT = 10.0
@@ -74,9 +81,12 @@ def ensure_running(store: TaskStore, on_spawn=None) -> bool:
     """Make sure a launcher of this code version serves the store; start one if needed (call under the queue lock)."""
     if is_known_good(store):
         return True
-    from filelock import FileLock
-    with FileLock(str(store.root / "launcher.lock"), timeout=30):
-        return _ensure_running_locked(store, on_spawn)
+    from filelock import FileLock, Timeout
+    try:
+        with FileLock(str(store.root / "launcher.lock"), timeout=30):
+            return _ensure_running_locked(store, on_spawn)
+    except (Timeout, OSError):
+        return False  # callers start supervisors directly
 
 
 def _ensure_running_locked(store: TaskStore, on_spawn=None) -> bool:
@@ -137,16 +147,16 @@ def stop(store: TaskStore) -> bool:
         return False
 
 
-def launch(store: TaskStore, task_id: str) -> tuple[int, float]:
-    """Ask the launcher to fork the task's supervisor; returns its pid and create time. Raises OSError."""
+def launch(store: TaskStore, task_id: str) -> dict:
+    """Ask the launcher to fork the task's supervisor; returns its ProcRef fields. Raises OSError."""
     try:
         reply = _request(store, {"op": "start", "task_id": task_id}, timeout=10.0)
     except (OSError, ValueError) as e:
         _verified.pop(str(socket_path(store)), None)
         raise OSError(f"launcher unreachable: {e}") from None
-    if "pid" not in reply:
+    if "ref" not in reply:
         raise OSError(reply.get("error", "launcher gave no pid"))
-    return int(reply["pid"]), float(reply["create_time"])
+    return reply["ref"]
 
 
 class Launcher:
@@ -156,6 +166,8 @@ class Launcher:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.last_activity = time.monotonic()
         self.quit = False
+        self._conn: socket.socket | None = None
+        self._own_fds: list[int] = []
         self.kicked = True
         self.last_pump = 0.0
 
@@ -175,6 +187,7 @@ class Launcher:
         self.sock.setblocking(False)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
+        self._own_fds = [wake_r, wake_w]
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *a: None)
         signal.signal(signal.SIGTERM, lambda *a: setattr(self, "quit", True))
@@ -215,6 +228,7 @@ class Launcher:
 
     def handle(self, conn: socket.socket) -> None:
         self.last_activity = time.monotonic()
+        self._conn = conn
         with conn:
             try:
                 conn.settimeout(5.0)
@@ -247,9 +261,7 @@ class Launcher:
         if op == "start":
             from .store import validate_task_id
             task_id = validate_task_id(msg.get("task_id"))
-            pid = self.fork_supervisor(task_id)
-            import psutil
-            return {"pid": pid, "create_time": psutil.Process(pid).create_time()}
+            return {"ref": self._spawn_ref(task_id).model_dump()}
         return {"error": f"unknown op {op!r}"}
 
     def pump(self) -> None:
@@ -264,11 +276,8 @@ class Launcher:
             traceback.print_exc()
 
     def _spawn_ref(self, task_id: str):
-        import psutil
-
-        from .models import ProcRef
-        pid = self.fork_supervisor(task_id)
-        return ProcRef(pid=pid, create_time=psutil.Process(pid).create_time())
+        from .procs import ref_of
+        return ref_of(self.fork_supervisor(task_id))  # a zombie still has its start time: no race with reaping
 
     def fork_supervisor(self, task_id: str) -> int:
         pid = os.fork()
@@ -279,7 +288,11 @@ class Launcher:
         code = 1
         try:
             self.sock.close()
+            if self._conn is not None:  # the request's connection and the wake pipe are not the child's
+                self._conn.close()
             signal.set_wakeup_fd(-1)
+            for fd in getattr(self, "_own_fds", []):
+                os.close(fd)
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             os.setsid()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import logging.handlers
@@ -19,7 +20,7 @@ from typing import Awaitable, Callable, Literal, Mapping
 import anyio
 
 from . import launcher, procs, scheduler
-from .command import build_argv
+from .command import STRIP_ENV, build_argv
 from .config import Settings
 from .errors import CCTasksError, DepthLimitError, InvalidOptionsError, TaskNotFoundError
 from .models import (REPLY_TEXT_BUDGET, BatchItem, BatchResult, BatchStarted, CleanupResult, EventPage, OutputPage,
@@ -139,7 +140,7 @@ class TaskManager:
         ids: dict[int, str] = {}
         key_index = {it.key: n for n, it in enumerate(items) if it.key is not None}
         prepared: list[tuple[int, TaskRecord, dict[str, bytes]]] = []
-        base_env = dict(os.environ if self._env is None else self._env)
+        base_env = {k: v for k, v in (os.environ if self._env is None else self._env).items() if k not in STRIP_ENV}
         for n in order:
             item = items[n]
             opts = TaskOptions(**item.model_dump(exclude={"key"}))
@@ -373,10 +374,13 @@ class TaskManager:
         interval = min(0.25, 0.025 * max(1, len(ids) / 4))
         next_progress = t0
         latest: dict[str, TaskRecord] = {}
-        while True:
+
+        def refresh() -> None:  # in a worker thread: finding a dead supervisor stops its tree, which takes time
             for t in ids:  # a finished record does not change: read only the others again
                 if t not in latest or not latest[t].status.terminal:
                     latest[t] = self._peek(t)
+        while True:
+            await anyio.to_thread.run_sync(refresh)
             records = [latest[t] for t in ids]
             finished = [r.task_id for r in records if r.status.terminal]
             done = len(finished) == len(ids) if mode == "all" else bool(finished)
@@ -394,7 +398,7 @@ class TaskManager:
 
     async def execute(self, opts: TaskOptions, progress: ProgressFn | None = None) -> TaskRecord:
         """Run one task to its end. If the caller is cancelled, the task's process tree is stopped."""
-        record = self.start(opts, pump=False)
+        record = await anyio.to_thread.run_sync(functools.partial(self.start, opts, pump=False))
         await self.akick()
         task_id = record.task_id
         t0 = time.monotonic()
@@ -408,7 +412,7 @@ class TaskManager:
                     tool = f", last tool {p.last_tool}" if p.last_tool else ""
                     await progress(now - t0, f"{record.status.value}: {p.turns} turns{tool}, {now - t0:.0f}s")
                 await asyncio.sleep(0.01)
-                record = self._peek(task_id)
+                record = await anyio.to_thread.run_sync(self._peek, task_id)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 try:

@@ -187,6 +187,7 @@ class ProcRef(BaseModel):
 
     pid: int
     create_time: float
+    start_ticks: int | None = Field(None, description="Start time in clock ticks since boot; compared exactly.")
 
 
 class Progress(BaseModel):

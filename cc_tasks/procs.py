@@ -16,8 +16,18 @@ GRACE_INT = 3.0
 GRACE_TERM = 3.0
 
 
+def start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): exact, and unlike the
+    wall-clock create time it does not move when the system clock is stepped. None where unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def ref_of(pid: int) -> ProcRef:
-    return ProcRef(pid=pid, create_time=psutil.Process(pid).create_time())
+    return ProcRef(pid=pid, create_time=psutil.Process(pid).create_time(), start_ticks=start_ticks(pid))
 
 
 def process_of(ref: ProcRef | None) -> psutil.Process | None:
@@ -26,7 +36,11 @@ def process_of(ref: ProcRef | None) -> psutil.Process | None:
         return None
     try:
         p = psutil.Process(ref.pid)
-        if abs(p.create_time() - ref.create_time) > 0.05:
+        ticks = start_ticks(ref.pid) if ref.start_ticks is not None else None
+        if ticks is not None:
+            if ticks != ref.start_ticks:
+                return None
+        elif abs(p.create_time() - ref.create_time) > 0.05:
             return None
         if p.status() == psutil.STATUS_ZOMBIE:
             return None

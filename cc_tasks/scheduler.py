@@ -110,8 +110,7 @@ def _start_one(store: TaskStore, task_id: str, warm: bool,
     """Start one supervisor: forked by the warm launcher, or exec'd directly. Returns (ref, still warm)."""
     if warm:
         try:
-            pid, created = launcher.launch(store, task_id)
-            return ProcRef(pid=pid, create_time=created), True
+            return ProcRef(**launcher.launch(store, task_id)), True
         except OSError as e:
             log.warning("launcher failed (%s); starting supervisors directly", e)
     try:

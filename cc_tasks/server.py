@@ -142,7 +142,7 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
     @with_task_options
     async def start_cc_task_async(**options: Any) -> StartResult:
         """Start a Claude Code sub-agent in the background and return its task_id at once."""
-        r = mgr.start(TaskOptions(**options), pump=False)
+        r = await anyio.to_thread.run_sync(functools.partial(mgr.start, TaskOptions(**options), pump=False))
         await mgr.akick()
         return StartResult(task_id=r.task_id, status=r.status, name=r.name)
 
@@ -173,7 +173,7 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         limit: Annotated[int, Field(ge=1, le=1000, description="Most events to return.")] = 200,
     ) -> EventPage:
         """The task's event log: status changes, retries, tool calls, assistant text previews."""
-        return mgr.events(task_id, since=since, limit=limit)
+        return await anyio.to_thread.run_sync(functools.partial(mgr.events, task_id, since=since, limit=limit))
 
     async def get_server_info() -> ServerInfo:
         """This server: version, store, concurrency cap, nesting depth. Cheap; touches no task."""
@@ -184,14 +184,14 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
 
     async def check_task_status(task_id: TaskId) -> TaskRecord:
         """The task's record: status, timings, live progress while it runs, its (bounded) result once finished."""
-        return mgr.get(task_id).bounded()
+        return (await anyio.to_thread.run_sync(mgr.get, task_id)).bounded()
 
     async def list_active_tasks(
         include_finished: Annotated[bool, Field(description="Also list finished tasks, newest first.")] = False,
         limit: Annotated[int, Field(ge=1, le=500, description="Most tasks to return.")] = 50,
     ) -> TaskList:
         """Tasks of this store that are queued or running (optionally finished ones too), from every server process."""
-        return mgr.list(include_finished=include_finished, limit=limit)
+        return await anyio.to_thread.run_sync(functools.partial(mgr.list, include_finished=include_finished, limit=limit))
 
     async def cancel_task(task_id: TaskId) -> TaskRecord:
         """Stop the task's whole process tree. The record stays, with status cancelled."""
@@ -209,7 +209,8 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
             description="'result': the final result text; 'transcript': claude's raw stream-json; 'stderr'.")] = "result",
     ) -> OutputPage:
         """Page through a task's full result text (or raw transcript, or stderr)."""
-        return mgr.output(task_id, offset=offset, limit=limit, source=source)
+        return await anyio.to_thread.run_sync(functools.partial(mgr.output, task_id, offset=offset, limit=limit,
+                                                                source=source))
 
     async def wait_for_tasks(
         task_ids: Annotated[list[str], Field(min_length=1, max_length=200, description="Task ids to wait for.")],

@@ -104,6 +104,17 @@ class Supervisor:
         record = self.store.read(self.task_id)
         if record.status.terminal:
             return 0
+        # Claim the task before anything runs: exactly one supervisor gets past this, whoever started it.
+        me = procs.ref_of(os.getpid())
+
+        def claim(r: TaskRecord) -> TaskRecord | None:
+            other = r.supervisor is not None and (r.supervisor.pid, r.supervisor.start_ticks) != (me.pid, me.start_ticks)
+            if r.status != TaskStatus.QUEUED or other:
+                return None
+            return r.model_copy(update={"status": TaskStatus.RUNNING, "started_at": utcnow(), "supervisor": me})
+        record = self.store.update(self.task_id, claim)
+        if record.status != TaskStatus.RUNNING or record.supervisor is None or record.supervisor.pid != me.pid:
+            return 0  # another supervisor has it, or it was cancelled or finished meanwhile
         if self.cancelled():
             self.store.transition(self.task_id, TaskStatus.CANCELLED, error="cancelled before it started")
             return 0
@@ -122,7 +133,7 @@ class Supervisor:
             n = len(attempts) + 1
             attempt = Attempt(attempt=n, started_at=utcnow())
             try:
-                kind = self.run_attempt(launch, env, stdin_path, deadline, first=n == 1, attempts=attempts)
+                kind = self.run_attempt(launch, env, stdin_path, deadline, attempts=attempts)
             except OSError as e:
                 attempt.finished_at, attempt.status, attempt.reason = utcnow(), TaskStatus.FAILED, str(e)
                 self.store.transition(self.task_id, TaskStatus.FAILED, error=f"could not start claude: {e}",
@@ -131,15 +142,18 @@ class Supervisor:
             rc = self.proc.returncode if self.proc else None
             out = self.outcome(kind, record, rc)
             attempt.finished_at, attempt.exit_code, attempt.status, attempt.reason = utcnow(), rc, out.status, out.error
+            # a run that already used tools is not started again: its side effects would repeat
             if (kind == "exited" and n < record.max_attempts and is_transient(out, self.progress.turns)
-                    and not self.cancelled()):
+                    and self.progress.tool_calls == 0 and not self.cancelled()):
                 delay = min(600.0, opts.retry_backoff_seconds * (2 ** (n - 1)))
                 if time.monotonic() + delay < deadline:
                     attempt.retried = True
                     attempts.append(attempt)
                     self.store.append_event(self.task_id, "retry", attempt=n, delay=delay, reason=out.error)
                     self.store.update(self.task_id, lambda r: r.model_copy(update={"attempts": list(attempts)}))
-                    self._sleep(delay)
+                    until = time.monotonic() + delay
+                    while time.monotonic() < until and not self.cancelled():  # a SIGCHLD must not cut it short
+                        self._sleep(until - time.monotonic())
                     if self.cancelled():
                         self.finish(Outcome(status=TaskStatus.CANCELLED, error="cancelled while waiting to retry"),
                                     attempts, None)
@@ -149,7 +163,7 @@ class Supervisor:
             self.finish(out, attempts, rc)
             return 0
 
-    def run_attempt(self, launch: dict, env: dict, stdin_path: Path, deadline: float, *, first: bool,
+    def run_attempt(self, launch: dict, env: dict, stdin_path: Path, deadline: float, *,
                     attempts: list[Attempt]) -> str:
         self.progress = Progress()
         self.result_event, self._buf = None, b""
@@ -163,13 +177,10 @@ class Supervisor:
             claude_ref = procs.ref_of(self.proc.pid)
         except psutil.NoSuchProcess:
             claude_ref = None
-        if first:
-            rec = self.store.transition(self.task_id, TaskStatus.RUNNING, started_at=utcnow(),
-                                        supervisor=procs.ref_of(os.getpid()), claude=claude_ref)
-            if rec.status != TaskStatus.RUNNING:  # cancelled by someone meanwhile
-                self.stop_reason = "cancel"
-        else:
-            self.store.update(self.task_id, lambda r: r.model_copy(update={"claude": claude_ref, "progress": Progress()}))
+        rec = self.store.update(self.task_id, lambda r: None if r.status.terminal else r.model_copy(
+            update={"claude": claude_ref, "progress": Progress()}))
+        if rec.status.terminal:  # ended by someone meanwhile (a cancel that found no supervisor)
+            self.stop_reason = "cancel"
         self.store.append_event(self.task_id, "started", pid=self.proc.pid, attempt=len(attempts) + 1)
         self._out = open(out_path, "rb")
         self._out.seek(start_offset)

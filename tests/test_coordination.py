@@ -185,6 +185,14 @@ async def test_transient_api_error_is_retried_and_a_real_error_is_not(manager, w
     assert "529" in f.attempts[0].reason
     b = done[broken.task_id]
     assert b.status == TaskStatus.FAILED and len(b.attempts) == 1 and not b.attempts[0].retried
+    # an overload after the task already used a tool is not retried: its side effects would repeat
+    ran = manager.start(TaskOptions(prompt=mock_prompt([{"bash": "echo side-effect >> effects.txt"},
+                                                         {"error": 529, "type": "overloaded_error"}]),
+                                    cwd=str(workdir), env=no_inner_retry, allowed_tools=["Bash"],
+                                    retry_backoff_seconds=0.2))
+    r = (await manager.wait([ran.task_id], timeout=90)).tasks[0]
+    assert r.status == TaskStatus.FAILED and len(r.attempts) == 1 and "529" in r.error
+    assert (workdir / "effects.txt").read_text() == "side-effect\n"
     kinds = [e["kind"] for e in manager.events(flaky.task_id).events]
     assert kinds.count("retry") == 1 and kinds.count("started") == 2
 

@@ -6,6 +6,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -35,8 +36,23 @@ def browser(tmp_path):
 
 
 def row_status(driver, task_id: str) -> str | None:
-    cells = driver.find_elements(By.CSS_SELECTOR, f'tr[data-task-id="{task_id}"] td.status')
-    return cells[0].text if cells else None
+    """The status shown in the task's row (rows are re-rendered every second: a stale read is retried)."""
+    try:
+        cells = driver.find_elements(By.CSS_SELECTOR, f'tr[data-task-id="{task_id}"] td.status')
+        return cells[0].text if cells else None
+    except StaleElementReferenceException:
+        return None
+
+
+def click(wait, css: str) -> None:
+    """Click an element that the page may be re-rendering right now."""
+    def attempt(d):
+        try:
+            d.find_element(By.CSS_SELECTOR, css).click()
+            return True
+        except (StaleElementReferenceException, NoSuchElementException):
+            return False
+    wait.until(attempt)
 
 
 def test_dashboard_live_updates_and_cancel(http_server, browser, fake_manager, workdir, tmp_path):  # noqa: F811
@@ -49,11 +65,11 @@ def test_dashboard_live_updates_and_cancel(http_server, browser, fake_manager, w
                                            cwd=str(workdir), name="quick one"))
     browser.get(base + f"/?token={TOKEN}")
     assert browser.current_url == base + "/"  # the token left the URL; a cookie carries it now
-    wait = WebDriverWait(browser, 40, poll_frequency=0.2)
+    wait = WebDriverWait(browser, 40, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
     wait.until(lambda d: row_status(d, quick.task_id) == "running")
     wait.until(lambda d: row_status(d, quick.task_id) == "completed")  # changes live, without a reload
 
-    browser.find_element(By.CSS_SELECTOR, f'tr[data-task-id="{quick.task_id}"]').click()
+    click(wait, f'tr[data-task-id="{quick.task_id}"]')
     wait.until(lambda d: "finished-in-browser" in d.find_element(By.ID, "result").text)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .entry.tool"))
     assert "Bash" in browser.find_element(By.ID, "transcript").text
@@ -61,9 +77,8 @@ def test_dashboard_live_updates_and_cancel(http_server, browser, fake_manager, w
     slow = fake_manager.start(TaskOptions(prompt=fake({"sleep": 300}), cwd=str(workdir), name="slow one"))
     wait.until(lambda d: row_status(d, slow.task_id) == "running")
     claude_pid = wait_until(lambda: (r := fake_manager.get(slow.task_id)).claude and r.claude.pid)
-    browser.find_element(By.CSS_SELECTOR, f'tr[data-task-id="{slow.task_id}"]').click()
-    wait.until(lambda d: d.find_elements(By.ID, "cancel"))
-    browser.find_element(By.ID, "cancel").click()
+    click(wait, f'tr[data-task-id="{slow.task_id}"]')
+    click(wait, "#cancel")
     wait.until(lambda d: row_status(d, slow.task_id) == "cancelled")
     wait.until(lambda d: d.find_element(By.ID, "detail-status").text == "cancelled")
     assert "cancelled: the task's process tree was stopped" in browser.find_element(By.ID, "detail").text

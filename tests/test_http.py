@@ -136,3 +136,25 @@ def test_claude_code_is_an_http_client(cc_env, real_claude, workdir, tmp_path):
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(20) == 0
+
+
+def test_without_a_token_only_loopback_hosts_and_origins_get_in(cc_env, fake_claude, tmp_path):
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "cc_tasks", "serve", "--transport", "http", "--port", str(port)],
+                         env={k: v for k, v in os.environ.items() if k != "CC_TASKS_TOKEN"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT))
+    try:
+        wait_until(lambda: _up(port), timeout=30)
+        base = f"http://127.0.0.1:{port}"
+        assert http(base + "/api/tasks")[0] == 200
+        assert http(base + "/api/tasks", headers={"Host": f"localhost:{port}"})[0] == 200
+        # DNS rebinding: a page of another site that resolves to 127.0.0.1
+        assert http(base + "/api/tasks", headers={"Host": f"attacker.example:{port}"})[0] == 403
+        assert http(base + "/mcp", method="POST", data=b"{}", headers={
+            "Host": f"127.0.0.1:{port}", "Origin": f"http://attacker.example:{port}",
+            "Content-Type": "application/json"})[0] == 403
+        assert http(base + "/api/tasks?limit=abc")[0] == 400
+        assert http(base + "/api/tasks/20260101-000000-000-1a2b3c4d/transcript?offset=x")[0] in (400, 404)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0

@@ -43,8 +43,10 @@ async def run(m: TaskManager, opts: TaskOptions, timeout=60):
 async def test_completes_with_result_prompt_on_stdin_and_env(fake_manager, workdir, monkeypatch):
     monkeypatch.setenv("CLAUDECODE", "1")
     monkeypatch.setenv("CLAUDE_CODE_ENTRYPOINT", "cli")
+    monkeypatch.setenv("CC_TASKS_TOKEN", "server-secret")
     prompt = "-p --help\n" + fake({"argv": True, "env_keys": ["CC_TASKS_DEPTH", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
-                                                              "MY_VAR", "CC_TASKS_DIR"], "result": "all good"})
+                                                              "MY_VAR", "CC_TASKS_DIR", "CC_TASKS_TOKEN"],
+                                   "result": "all good"})
     r = await run(fake_manager, TaskOptions(prompt=prompt, cwd=str(workdir), env={"MY_VAR": "v"}, name="n1",
                                             metadata={"k": 1}))
     assert r.status == TaskStatus.COMPLETED and r.exit_code == 0 and r.result == "all good"
@@ -54,7 +56,8 @@ async def test_completes_with_result_prompt_on_stdin_and_env(fake_manager, workd
     assert seen["prompt"] == prompt  # the prompt arrives on stdin, untouched, though it starts with -p
     assert seen["argv"][1:] == ["-p", "--output-format=stream-json", "--verbose"]
     assert seen["env"] == {"CC_TASKS_DEPTH": "1", "CLAUDECODE": None, "CLAUDE_CODE_ENTRYPOINT": None, "MY_VAR": "v",
-                           "CC_TASKS_DIR": str(fake_manager.store.root)}
+                           "CC_TASKS_DIR": str(fake_manager.store.root), "CC_TASKS_TOKEN": None}
+    assert "server-secret" not in fake_manager.store.path(r.task_id, "request.json").read_text()
     events = [json.loads(l)["kind"] for l in fake_manager.store.path(r.task_id, "events.jsonl").read_text().splitlines()]
     assert events[0] == "status" and "tool_use" in events and "result" in events and events[-1] == "status"
 
@@ -206,3 +209,27 @@ async def test_a_killed_launcher_is_replaced(fake_manager, workdir):
     done = await fake_manager.wait([r.task_id], timeout=60)
     assert done.tasks[0].result == "after"
     assert launcher._request(fake_manager.store, {"op": "hello"})["pid"] != old
+
+
+async def test_a_second_supervisor_for_a_running_task_runs_nothing(fake_manager, workdir, tmp_path):
+    import subprocess, sys
+    track = tmp_path / "track"
+    track.mkdir()
+    r = fake_manager.start(TaskOptions(prompt=fake({"sleep": 2, "track": str(track)}), cwd=str(workdir)))
+    wait_until(lambda: fake_manager.get(r.task_id).status == TaskStatus.RUNNING)
+    dup = subprocess.run([sys.executable, "-m", "cc_tasks.supervisor", str(fake_manager.store.root), r.task_id],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "CC_TASKS_LAUNCHER": "0"})
+    assert dup.returncode == 0
+    done = await fake_manager.wait([r.task_id], timeout=60)
+    assert done.tasks[0].status == TaskStatus.COMPLETED
+    runs = (track / "runs.log").read_text().split()
+    assert len(runs) == 2 and runs[1] == "1"  # one run, never two side by side
+
+
+def test_process_identity_uses_boot_relative_start_ticks():
+    from cc_tasks import procs
+    me = procs.ref_of(os.getpid())
+    assert me.start_ticks is not None and procs.alive(me)
+    # a stepped wall clock moves create_time but not the start ticks
+    assert procs.alive(me.model_copy(update={"create_time": me.create_time + 5}))
+    assert not procs.alive(me.model_copy(update={"start_ticks": me.start_ticks + 1}))
