@@ -70,8 +70,10 @@ def fail_if_supervisor_died(store: TaskStore, r: TaskRecord) -> TaskRecord:
         if cur.status.terminal or cur.supervisor is None or procs.alive(cur.supervisor):
             return None
         procs.stop_tree(procs.process_of(cur.claude))
+        log_path = store.path(cur.task_id, "supervisor.log")
         return cur.model_copy(update={"status": TaskStatus.FAILED, "error":
-                                      f"the task's supervisor (pid {cur.supervisor.pid}) died; its process tree was stopped"})
+                                      f"the task's supervisor (pid {cur.supervisor.pid}) died; its process tree was "
+                                      f"stopped (its output, if any, is in {log_path})"})
     try:
         return store.update(r.task_id, fn)
     except TaskNotFoundError:
