@@ -168,6 +168,8 @@ class Bench:
         raw = RawStdio(self.env(FAKE, cap=8))
         try:
             raw.timed("get_server_info", {}, 20)
+            warm = raw.call("start_cc_task_async", {"prompt": "sleep=0\n", "cwd": str(self.work)})  # starts a launcher
+            raw.call("wait_for_tasks", {"task_ids": [warm["task_id"]]})
             raw_noop = raw.timed("get_server_info", {}, n)
             raw_starts = raw.timed("start_cc_task_async", {"prompt": "sleep=0\n", "cwd": str(self.work)}, n)
             for t in raw.call("list_active_tasks", {"limit": 500})["tasks"]:

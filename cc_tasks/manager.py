@@ -238,6 +238,17 @@ class TaskManager:
     def get(self, task_id: str) -> TaskRecord:
         return self.reconcile(self.store.read(validate_task_id(task_id)), position=True)
 
+    def get_quick(self, task_id: str) -> TaskRecord | None:
+        """``get`` when it needs no slow work (a finished task, or a running one whose supervisor lives);
+        None when the caller should use ``get`` off the event loop (a dead supervisor's tree to stop, a
+        queue position to compute)."""
+        r = self.store.read(validate_task_id(task_id))
+        if r.status.terminal:
+            return r
+        if r.status == TaskStatus.RUNNING and procs.alive(r.supervisor):
+            return r
+        return None
+
     def _peek(self, task_id: str) -> TaskRecord:
         return self.reconcile(self.store.read_cached(validate_task_id(task_id)))
 

@@ -142,7 +142,7 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
     @with_task_options
     async def start_cc_task_async(**options: Any) -> StartResult:
         """Start a Claude Code sub-agent in the background and return its task_id at once."""
-        r = await anyio.to_thread.run_sync(functools.partial(mgr.start, TaskOptions(**options), pump=False))
+        r = mgr.start(TaskOptions(**options), pump=False)  # a few small file writes: fine on the loop
         await mgr.akick()
         return StartResult(task_id=r.task_id, status=r.status, name=r.name)
 
@@ -184,7 +184,8 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
 
     async def check_task_status(task_id: TaskId) -> TaskRecord:
         """The task's record: status, timings, live progress while it runs, its (bounded) result once finished."""
-        return (await anyio.to_thread.run_sync(mgr.get, task_id)).bounded()
+        record = mgr.get_quick(task_id) or await anyio.to_thread.run_sync(mgr.get, task_id)
+        return record.bounded()
 
     async def list_active_tasks(
         include_finished: Annotated[bool, Field(description="Also list finished tasks, newest first.")] = False,
