@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Install everything cc-tasks needs into this checkout: a virtualenv (.venv) with the package and its
-# test dependencies, the pinned Claude Code CLI (tools/claude-cli/node_modules/.bin/claude), and, for the
-# dashboard's browser test, Debian's chromium and chromium-driver (via apt-get, as root or with sudo).
+# Install what cc-tasks needs into this checkout: a virtualenv (.venv) with the package and its test
+# dependencies, and the pinned Claude Code CLI (tools/claude-cli/node_modules/.bin/claude). With --tests,
+# also Debian's chromium and chromium-driver for the dashboard's browser test (apt-get, as root or sudo).
 set -euo pipefail
+WITH_BROWSER=0
+[ "${1:-}" = "--tests" ] && WITH_BROWSER=1
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
@@ -13,7 +15,7 @@ CLAUDE_VERSION="$(.venv/bin/python -c 'import json;print(json.load(open("tools/c
 if [ "$(tools/claude-cli/node_modules/.bin/claude --version 2>/dev/null | cut -d' ' -f1)" != "$CLAUDE_VERSION" ]; then
   (cd tools/claude-cli && npm install --no-audit --no-fund --loglevel=error)
 fi
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+if [ "$WITH_BROWSER" = 1 ] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then
   if command -v apt-get >/dev/null; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
     $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
