@@ -207,7 +207,7 @@ class TaskStore:
                 except TaskNotFoundError:  # deleted while we waited: filelock re-made the folder; undo that
                     self._remove_husk(task_id)
                     raise
-                new = fn(current.model_copy(deep=True))
+                new = fn(current)  # fn returns a changed copy (model_copy(update=...)) or None
                 if new is None:
                     return current
                 if new.status != current.status:

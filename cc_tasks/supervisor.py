@@ -125,8 +125,8 @@ class Supervisor:
         prompt = opts.prompt
         if opts.include_dependency_results and record.depends_on:
             prompt = dependency_preamble(self.store, record.depends_on) + prompt
-        stdin_path = self.dir / "prompt.txt"  # claude's standard input
-        atomic_write(stdin_path, prompt.encode("utf-8", "surrogatepass"), fsync=False)
+        stdin_path = self.dir / "prompt.txt"  # claude's standard input; only this process reads it
+        stdin_path.write_bytes(prompt.encode("utf-8", "surrogatepass"))
         deadline = time.monotonic() + record.timeout_seconds
         attempts: list[Attempt] = []
         while True:
