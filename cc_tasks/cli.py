@@ -5,7 +5,6 @@ Every subcommand reads the same store as the servers (CC_TASKS_DIR, or --store).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

@@ -89,11 +89,25 @@ def ensure_running(store: TaskStore, on_spawn=None) -> bool:
         return False  # callers start supervisors directly
 
 
+def spawn_module(store: TaskStore, args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``python -m ARGS`` in a session of its own (it outlives its parent), output to ``log_path``, with this
+    package importable whether it is installed or run from a checkout."""
+    env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=str(store.root), close_fds=True,
+                                start_new_session=True)
+
+
+def _remember(store: TaskStore) -> None:
+    _verified[str(socket_path(store))] = os.stat(socket_path(store)).st_ino
+
+
 def _ensure_running_locked(store: TaskStore, on_spawn=None) -> bool:
     try:
         hello = _request(store, {"op": "hello"})
         if hello.get("identity") == IDENTITY:
-            _verified[str(socket_path(store))] = os.stat(socket_path(store)).st_ino
+            _remember(store)
             return True
         _request(store, {"op": "quit"})  # another version of cc-tasks: replace it
     except (OSError, ValueError):
@@ -102,12 +116,7 @@ def _ensure_running_locked(store: TaskStore, on_spawn=None) -> bool:
         os.unlink(socket_path(store))
     except FileNotFoundError:
         pass
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-    with open(store.root / "launcher.log", "ab") as log:
-        p = subprocess.Popen([sys.executable, "-m", "cc_tasks.launcher", str(store.root)], stdin=subprocess.DEVNULL,
-                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(store.root), close_fds=True,
-                             start_new_session=True)
+    p = spawn_module(store, ["cc_tasks.launcher", str(store.root)], store.root / "launcher.log", dict(os.environ))
     if on_spawn:
         on_spawn(p)
     deadline = time.monotonic() + START_WAIT
@@ -116,7 +125,7 @@ def _ensure_running_locked(store: TaskStore, on_spawn=None) -> bool:
             return False
         try:
             if _request(store, {"op": "hello"}).get("identity") == IDENTITY:
-                _verified[str(socket_path(store))] = os.stat(socket_path(store)).st_ino
+                _remember(store)
                 return True
             return False
         except (OSError, ValueError):

@@ -11,10 +11,8 @@ import logging.handlers
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Awaitable, Callable, Literal, Mapping
 
 import anyio

@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
-from pathlib import Path
 from typing import Callable
 
 from filelock import Timeout
@@ -23,7 +21,6 @@ from .models import ProcRef, TaskRecord, TaskStatus
 from .store import TaskStore
 
 log = logging.getLogger("cc_tasks")
-PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 #: Statuses of dependencies that make a dependent task skip.
 DEP_FAILED = frozenset({TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED, TaskStatus.SKIPPED})
 
@@ -36,11 +33,8 @@ def use_launcher() -> bool:
 def spawn_supervisor(store: TaskStore, task_id: str) -> subprocess.Popen:
     """Start the task's supervisor in a session of its own, with the environment its submitter had."""
     env = json.loads(store.path(task_id, "request.json").read_text())["env"]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-    with open(store.path(task_id, "supervisor.log"), "ab") as slog:
-        return subprocess.Popen([sys.executable, "-m", "cc_tasks.supervisor", str(store.root), task_id],
-                                stdin=subprocess.DEVNULL, stdout=slog, stderr=subprocess.STDOUT, env=env,
-                                cwd=str(store.root), close_fds=True, start_new_session=True)
+    return launcher.spawn_module(store, ["cc_tasks.supervisor", str(store.root), task_id],
+                                 store.path(task_id, "supervisor.log"), env)
 
 
 def holds_slot(r: TaskRecord) -> bool:
@@ -161,7 +155,7 @@ def pump(store: TaskStore, max_concurrent: int, on_spawn: Callable[[subprocess.P
                 ref, warm = _start_one(store, r.task_id, warm, on_spawn)
             if ref is None:
                 continue
-            store.update(r.task_id, lambda cur: None if cur.supervisor or cur.status.terminal
+            store.update(r.task_id, lambda cur, ref=ref: None if cur.supervisor or cur.status.terminal
                          else cur.model_copy(update={"supervisor": ref}))
             started.append(r.task_id)
     finally:

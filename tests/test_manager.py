@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -152,8 +151,7 @@ def test_bad_starts_leave_nothing_behind(fake_manager, workdir, monkeypatch, tmp
         fake_manager.start(TaskOptions(prompt="x", cwd=str(tmp_path / "nope")))
     with pytest.raises(InvalidOptionsError, match="add_dirs"):
         fake_manager.start(TaskOptions(prompt="x", cwd=str(workdir), add_dirs=[str(tmp_path / "nope")]))
-    missing = TaskManager(Settings.from_env(CC_TASKS_CLAUDE_BIN := None) if False else Settings.from_env(
-        {**os.environ, "CC_TASKS_CLAUDE_BIN": str(tmp_path / "no-claude")}))
+    missing = TaskManager(Settings.from_env({**os.environ, "CC_TASKS_CLAUDE_BIN": str(tmp_path / "no-claude")}))
     with pytest.raises(ClaudeNotFoundError, match="CC_TASKS_CLAUDE_BIN"):
         missing.start(TaskOptions(prompt="x", cwd=str(workdir)))
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -180,7 +178,6 @@ async def test_cleanup_stops_and_deletes(fake_manager, workdir):
 
 
 async def test_supervisors_fork_from_a_warm_launcher_or_start_directly(fake_manager, workdir, monkeypatch):
-    import psutil as ps
     r = await run(fake_manager, TaskOptions(prompt=fake({"result": "warm"}), cwd=str(workdir)))
     assert r.result == "warm"
     sock = fake_manager.store.root / "launcher.sock"

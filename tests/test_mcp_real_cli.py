@@ -1,7 +1,6 @@
 """The MCP tools in-process (fastmcp.Client(mcp)), running the real claude CLI against the mock API."""
 
 import asyncio
-import json
 import time
 
 import pytest

@@ -1,6 +1,5 @@
 """Pure parts: the status lifecycle, options validation, argv/env building, stream-json parsing."""
 
-import json
 
 import pytest
 from pydantic import ValidationError
