@@ -269,19 +269,31 @@ class Bench:
         subprocess.run(f"seq {n} | xargs -P8 -I{{}} sh -c 'printf \"sleep=0.05\\n\" | {FAKE} > /dev/null'",
                        shell=True, check=True)
         direct = time.perf_counter() - t0
-        async with self.server(self.env(FAKE, cap=8)) as (c, _):
-            await c.call_tool("execute_cc_task", {"prompt": "sleep=0\n", "cwd": str(self.work)})  # warm launcher
+        tasks = [{"prompt": "sleep=0.05\n", "cwd": str(self.work)} for _ in range(n)]
+        raw = RawStdio(self.env(FAKE, cap=8))  # the server's own time
+        try:
+            raw.call("execute_cc_task", {"prompt": "sleep=0\n", "cwd": str(self.work)})  # warm launcher
             t0 = time.perf_counter()
-            batch = (await c.call_tool("start_cc_tasks_batch", {"tasks": [
-                {"prompt": "sleep=0.05\n", "cwd": str(self.work)} for _ in range(n)]})).structured_content
+            ids = [t["task_id"] for t in raw.call("start_cc_tasks_batch", {"tasks": tasks})["tasks"]]
+            for i in range(0, n, 200):
+                res = raw.call("wait_for_tasks", {"task_ids": ids[i:i + 200], "timeout_seconds": 900})
+                assert res["done"] and all(t["status"] == "completed" for t in res["tasks"])
+            ours = time.perf_counter() - t0
+        finally:
+            raw.close()
+        async with self.server(self.env(FAKE, cap=8)) as (c, _):  # the same through the fastmcp client
+            await c.call_tool("execute_cc_task", {"prompt": "sleep=0\n", "cwd": str(self.work)})
+            t0 = time.perf_counter()
+            batch = (await c.call_tool("start_cc_tasks_batch", {"tasks": tasks})).structured_content
             ids = [t["task_id"] for t in batch["tasks"]]
             for i in range(0, n, 200):
                 res = (await c.call_tool("wait_for_tasks", {"task_ids": ids[i:i + 200], "timeout_seconds": 900},
                                          timeout=950)).structured_content
                 assert res["done"] and all(t["status"] == "completed" for t in res["tasks"])
-            ours = time.perf_counter() - t0
+            client = time.perf_counter() - t0
         self.record("4_many_short_tasks", tasks=n, concurrency=8, direct_xargs_s=round(direct, 3),
-                    server_s=round(ours, 3), ratio=round(ours / direct, 3), target="ratio <= 1.25")
+                    server_s=round(ours, 3), ratio=round(ours / direct, 3), fastmcp_client_s=round(client, 3),
+                    fastmcp_client_ratio=round(client / direct, 3), target="ratio <= 1.25")
 
     # 5 -------------------------------------------------------------------------------------------------
     def fill_store(self, path: Path, n: int) -> str:
@@ -443,8 +455,9 @@ async def amain(args) -> int:
     return 0
 
 
-# (key, measure, figure, baseline, target, met?). Latency targets are judged on the raw client's figures (the
-# server's round trip); the fastmcp client's own validation and conversion add 1-2 ms to every call.
+# (key, measure, figure, baseline, target, met?). Latency targets and #4 are judged on the raw client's figures
+# (the server's round trip); the fastmcp client's own validation and conversion add 1-2 ms to every call, and
+# much more to replies of hundreds of records.
 ROWS = [
     ("1_start_latency", "start_cc_task_async latency, 200 sequential starts (fast fake)",
      lambda r: f"p50 {r['start_p50_ms']} ms, p99 {r['start_p99_ms']} ms (raw client: p50 {r['raw_start_p50_ms']}, "
@@ -465,7 +478,9 @@ ROWS = [
      lambda r: f"20 × claude -p directly: {statistics.median(r['direct_s']):.2f} s", "ratio ≤ 1.05",
      lambda r: r["ratio"] <= 1.05),
     ("4_many_short_tasks", "500 short tasks (~50 ms fake) at concurrency 8",
-     lambda r: f"{r['server_s']:.2f} s", lambda r: f"xargs -P8: {r['direct_xargs_s']:.2f} s", "ratio ≤ 1.25",
+     lambda r: f"{r['server_s']:.2f} s (raw client; fastmcp client {r['fastmcp_client_s']:.2f} s, "
+               f"ratio {r['fastmcp_client_ratio']})",
+     lambda r: f"xargs -P8: {r['direct_xargs_s']:.2f} s", "ratio ≤ 1.25",
      lambda r: r["ratio"] <= 1.25),
     ("5_big_store", "list_active_tasks / check_task_status with 10,000 finished tasks",
      lambda r: f"list {r['big_list_p50_ms']} ms, status {r['big_status_p50_ms']} ms (p50; raw client: "

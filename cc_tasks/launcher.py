@@ -1,14 +1,17 @@
-"""The launcher: a warm, single-threaded process per store that forks task supervisors on request.
+"""The launcher: a warm, long-lived process per store that supervises the tasks it starts.
 
-Starting a supervisor with ``python -m cc_tasks.supervisor`` costs ~0.3 s of CPU (interpreter start and
-imports), as much as a third of a short claude run. The launcher pays that once: it imports everything,
-listens on ``<store>/launcher.sock`` (the store is 0700; peers must be this user), and for each request
-forks a child that becomes the task's supervisor, a process of its own in a session of its own, exactly
-as if it had been exec'd. The launcher reaps only the children it forked, and exits after being idle for
-``IDLE_EXIT`` seconds with no child and no unfinished task left. It also pumps the shared queue itself,
-once a second and whenever a server sends ``kick`` after a submit, so queued tasks start even if every
-server has exited. Servers start it when it is not running; if it cannot be reached, supervisors are
-spawned directly (scheduler.spawn_supervisor).
+Starting a supervisor process per task costs CPU that a short task notices: a cold ``python -m`` start
+~0.3 s (interpreter and imports), and even a fork of a warm Python process ~10 ms (copy-on-write faults
+throughout its heap). The launcher pays for the imports once and supervises every task it starts in a
+thread of its own (supervisord-style), each with its own ``Supervisor``: claude is its only process start.
+It listens on ``<store>/launcher.sock`` (the store is 0700; peers must be this user), is a child
+subreaper (what claude's tools leave behind is re-parented to it and stopped with its task, found by the
+task id in its environment), reaps only children that no Popen of its own owns, and pumps the shared queue
+itself, whenever a task it supervises ends, when a server sends ``kick`` after a submit, and once a
+second, so queued tasks start even if every server has exited. ``quit`` makes it stop taking work and exit
+once its tasks have ended; SIGTERM cancels them first. It exits after ``IDLE_EXIT`` seconds with nothing
+to do. Servers start it when it is not running; if it cannot be reached, tasks get a supervisor process of
+their own (scheduler.spawn_supervisor).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -148,7 +152,8 @@ def kick(store: TaskStore) -> bool:
 
 
 def stop(store: TaskStore) -> bool:
-    """Ask the store's launcher to exit (its supervisors keep running). True if one was running."""
+    """Ask the store's launcher to take no more work and exit once the tasks it supervises have ended.
+    True if one was running."""
     try:
         _request(store, {"op": "quit"})
         return True
@@ -156,8 +161,9 @@ def stop(store: TaskStore) -> bool:
         return False
 
 
-def launch(store: TaskStore, task_id: str) -> dict:
-    """Ask the launcher to fork the task's supervisor; returns its ProcRef fields. Raises OSError."""
+def launch(store: TaskStore, task_id: str) -> dict | None:
+    """Ask the launcher to supervise the task; returns the ProcRef fields of its supervisor, or None if the
+    task was not queued any more or had a supervisor already. Raises OSError if the launcher cannot."""
     try:
         reply = _request(store, {"op": "start", "task_id": task_id}, timeout=10.0)
     except (OSError, ValueError) as e:
@@ -168,19 +174,39 @@ def launch(store: TaskStore, task_id: str) -> dict:
     return reply["ref"]
 
 
+def cancel(store: TaskStore, task_id: str) -> bool:
+    """Ask the launcher to cancel a task it supervises; True if it does."""
+    try:
+        return bool(_request(store, {"op": "cancel", "task_id": task_id}).get("ok"))
+    except (OSError, ValueError):
+        return False
+
+
 class Launcher:
     def __init__(self, store: TaskStore):
+        from .config import Settings
         self.store = store
-        self.children: set[int] = set()
+        self.max_concurrent = Settings.from_env().max_concurrent
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.last_activity = time.monotonic()
-        self.quit = False
-        self._conn: socket.socket | None = None
-        self._own_fds: list[int] = []
+        self.quit = False  # take no more work; exit once the tasks supervised here have ended
+        self.cancel_all = False  # SIGTERM: cancel those tasks first
         self.kicked = True
-        self.last_pump = 0.0
+        self.last_pump = self.last_reap = 0.0
+        self.supervising: dict[str, object] = {}  # task id -> its Supervisor (one thread each)
+        self._lock = threading.Lock()
+        self._wake_w = -1
+        from .procs import ref_of
+        self.me = ref_of(os.getpid()).model_copy(update={"shared": True})
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except OSError:
+            pass
 
     def serve(self) -> None:
+        from .procs import become_subreaper, reap_children
         path = socket_path(self.store)
         try:
             os.unlink(path)
@@ -194,19 +220,27 @@ class Launcher:
         bound = os.stat(path).st_ino
         self.sock.listen(128)
         self.sock.setblocking(False)
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        self._own_fds = [wake_r, wake_w]
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda *a: None)
-        signal.signal(signal.SIGTERM, lambda *a: setattr(self, "quit", True))
+        become_subreaper()
+        wake_r, self._wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGTERM, lambda *a: self.stop(cancel=True))
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        while not self.quit:
-            ready, _, _ = select.select([self.sock, wake_r], [], [], PUMP_EVERY)
+        listening, cancelled = True, False
+        while True:
+            watch = [self.sock, wake_r] if listening else [wake_r]
+            ready, _, _ = select.select(watch, [], [], 0.005 if self.kicked else PUMP_EVERY)
             if wake_r in ready:
-                os.read(wake_r, 4096)
-            self.reap()
-            if self.sock in ready:  # take every waiting request, then pump once for all their kicks
+                try:
+                    while os.read(wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            if time.monotonic() - self.last_reap >= PUMP_EVERY:  # orphans adopted from tasks' trees
+                self.last_reap = time.monotonic()
+                reap_children()
+            if listening and self.sock in ready:  # take every waiting request, then pump once for all their kicks
                 while True:
                     try:
                         conn = self.sock.accept()[0]
@@ -214,30 +248,38 @@ class Launcher:
                         break
                     conn.setblocking(True)
                     self.handle(conn)
-            active = bool(self.store.active_ids())
-            if active and (self.kicked or time.monotonic() - self.last_pump >= PUMP_EVERY):
-                self.pump()
-            if not active and not self.children and time.monotonic() - self.last_activity > IDLE_EXIT:
+            if self.quit:
+                if listening:  # a successor may bind the socket now
+                    listening = False
+                    self.sock.close()
+                    _unlink_if(path, bound)
+                if self.cancel_all and not cancelled:
+                    cancelled = True
+                    with self._lock:
+                        for sup in self.supervising.values():
+                            sup.request_stop()  # type: ignore[attr-defined]
+                self.kicked = False
+                if not self.supervising:
+                    break
+                continue
+            active = self.store.has_active()
+            if active and time.monotonic() - self.last_pump >= PUMP_EVERY:
+                self.pump(fresh=True)
+            elif active and self.kicked:
+                self.pump(fresh=False)
+            elif not active:
+                self.kicked = False
+            if not active and not self.supervising and time.monotonic() - self.last_activity > IDLE_EXIT:
                 break
-        try:
-            if os.stat(path).st_ino == bound:  # not a successor's socket
-                os.unlink(path)
-        except OSError:
-            pass
+        if listening:
+            _unlink_if(path, bound)
 
-    def reap(self) -> None:
-        for pid in list(self.children):  # only pids this launcher forked
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
-                self.children.discard(pid)
-                self.last_activity = time.monotonic()
+    def stop(self, cancel: bool = False) -> None:
+        self.quit = True
+        self.cancel_all = self.cancel_all or cancel
 
     def handle(self, conn: socket.socket) -> None:
         self.last_activity = time.monotonic()
-        self._conn = conn
         with conn:
             try:
                 conn.settimeout(5.0)
@@ -258,77 +300,90 @@ class Launcher:
                     pass
 
     def dispatch(self, msg: dict) -> dict:
+        from .store import validate_task_id
         op = msg.get("op")
         if op == "hello":
-            return {"identity": IDENTITY, "pid": os.getpid(), "children": len(self.children)}
+            return {"identity": IDENTITY, "pid": os.getpid(), "tasks": len(self.supervising)}
         if op == "kick":
             self.kicked = True
             return {"ok": True}
         if op == "quit":
-            self.quit = True
+            self.stop()
             return {"ok": True}
         if op == "start":
-            from .store import validate_task_id
-            task_id = validate_task_id(msg.get("task_id"))
-            return {"ref": self._spawn_ref(task_id).model_dump()}
+            if self.quit:
+                return {"error": "the launcher is stopping"}
+            ref = self.supervise(validate_task_id(msg.get("task_id")))
+            return {"ref": ref.model_dump() if ref else None}
+        if op == "cancel":
+            with self._lock:
+                sup = self.supervising.get(validate_task_id(msg.get("task_id")))
+            if sup is not None:
+                sup.request_stop()  # type: ignore[attr-defined]
+            return {"ok": sup is not None}
         return {"error": f"unknown op {op!r}"}
 
-    def pump(self) -> None:
-        """Start what the queue allows, forking supervisors here; skip if another process is pumping."""
-        self.kicked = False
-        self.last_pump = time.monotonic()
+    def pump(self, fresh: bool) -> None:
+        """Start what the queue allows, supervised here; if another process is pumping, try again soon.
+        Pumps on kicks trust the cached records of queued tasks; one a second reads them all again."""
+        if fresh:
+            self.last_pump = time.monotonic()
         try:
-            from .config import Settings
             from .scheduler import pump
-            pump(self.store, Settings.from_env().max_concurrent, spawn=self._spawn_ref, blocking=False)
+            started = pump(self.store, self.max_concurrent, spawn=self.supervise, blocking=False, fresh=fresh)
+            self.kicked = started is None
         except Exception:
+            self.kicked = False
             traceback.print_exc()
 
-    def _spawn_ref(self, task_id: str):
-        from .procs import ref_of
-        return ref_of(self.fork_supervisor(task_id))  # a zombie still has its start time: no race with reaping
+    def supervise(self, task_id: str):
+        """Claim a queued task for this process and supervise it in a thread; the ProcRef recorded as its
+        supervisor, or None if it is not queued or another supervisor has it."""
+        from .models import TaskStatus, utcnow
+        from .supervisor import Supervisor
+        claimed = []
 
-    def fork_supervisor(self, task_id: str) -> int:
-        pid = os.fork()
-        if pid:
-            self.children.add(pid)
-            return pid
-        # the child: a supervisor of its own, as if freshly exec'd
-        code = 1
+        def claim(r):
+            if r.status != TaskStatus.QUEUED or r.supervisor is not None:
+                return None
+            claimed.append(r.model_copy(update={"status": TaskStatus.RUNNING, "started_at": utcnow(), "supervisor": self.me}))
+            return claimed[-1]
+        self.store.update(task_id, claim)
+        if not claimed:
+            return None
+        sup = Supervisor(self.store, task_id, shared=True)
+        with self._lock:
+            self.supervising[task_id] = sup
         try:
-            self.sock.close()
-            if self._conn is not None:  # the request's connection and the wake pipe are not the child's
-                self._conn.close()
-            signal.set_wakeup_fd(-1)
-            for fd in getattr(self, "_own_fds", []):
-                os.close(fd)
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            os.setsid()
-            env = json.loads(self.store.path(task_id, "request.json").read_text())["env"]
-            os.environ.clear()
-            os.environ.update(env)
-            with open(self.store.path(task_id, "supervisor.log"), "ab") as slog:
-                os.dup2(slog.fileno(), 1)
-                os.dup2(slog.fileno(), 2)
-            from .supervisor import main as supervisor_main
-            code = supervisor_main([str(self.store.root), task_id])
-        except BaseException:
-            traceback.print_exc()
+            threading.Thread(target=self._run, args=(sup, claimed[0]), name=f"task-{task_id}", daemon=True).start()
+        except BaseException as e:
+            with self._lock:
+                self.supervising.pop(task_id, None)
+            sup.close()
+            self.store.transition(task_id, TaskStatus.FAILED, error=f"could not start the task's supervisor: {e}")
+            return None
+        return self.me
+
+    def _run(self, sup, claimed) -> None:
+        from .supervisor import supervise
+        try:
+            supervise(sup, claimed)
         finally:
-            os._exit(code)
+            sup.close()
+            with self._lock:
+                self.supervising.pop(sup.task_id, None)
+            self.last_activity = time.monotonic()
+            self.kicked = True  # its slot is free
+            self.wake()
 
 
-def warm_imports() -> None:
-    """Import what a supervisor needs, once, so that forked children start warm."""
-    from . import supervisor  # noqa: F401  (pulls in models, store, scheduler, stream, procs)
-    from .models import Attempt, Progress, TaskOptions, TaskRecord
-    for model in (TaskRecord, TaskOptions, Progress, Attempt):
-        model.model_rebuild()
-    import ctypes  # noqa: F401  (procs.become_subreaper)
-
-    import psutil
-    psutil.Process().create_time()
+def _unlink_if(path: Path, inode: int) -> None:
+    """Remove the socket if it is still the one this launcher bound (not a successor's)."""
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,9 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m cc_tasks.launcher STORE_DIR", file=sys.stderr)
         return 2
-    warm_imports()
+    from . import scheduler, supervisor  # noqa: F401  (imported once, before any task needs them)
     import gc
-    gc.freeze()  # keep the collector of forked children off the inherited objects (fewer copy-on-write faults)
+    gc.freeze()  # the imported modules live as long as the process: keep the collector off them
     Launcher(TaskStore(Path(argv[0]))).serve()
     return 0
 

@@ -30,10 +30,15 @@ ProgressFn = Callable[[float, str], Awaitable[None]]
 #: How long cancel waits for a supervisor to stop its task before stopping it itself.
 CANCEL_WAIT = 15.0
 PROGRESS_EVERY = 1.0
+#: wait_for_tasks looks at the store's active/ folder this often (a stat), and re-reads its unfinished
+#: records when it changed, or every WAIT_FULL_EVERY seconds anyway (a changed record, a dead supervisor).
+WAIT_POLL = 0.01
+WAIT_FULL_EVERY = 0.25
 
 
 def _topological(items: list[BatchItem]) -> list[int]:
-    """Batch indexes ordered so that each item comes after the batch items it depends on; rejects cycles."""
+    """Batch indexes ordered so that each item comes after the batch items it depends on, else by priority
+    (highest first) then as given; rejects cycles."""
     key_index = {it.key: n for n, it in enumerate(items) if it.key is not None}
     deps = {n: [key_index[d] for d in (it.depends_on or []) if d in key_index] for n, it in enumerate(items)}
     order: list[int] = []
@@ -52,7 +57,7 @@ def _topological(items: list[BatchItem]) -> list[int]:
         state[n] = 2
         order.append(n)
 
-    for n in range(len(items)):
+    for n in sorted(range(len(items)), key=lambda n: -items[n].priority):  # stable: given order within a priority
         visit(n, [])
     return order
 
@@ -123,12 +128,14 @@ class TaskManager:
         return self.submit([BatchItem(**opts.model_dump())], pump=pump)[0]
 
     def start_batch(self, items: list[BatchItem], pump: bool = True) -> BatchResult:
-        records = self.submit(items, pump=pump)
+        records = self.submit(items, pump=pump, early_kick=not pump)
         return BatchResult(tasks=[BatchStarted(key=item.key, task_id=r.task_id, status=r.status, name=r.name)
                                   for item, r in zip(items, records)])
 
-    def submit(self, items: list[BatchItem], parent_task_id: str | None = None, pump: bool = True) -> list[TaskRecord]:
-        """Validate every item (nothing is written if one is bad), create them all under one lock, then pump."""
+    def submit(self, items: list[BatchItem], parent_task_id: str | None = None, pump: bool = True,
+               early_kick: bool = False) -> list[TaskRecord]:
+        """Validate every item (nothing is written if one is bad), create them, then pump. With
+        ``early_kick``, the queue is kicked once the first ``max_concurrent`` of a long batch exist."""
         if not items:
             raise InvalidOptionsError("no tasks given: pass at least one")
         keys = [it.key for it in items if it.key is not None]
@@ -167,10 +174,13 @@ class TaskManager:
                                   "cwd": cwd, "env": base_env})
             files = {"request.json": request.encode("utf-8", "surrogatepass")}
             prepared.append((n, record, files))
-        # A batch appears under the queue lock, all at once for every pump; a single task needs no lock.
-        with self.store.locked(self.store.queue_lock()) if len(prepared) > 1 else contextlib.nullcontext():
-            for _, record, files in prepared:
-                self.store.create(record, files)
+        # Created in dependency order, so a pump in between sees no task whose dependencies are missing;
+        # the first ones may start while the rest are written (a kick after as many as slots).
+        first = self.settings.max_concurrent if early_kick else len(prepared)
+        for i, (_, record, files) in enumerate(prepared):
+            if i == first:
+                self.kick()
+            self.store.create(record, files)
         for _, r, _ in prepared:
             log.info("submitted task %s (%s)", r.task_id, r.status.value)
         if not pump:
@@ -201,6 +211,13 @@ class TaskManager:
         """Start what the shared queue allows now."""
         return scheduler.pump(self.store, self.settings.max_concurrent, on_spawn=self._adopt)
 
+    def tend(self) -> None:
+        """The server's periodic look at the queue: the launcher's, where one is known to run (it pumps
+        itself and reads fewer records); else a pump here."""
+        if scheduler.use_launcher() and launcher.is_known_good(self.store) and launcher.kick(self.store):
+            return
+        self.pump()
+
     async def akick(self) -> None:
         """``kick`` for the event loop: inline when a launcher is known to listen, else in a worker thread
         (starting a launcher takes a moment and must not block other tool calls)."""
@@ -223,12 +240,12 @@ class TaskManager:
             self._children[p.pid] = p
 
     # -- read ----------------------------------------------------------------
-    def reconcile(self, record: TaskRecord, position: bool = False) -> TaskRecord:
+    def reconcile(self, record: TaskRecord, position: bool = False, alive_max_age: float = 0.0) -> TaskRecord:
         """Fail an unfinished task whose supervisor is gone; with ``position``, tell a queued task its place."""
         if record.status.terminal:
             self.store.unmark_if_finished(record)
             return record
-        record = scheduler.fail_if_supervisor_died(self.store, record)
+        record = scheduler.fail_if_supervisor_died(self.store, record, alive_max_age)
         if position and record.status == TaskStatus.QUEUED and record.supervisor is None:
             record.queue_position = scheduler.queue_position(self.store, record.task_id)
         return record
@@ -247,8 +264,10 @@ class TaskManager:
             return r
         return None
 
-    def _peek(self, task_id: str) -> TaskRecord:
-        return self.reconcile(self.store.read_cached(validate_task_id(task_id)))
+    def _peek(self, task_id: str, copy: bool = True) -> TaskRecord:
+        """``get`` for pollers: from the cache of records (with ``copy=False`` not to be changed), and a
+        supervisor seen alive in the last 0.2 s (polling many tasks of one launcher) not looked at again."""
+        return self.reconcile(self.store.read_cached(validate_task_id(task_id), copy=copy), alive_max_age=0.2)
 
     def list(self, include_finished: bool = False, limit: int = 50, status: TaskStatus | None = None) -> TaskList:
         limit = max(1, min(int(limit), 500))
@@ -340,16 +359,20 @@ class TaskManager:
         self.store.append_event(task_id, "cancel_requested", by_pid=os.getpid())
         sup = procs.process_of(record.supervisor)
         if sup is not None:
-            try:
-                sup.send_signal(signal.SIGTERM)
-            except Exception:
-                pass
+            shared = record.supervisor.shared
+            if shared:  # the launcher supervises other tasks too: ask it (it also sees the marker)
+                launcher.cancel(self.store, task_id)
+            else:
+                with contextlib.suppress(Exception):
+                    sup.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + CANCEL_WAIT
             while time.monotonic() < deadline:
                 self.reap()
                 if procs.process_of(record.supervisor) is None:  # it writes the record, then exits
                     break
-                time.sleep(0.02)
+                if shared and self.store.read(task_id).status.terminal:
+                    break
+                time.sleep(0.005 if shared else 0.02)
         record = self.store.read(task_id)
         if record.status.terminal:
             return record
@@ -380,14 +403,13 @@ class TaskManager:
             self.store.read(t)  # unknown ids fail before any waiting
         t0 = time.monotonic()
         deadline = t0 + max(0.0, timeout)
-        interval = min(0.25, 0.025 * max(1, len(ids) / 4))
         next_progress = t0
         latest: dict[str, TaskRecord] = {}
 
         def refresh() -> None:  # in a worker thread: finding a dead supervisor stops its tree, which takes time
             for t in ids:  # a finished record does not change: read only the others again
                 if t not in latest or not latest[t].status.terminal:
-                    latest[t] = self._peek(t)
+                    latest[t] = self._peek(t, copy=False)  # (only read, and replied with)
         while True:
             await anyio.to_thread.run_sync(refresh)
             records = [latest[t] for t in ids]
@@ -403,7 +425,24 @@ class TaskManager:
                 next_progress = now + PROGRESS_EVERY
                 running = sum(r.status == TaskStatus.RUNNING for r in records)
                 await progress(now - t0, f"{len(finished)}/{len(ids)} finished, {running} running, {now - t0:.0f}s")
-            await asyncio.sleep(interval)
+            await self._until_a_task_ends(len(ids) - len(finished),
+                                          deadline if progress is None else min(deadline, next_progress))
+
+    async def _until_a_task_ends(self, unfinished: int, by: float) -> None:
+        """Sleep until some task of the store may have ended (its marker in active/ goes, which changes the
+        folder), at most WAIT_FULL_EVERY, at least long enough that re-reading ``unfinished`` records
+        stays cheap."""
+        stamp = self._active_stamp()
+        gap = WAIT_POLL * max(1.0, unfinished / 20)
+        until = min(by, time.monotonic() + WAIT_FULL_EVERY)
+        while True:
+            await asyncio.sleep(max(0.0, min(gap, until - time.monotonic())))
+            if time.monotonic() >= until or self._active_stamp() != stamp:
+                return
+
+    def _active_stamp(self) -> tuple[int, int]:
+        st = os.stat(self.store.active_dir)
+        return st.st_mtime_ns, st.st_ino
 
     async def execute(self, opts: TaskOptions, progress: ProgressFn | None = None) -> TaskRecord:
         """Run one task to its end. If the caller is cancelled, the task's process tree is stopped."""

@@ -188,6 +188,8 @@ class ProcRef(BaseModel):
     pid: int
     create_time: float
     start_ticks: int | None = Field(None, description="Start time in clock ticks since boot; compared exactly.")
+    shared: bool = Field(False, description="A process supervising several tasks (the store's launcher): "
+                                            "ask it to cancel one; never signal it.")
 
 
 class Progress(BaseModel):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import threading
 import time
 from typing import Callable, Iterable
 
@@ -26,6 +28,17 @@ def start_ticks(pid: int) -> int | None:
         return None
 
 
+_own: dict[int, int | None] = {}
+
+
+def _own_ticks() -> int | None:
+    """This process's start ticks (a forked child has its own: keyed by pid)."""
+    pid = os.getpid()
+    if pid not in _own:
+        _own[pid] = start_ticks(pid)
+    return _own[pid]
+
+
 def ref_of(pid: int) -> ProcRef:
     return ProcRef(pid=pid, create_time=psutil.Process(pid).create_time(), start_ticks=start_ticks(pid))
 
@@ -34,6 +47,8 @@ def process_of(ref: ProcRef | None) -> psutil.Process | None:
     """The live process behind ``ref``; None if it exited, is a zombie, or the pid was reused."""
     if ref is None:
         return None
+    if ref.pid == os.getpid() and ref.start_ticks is not None and ref.start_ticks == _own_ticks():
+        return psutil.Process()  # this process (the launcher, about the tasks it supervises)
     try:
         p = psutil.Process(ref.pid)
         ticks = start_ticks(ref.pid) if ref.start_ticks is not None else None
@@ -49,8 +64,24 @@ def process_of(ref: ProcRef | None) -> psutil.Process | None:
         return None
 
 
-def alive(ref: ProcRef | None) -> bool:
-    return process_of(ref) is not None
+_seen_alive: dict[tuple[int, int | None], float] = {}
+
+
+def alive(ref: ProcRef | None, max_age: float = 0.0) -> bool:
+    """Whether ``ref``'s process lives; with ``max_age``, a process found alive that recently counts as
+    alive without looking again (a poller checking the same supervisor for many tasks)."""
+    if ref is None:
+        return False
+    key = (ref.pid, ref.start_ticks)
+    if max_age > 0 and time.monotonic() - _seen_alive.get(key, -1e9) < max_age:
+        return True
+    if process_of(ref) is None:
+        _seen_alive.pop(key, None)
+        return False
+    if len(_seen_alive) > 1000:
+        _seen_alive.clear()
+    _seen_alive[key] = time.monotonic()
+    return True
 
 
 def _gone(p: psutil.Process) -> bool:
@@ -150,20 +181,58 @@ def stop_tree(root: psutil.Process | None, *, others: Iterable[psutil.Process] =
     return pids
 
 
-def reap_children(exclude: Iterable[int] = ()) -> None:
-    """Collect exited children of this process, except ``exclude`` (pids owned by a Popen)."""
-    skip = set(exclude)
-    for child in _descendants_direct():
-        if child.pid in skip:
-            continue
+#: Children owned by a Popen of this process: only their Popen may wait for them (see reap_children).
+_owned: set[int] = set()
+_owned_lock = threading.RLock()
+
+
+def spawn(argv: list[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` whose pid is registered before any reaper of this process can see it, so that
+    reap_children never steals its exit status. Call ``disown`` once the Popen has collected it."""
+    with _owned_lock:
+        p = subprocess.Popen(argv, **kwargs)
+        _owned.add(p.pid)
+    return p
+
+
+def disown(pid: int) -> None:
+    with _owned_lock:
+        _owned.discard(pid)
+
+
+def reap_children() -> None:
+    """Collect exited children of this process that no Popen owns: orphans adopted as a subreaper."""
+    with _owned_lock:
+        for pid in _child_pids_safe(os.getpid()):
+            if pid in _owned:
+                continue
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def _child_pids_safe(pid: int) -> list[int]:
+    try:
+        return _child_pids(pid)
+    except OSError:
+        return [c.pid for c in children(psutil.Process(pid), recursive=False)]
+
+
+def task_orphans(task_id: str) -> list[psutil.Process]:
+    """Children of this process (a subreaper supervising several tasks) that no Popen owns and that carry the
+    task's id in their environment (CC_TASKS_TASK_ID, set for claude and inherited by its tools)."""
+    with _owned_lock:
+        pids = [p for p in _child_pids_safe(os.getpid()) if p not in _owned]
+    found = []
+    for pid in pids:
         try:
-            os.waitpid(child.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-
-
-def _descendants_direct() -> list[psutil.Process]:
-    return children(psutil.Process(), recursive=False)
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get("CC_TASKS_TASK_ID") == task_id:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 def become_subreaper() -> bool:

@@ -7,11 +7,13 @@ supervisor is alive; a SIGKILLed supervisor frees its slot as soon as anyone pum
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
 import subprocess
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping
 
 from filelock import Timeout
 
@@ -46,25 +48,27 @@ def queue_order(r: TaskRecord) -> tuple:
 
 
 def _read_all(store: TaskStore, ids: list[str]) -> dict[str, TaskRecord]:
+    """The records (shared, read-only: the scheduler replaces records, never changes them)."""
     out = {}
     for t in ids:
         try:
-            out[t] = store.read_cached(t)
+            out[t] = store.read_cached(t, copy=False)
         except (TaskNotFoundError, ValueError):
             continue
     return out
 
 
-def fail_if_supervisor_died(store: TaskStore, r: TaskRecord) -> TaskRecord:
-    """A task whose supervisor is gone (SIGKILL, reboot) fails; what is left of its claude tree is stopped."""
-    if r.status.terminal or r.supervisor is None or procs.alive(r.supervisor):
+def fail_if_supervisor_died(store: TaskStore, r: TaskRecord, alive_max_age: float = 0.0) -> TaskRecord:
+    """A task whose supervisor is gone (SIGKILL, reboot) fails; what is left of its claude tree is stopped.
+    ``alive_max_age``: a supervisor found alive that recently is not looked at again (for pollers)."""
+    if r.status.terminal or r.supervisor is None or procs.alive(r.supervisor, max_age=alive_max_age):
         return r
 
     def fn(cur: TaskRecord) -> TaskRecord | None:
         if cur.status.terminal or cur.supervisor is None or procs.alive(cur.supervisor):
             return None
         procs.stop_tree(procs.process_of(cur.claude))
-        log_path = store.path(cur.task_id, "supervisor.log")
+        log_path = store.root / "launcher.log" if cur.supervisor.shared else store.path(cur.task_id, "supervisor.log")
         return cur.model_copy(update={"status": TaskStatus.FAILED, "error":
                                       f"the task's supervisor (pid {cur.supervisor.pid}) died; its process tree was "
                                       f"stopped (its output, if any, is in {log_path})"})
@@ -85,7 +89,7 @@ def resolve_waiting(store: TaskStore, records: dict[str, TaskRecord]) -> None:
                 d = records.get(dep)
                 if d is None:
                     try:
-                        d = records[dep] = store.read_cached(dep)
+                        d = records[dep] = store.read_cached(dep, copy=False)
                     except TaskNotFoundError:
                         verdict, reason = TaskStatus.SKIPPED, f"dependency {dep} was deleted"
                         break
@@ -103,10 +107,12 @@ def resolve_waiting(store: TaskStore, records: dict[str, TaskRecord]) -> None:
 
 def _start_one(store: TaskStore, task_id: str, warm: bool,
                on_spawn: Callable[[subprocess.Popen], None] | None) -> tuple[ProcRef | None, bool]:
-    """Start one supervisor: forked by the warm launcher, or exec'd directly. Returns (ref, still warm)."""
+    """Have the task supervised: by the warm launcher, or by a supervisor process of its own. Returns (ref,
+    still warm); ref is None if the task was not started (it ended, or a supervisor has it already)."""
     if warm:
         try:
-            return ProcRef(**launcher.launch(store, task_id)), True
+            ref = launcher.launch(store, task_id)
+            return (ProcRef(**ref) if ref else None), True
         except OSError as e:
             log.warning("launcher failed (%s); starting supervisors directly", e)
     try:
@@ -125,39 +131,106 @@ def _start_one(store: TaskStore, task_id: str, warm: bool,
     return ref, False
 
 
+def _ready(r: TaskRecord) -> bool:
+    return r.status == TaskStatus.QUEUED and r.supervisor is None
+
+
+class QueueView:
+    """What this process's pumps have seen of the queue, so that a pump need not read and sort every
+    queued task again: ``ready`` holds the queued tasks in start order, ``others`` the rest of the active
+    ones (holding a slot, or waiting). A queued task's record changes only when a pumper starts it or it is
+    cancelled, and a refused start shows either; a fresh pump (the launcher does one a second) reads all."""
+
+    def __init__(self, records: Mapping[str, TaskRecord] = {}):
+        ready = [r for r in records.values() if _ready(r)]
+        self.ready: list[tuple[tuple, str]] = sorted((queue_order(r), r.task_id) for r in ready)
+        self.queued: set[str] = {r.task_id for r in ready}
+        self.others: set[str] = {t for t, r in records.items() if not _ready(r)}
+
+    def note(self, r: TaskRecord) -> None:
+        if _ready(r):
+            if r.task_id not in self.queued:
+                bisect.insort(self.ready, (queue_order(r), r.task_id))
+                self.queued.add(r.task_id)
+            self.others.discard(r.task_id)
+        else:  # its entry in ``ready`` is dropped when reached
+            self.queued.discard(r.task_id)
+            self.others.add(r.task_id)
+
+    def keep(self, ids: set[str]) -> None:
+        self.queued &= ids
+        self.others &= ids
+
+    def first(self, n: int) -> list[str]:
+        """Up to ``n`` queued tasks in start order (entries of tasks no longer queued are dropped)."""
+        out: list[str] = []
+        i = 0
+        while i < len(self.ready) and len(out) < n:
+            t = self.ready[i][1]
+            if t in self.queued:
+                out.append(t)
+                i += 1
+            else:
+                del self.ready[i]
+        return out
+
+
+_views: dict[Path, QueueView] = {}
+
+
 def pump(store: TaskStore, max_concurrent: int, on_spawn: Callable[[subprocess.Popen], None] | None = None,
-         spawn: Callable[[str], ProcRef] | None = None, blocking: bool = True) -> list[str]:
+         spawn: Callable[[str], ProcRef | None] | None = None, blocking: bool = True,
+         fresh: bool = True) -> list[str] | None:
     """Start as many queued tasks as free slots allow, highest priority then oldest first.
 
-    ``spawn`` starts a supervisor in-process (the launcher forks); by default the launcher is asked, or the
-    supervisor is exec'd. With ``blocking=False`` the pump is skipped when another process holds the lock."""
+    ``spawn`` supervises a task in this process (the launcher: it records itself as the supervisor); by
+    default the launcher is asked, or a supervisor process is started. With ``blocking=False`` the pump is
+    skipped, returning None, when another process holds the lock. ``fresh=False`` reads only the records
+    of tasks that are new or not queued (see QueueView): for the usual pumper of a store, the launcher."""
     started: list[str] = []
     lock = store.queue_lock()
     try:
         lock.acquire(timeout=None if blocking else 0, poll_interval=0.002)
     except Timeout:
-        return started
+        return None
     try:
-        records = _read_all(store, store.active_ids())
+        ids = store.active_ids()
+        store.keep_cached(ids)
+        view = None if fresh else _views.get(store.root)
+        if view is None:
+            records = _read_all(store, ids)
+        else:
+            view.keep(set(ids))
+            records = _read_all(store, [t for t in ids if t not in view.queued])
         for t, r in list(records.items()):
             records[t] = fail_if_supervisor_died(store, r)
             store.unmark_if_finished(records[t])
         resolve_waiting(store, records)
+        if view is None:
+            view = _views[store.root] = QueueView(records)
+        else:
+            for r in records.values():
+                view.note(r)
         busy = sum(holds_slot(r) for r in records.values())
-        ready = sorted((r for r in records.values() if r.status == TaskStatus.QUEUED and r.supervisor is None),
-                       key=queue_order)
-        to_start = ready[:max(0, max_concurrent - busy)]
+        to_start = view.first(max(0, max_concurrent - busy))
         warm = spawn is None and bool(to_start) and use_launcher() and launcher.ensure_running(store, on_spawn)
-        for r in to_start:
+        for t in to_start:
             if spawn is not None:
-                ref = spawn(r.task_id)
+                ref = spawn(t)
             else:
-                ref, warm = _start_one(store, r.task_id, warm, on_spawn)
-            if ref is None:
-                continue
-            store.update(r.task_id, lambda cur, ref=ref: None if cur.supervisor or cur.status.terminal
-                         else cur.model_copy(update={"supervisor": ref}))
-            started.append(r.task_id)
+                ref, warm = _start_one(store, t, warm, on_spawn)
+                if ref is not None and not ref.shared:  # a launcher records itself; a new process is recorded here
+                    store.update(t, lambda cur, ref=ref: None if cur.supervisor or cur.status.terminal
+                                 else cur.model_copy(update={"supervisor": ref}))
+            if ref is not None:
+                started.append(t)
+                view.queued.discard(t)
+                view.others.add(t)
+            else:  # refused: it was cancelled, or someone else started it
+                try:
+                    view.note(store.read_cached(t, copy=False))
+                except TaskNotFoundError:
+                    view.queued.discard(t)
     finally:
         lock.release()
     if started:

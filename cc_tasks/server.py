@@ -114,7 +114,7 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
             while True:
                 wake.clear()
                 try:
-                    await anyio.to_thread.run_sync(mgr.pump)
+                    await anyio.to_thread.run_sync(mgr.tend)
                 except Exception:
                     log.exception("pump failed")
                 with contextlib.suppress(asyncio.TimeoutError):

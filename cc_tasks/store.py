@@ -115,12 +115,23 @@ class TaskStore:
         self.tasks_dir = ensure_private_dir(self.root / "tasks")
         self.active_dir = ensure_private_dir(self.root / "active")
         self._cache: dict[str, tuple[bytes, TaskRecord]] = {}
+        self._locks: dict[str, FileLock] = {}
         self._queue_lock_path = self.root / "scheduler.lock"
         self._queue_lock_path.touch(0o600)
 
     def queue_lock(self) -> FileLock:
         """The store-wide lock of the shared queue (see scheduler.pump)."""
-        return FileLock(str(self._queue_lock_path), timeout=60.0)
+        return self._lock_for(str(self._queue_lock_path), 60.0)
+
+    def _lock_for(self, path: str, timeout: float) -> FileLock:
+        """One FileLock object per lock file and process (making one costs more than using it; its state
+        is per thread, so threads still exclude each other)."""
+        lock = self._locks.get(path)
+        if lock is None:
+            if len(self._locks) > 10_000:
+                self._locks.clear()
+            lock = self._locks[path] = FileLock(path, timeout=timeout)
+        return lock
 
     @contextlib.contextmanager
     def locked(self, lock: FileLock, timeout: float | None = None):
@@ -139,7 +150,7 @@ class TaskStore:
         return self.task_dir(task_id) / name
 
     def lock(self, task_id: str) -> FileLock:
-        return FileLock(str(self.path(task_id, "lock")), timeout=LOCK_TIMEOUT)
+        return self._lock_for(str(self.path(task_id, "lock")), LOCK_TIMEOUT)
 
     # -- create / read -------------------------------------------------------
     def create(self, record: TaskRecord, files: dict[str, bytes]) -> None:
@@ -177,9 +188,10 @@ class TaskStore:
             raise TaskNotFoundError(f"no task {task_id} in this store ({self.root}); list_active_tasks shows the known ones") from None
         return TaskRecord.model_validate_json(data)
 
-    def read_cached(self, task_id: str) -> TaskRecord:
+    def read_cached(self, task_id: str, copy: bool = True) -> TaskRecord:
         """Like ``read``, but a record whose bytes have not changed since the last call is not parsed and
-        validated again. Returns a copy the caller may change."""
+        validated again. Returns a copy the caller may change, or with ``copy=False`` the cached record
+        itself, which must not be changed."""
         try:
             data = (self.task_dir(task_id) / "record.json").read_bytes()
         except (FileNotFoundError, NotADirectoryError):
@@ -190,10 +202,25 @@ class TaskStore:
             if len(self._cache) > 50_000:
                 self._cache.clear()
             self._cache[task_id] = hit = (data, TaskRecord.model_validate_json(data))
-        return hit[1].model_copy()
+        return hit[1].model_copy() if copy else hit[1]
+
+    def peek_cached(self, task_id: str) -> TaskRecord | None:
+        """The cached record (not to be changed), without looking at the file; None if not cached."""
+        hit = self._cache.get(task_id)
+        return hit[1] if hit else None
+
+    def keep_cached(self, task_ids: list[str]) -> None:
+        """Forget cached records other than these (a long-lived pumper would otherwise keep every task)."""
+        if len(self._cache) > len(task_ids):
+            keep = set(task_ids)
+            for t in [t for t in list(self._cache) if t not in keep]:  # (supervisor threads write to it)
+                self._cache.pop(t, None)
 
     def write(self, record: TaskRecord, *, fsync: bool = True) -> None:
-        atomic_write(self.task_dir(record.task_id) / "record.json", record.model_dump_json().encode(), fsync=fsync)
+        data = record.model_dump_json().encode()
+        atomic_write(self.task_dir(record.task_id) / "record.json", data, fsync=fsync)
+        if record.task_id in self._cache:  # a pumper's cache stays true to its own writes
+            self._cache[record.task_id] = (data, record.model_copy())
 
     # -- update --------------------------------------------------------------
     def update(self, task_id: str, fn: Callable[[TaskRecord], TaskRecord | None], *, fsync: bool = False) -> TaskRecord:
@@ -259,6 +286,9 @@ class TaskStore:
             os.close(fd)
 
     # -- listing -------------------------------------------------------------
+    def has_active(self) -> bool:
+        return any(TASK_ID_RE.fullmatch(e.name) for e in os.scandir(self.active_dir))
+
     def active_ids(self) -> list[str]:
         return sorted((e.name for e in os.scandir(self.active_dir) if TASK_ID_RE.fullmatch(e.name)), reverse=True)
 
@@ -278,6 +308,7 @@ class TaskStore:
         if not d.exists():
             raise TaskNotFoundError(f"no task {task_id} in this store ({self.root})")
         self._unmark_active(task_id)
+        self._locks.pop(str(d / "lock"), None)
         trash = self.tasks_dir / f".del-{task_id}-{secrets.token_hex(3)}"
         os.rename(d, trash)  # disappears at once for every reader
         shutil.rmtree(trash, ignore_errors=True)

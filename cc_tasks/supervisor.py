@@ -1,11 +1,14 @@
-"""The per-task supervisor: a small process that runs one task's claude and outlives the MCP server.
+"""The supervisor of a task: runs its claude, follows it, and writes its final record.
 
-Started by the scheduler as ``python -m cc_tasks.supervisor STORE_DIR TASK_ID`` in a session of its own,
-with the environment of the process that submitted the task. It starts claude with stdout/stderr going
-to files, follows the stream-json transcript to keep the record's live progress, enforces the timeout,
-retries transient failures, stops the whole tree on cancel (SIGTERM to the supervisor, or a ``cancel``
-marker in the task folder), writes the final record, and then starts whatever the queue allows. It is a
-child subreaper, so tool processes that claude orphans stay in its tree and are stopped with the task.
+A ``Supervisor`` runs one task. It is hosted either by the store's launcher, a long-lived process that
+supervises every task it starts, each in a thread of its own (the default: no process start per task), or
+by a process of its own, ``python -m cc_tasks.supervisor STORE_DIR TASK_ID`` in a session of its own with
+the environment of the process that submitted the task (``CC_TASKS_LAUNCHER=0``, or when no launcher can
+run). Either way the host outlives the MCP server and is a child subreaper, so tool processes that claude
+orphans stay in view. The supervisor starts claude with stdout/stderr going to files, follows the
+stream-json transcript to keep the record's live progress, enforces the timeout, retries transient
+failures, stops the whole tree on cancel (``request_stop``; SIGTERM to a supervisor process of its own; or
+a ``cancel`` marker in the task folder), and writes the final record.
 """
 
 from __future__ import annotations
@@ -55,9 +58,13 @@ def dependency_preamble(store: TaskStore, depends_on: list[str]) -> str:
 
 
 class Supervisor:
-    def __init__(self, store: TaskStore, task_id: str):
+    """``shared``: hosted by a process that supervises several tasks (the launcher), which owns the signal
+    handlers, the subreaper role and the claim; else the process is this task's alone."""
+
+    def __init__(self, store: TaskStore, task_id: str, *, shared: bool = False):
         self.store = store
         self.task_id = task_id
+        self.shared = shared
         self.dir = store.task_dir(task_id)
         self.stop_reason: str | None = None
         self.proc: subprocess.Popen | None = None
@@ -74,6 +81,21 @@ class Supervisor:
     # -- signals -------------------------------------------------------------
     def _on_stop(self, signum, frame) -> None:
         self.stop_reason = self.stop_reason or "cancel"
+
+    def request_stop(self) -> None:
+        """Cancel from another thread: the supervisor stops the task's tree and records it cancelled."""
+        self.stop_reason = self.stop_reason or "cancel"
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def install_signals(self) -> None:
         signal.set_wakeup_fd(self._wake_w)
@@ -98,23 +120,17 @@ class Supervisor:
             pass
 
     # -- main ----------------------------------------------------------------
-    def run(self) -> int:
-        self.install_signals()
-        procs.become_subreaper()
-        record = self.store.read(self.task_id)
-        if record.status.terminal:
-            return 0
-        # Claim the task before anything runs: exactly one supervisor gets past this, whoever started it.
-        me = procs.ref_of(os.getpid())
-
-        def claim(r: TaskRecord) -> TaskRecord | None:
-            other = r.supervisor is not None and (r.supervisor.pid, r.supervisor.start_ticks) != (me.pid, me.start_ticks)
-            if r.status != TaskStatus.QUEUED or other:
-                return None
-            return r.model_copy(update={"status": TaskStatus.RUNNING, "started_at": utcnow(), "supervisor": me})
-        record = self.store.update(self.task_id, claim)
-        if record.status != TaskStatus.RUNNING or record.supervisor is None or record.supervisor.pid != me.pid:
-            return 0  # another supervisor has it, or it was cancelled or finished meanwhile
+    def run(self, claimed: TaskRecord | None = None) -> int:
+        if self.shared:  # the host claimed the task already (see launcher.Launcher.supervise)
+            record = claimed or self.store.read(self.task_id)
+            if record.status != TaskStatus.RUNNING:
+                return 0
+        else:
+            self.install_signals()
+            procs.become_subreaper()
+            record = self.claim()
+            if record is None:
+                return 0
         if self.cancelled():
             self.store.transition(self.task_id, TaskStatus.CANCELLED, error="cancelled before it started")
             return 0
@@ -163,6 +179,23 @@ class Supervisor:
             self.finish(out, attempts, rc)
             return 0
 
+    def claim(self) -> TaskRecord | None:
+        """Take the task before anything runs: exactly one supervisor process gets it, whoever started it."""
+        record = self.store.read(self.task_id)
+        if record.status.terminal:
+            return None
+        me = procs.ref_of(os.getpid())
+
+        def fn(r: TaskRecord) -> TaskRecord | None:
+            other = r.supervisor is not None and (r.supervisor.pid, r.supervisor.start_ticks) != (me.pid, me.start_ticks)
+            if r.status != TaskStatus.QUEUED or other:
+                return None
+            return r.model_copy(update={"status": TaskStatus.RUNNING, "started_at": utcnow(), "supervisor": me})
+        record = self.store.update(self.task_id, fn)
+        if record.status != TaskStatus.RUNNING or record.supervisor is None or record.supervisor.pid != me.pid:
+            return None  # another supervisor has it, or it was cancelled or finished meanwhile
+        return record
+
     def run_attempt(self, launch: dict, env: dict, stdin_path: Path, deadline: float, *,
                     attempts: list[Attempt]) -> str:
         self.progress = Progress()
@@ -171,8 +204,8 @@ class Supervisor:
         start_offset = out_path.stat().st_size if out_path.exists() else 0  # earlier attempts stay in front
         with open(stdin_path, "rb") as stdin, open(out_path, "ab") as out, \
                 open(self.dir / "stderr.log", "ab") as err:
-            self.proc = subprocess.Popen(launch["argv"], stdin=stdin, stdout=out, stderr=err, cwd=launch["cwd"],
-                                         env=env, close_fds=True)
+            self.proc = procs.spawn(launch["argv"], stdin=stdin, stdout=out, stderr=err, cwd=launch["cwd"],
+                                    env=env, close_fds=True)
         try:
             claude_ref = procs.ref_of(self.proc.pid)
         except psutil.NoSuchProcess:
@@ -212,7 +245,8 @@ class Supervisor:
                     return "cancel"
                 if time.monotonic() >= deadline:
                     return "timeout"
-                procs.reap_children(exclude=[self.proc.pid])
+                if not self.shared:  # a shared host reaps its orphans itself
+                    procs.reap_children()
                 now = time.monotonic()
                 if dirty and now - last_flush >= FLUSH_EVERY:
                     self.flush_progress()
@@ -256,7 +290,8 @@ class Supervisor:
     def _reap(self) -> None:
         if self.proc is not None:
             self.proc.poll()
-        procs.reap_children(exclude=[self.proc.pid] if self.proc else [])
+        if not self.shared:  # a shared host reaps the orphans it adopts itself
+            procs.reap_children()
 
     def stop_everything(self) -> None:
         """Stop claude's tree if it still runs, then whatever else is left below this supervisor."""
@@ -267,11 +302,13 @@ class Supervisor:
             except psutil.NoSuchProcess:
                 root = None
         procs.stop_tree(root, reap=self._reap)
-        leftovers = procs.children(psutil.Process())
+        # what claude's tools left behind was re-parented to this (subreaper) process
+        leftovers = procs.task_orphans(self.task_id) if self.shared else procs.children(psutil.Process())
         if leftovers:
             procs.stop_tree(None, others=leftovers, reap=self._reap)
         if self.proc is not None:
             self.proc.wait()
+            procs.disown(self.proc.pid)
         self._reap()
 
     def outcome(self, kind: str, record: TaskRecord, rc: int | None) -> Outcome:
@@ -307,26 +344,29 @@ def _tail(path: Path, n: int) -> str:
         return ""
 
 
+def supervise(sup: Supervisor, claimed: TaskRecord | None = None) -> int:
+    """Run ``sup``; whatever goes wrong, never leave its task running without a final record."""
+    try:
+        return sup.run(claimed)
+    except Exception as e:
+        traceback.print_exc()
+        try:
+            sup.stop_everything()
+            sup.store.transition(sup.task_id, TaskStatus.FAILED, error=f"supervisor error: {type(e).__name__}: {e}",
+                                 exit_code=sup.proc.returncode if sup.proc else None)
+        except Exception:
+            traceback.print_exc()
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """A supervisor process of the task's own (``CC_TASKS_LAUNCHER=0``, or no launcher could run)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         print("usage: python -m cc_tasks.supervisor STORE_DIR TASK_ID", file=sys.stderr)
         return 2
     store = TaskStore(Path(argv[0]))
-    task_id = argv[1]
-    sup = Supervisor(store, task_id)
-    code = 0
-    try:
-        code = sup.run()
-    except Exception as e:  # never leave a task running without a final record
-        traceback.print_exc()
-        code = 1
-        try:
-            sup.stop_everything()
-            store.transition(task_id, TaskStatus.FAILED, error=f"supervisor error: {type(e).__name__}: {e}",
-                             exit_code=sup.proc.returncode if sup.proc else None)
-        except Exception:
-            traceback.print_exc()
+    code = supervise(Supervisor(store, argv[1]))
     try:  # this task's slot is free: have the launcher start what the queue allows, or do it here
         if not (use_launcher() and launcher.kick(store)):
             pump(store, Settings.from_env().max_concurrent)

@@ -106,6 +106,14 @@ def fake_manager(cc_env, fake_claude, monkeypatch):
         yield m
 
 
+@pytest.fixture(params=["launcher", "process"])
+def hosting(request, monkeypatch):
+    """Run the test both ways a task can be supervised: by the store's launcher (a thread there, the
+    default) and by a supervisor process of its own (CC_TASKS_LAUNCHER=0)."""
+    monkeypatch.setenv("CC_TASKS_LAUNCHER", "1" if request.param == "launcher" else "0")
+    return request.param
+
+
 def mock_prompt(steps: list[dict], text: str = "task") -> str:
     return f"{text} @@mock {json.dumps({'steps': steps})}"
 

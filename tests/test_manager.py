@@ -72,7 +72,7 @@ async def test_failures_carry_a_reason(fake_manager, workdir, cfg, error):
     assert r.exit_code == cfg["exit"]
 
 
-async def test_cancel_stops_a_stubborn_tree_and_leaves_no_zombie(fake_manager, workdir):
+async def test_cancel_stops_a_stubborn_tree_and_leaves_no_zombie(fake_manager, workdir, hosting):
     r = fake_manager.start(TaskOptions(prompt=fake({"sleep": 300, "ignore_signals": True, "grandchild": True}),
                                        cwd=str(workdir)))
     wait_until(lambda: (workdir / "grandchild.pid").exists() and fake_manager.get(r.task_id).status == TaskStatus.RUNNING)
@@ -83,8 +83,11 @@ async def test_cancel_stops_a_stubborn_tree_and_leaves_no_zombie(fake_manager, w
     done = fake_manager.cancel(r.task_id)
     assert done.status == TaskStatus.CANCELLED and "cancelled" in done.error and done.cancel_requested
     assert time.monotonic() - t0 < 15  # SIGINT, SIGTERM ignored: SIGKILL after the bounded grace periods
-    for pid in (rec.claude.pid, rec.supervisor.pid, grandchild):
+    assert rec.supervisor.shared == (hosting == "launcher")
+    for pid in (rec.claude.pid, grandchild):
         assert not pid_alive(pid)
+    # a supervisor process of the task's own is gone too; the launcher goes on serving the store
+    assert pid_alive(rec.supervisor.pid) == (hosting == "launcher")
     wait_until(lambda: not zombies_of_this_process())
     # cancelling again is harmless
     assert fake_manager.cancel(r.task_id).status == TaskStatus.CANCELLED
@@ -105,14 +108,33 @@ async def test_leftover_background_processes_are_stopped_when_claude_exits(fake_
     assert not pid_alive(int((workdir / "grandchild.pid").read_text()))
 
 
-async def test_supervisor_killed_marks_task_failed_and_stops_claude(fake_manager, workdir):
+async def test_supervisor_killed_marks_task_failed_and_stops_claude(fake_manager, workdir, hosting):
     r = fake_manager.start(TaskOptions(prompt=fake({"sleep": 300}), cwd=str(workdir)))
     rec = wait_until(lambda: (x := fake_manager.get(r.task_id)).status == TaskStatus.RUNNING and x.claude and x)
     os.kill(rec.supervisor.pid, signal.SIGKILL)
     wait_until(lambda: not pid_alive(rec.supervisor.pid))
     after = fake_manager.get(r.task_id)
     assert after.status == TaskStatus.FAILED and "supervisor" in after.error and "died" in after.error
+    assert ("launcher.log" in after.error) == (hosting == "launcher")
     assert not pid_alive(rec.claude.pid)
+
+
+async def test_leftovers_of_one_task_are_stopped_and_no_other_tasks_processes(fake_manager, tmp_path):
+    """The launcher supervises both tasks and adopts what their tools leave behind: each task's leftovers
+    are told apart by the task id in their environment."""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    b = fake_manager.start(TaskOptions(prompt=fake({"grandchild": True, "sleep": 300}), cwd=str(b_dir)))
+    wait_until(lambda: (b_dir / "grandchild.pid").exists())
+    a = await run(fake_manager, TaskOptions(prompt=fake({"grandchild": True}), cwd=str(a_dir)))
+    assert a.status == TaskStatus.COMPLETED and a.supervisor.shared
+    assert not pid_alive(int((a_dir / "grandchild.pid").read_text()))
+    b_rec = fake_manager.get(b.task_id)
+    b_grandchild = int((b_dir / "grandchild.pid").read_text())
+    assert b_rec.status == TaskStatus.RUNNING and pid_alive(b_rec.claude.pid) and pid_alive(b_grandchild)
+    assert fake_manager.cancel(b.task_id).status == TaskStatus.CANCELLED
+    assert not pid_alive(b_grandchild) and not pid_alive(b_rec.claude.pid)
 
 
 async def test_output_pages_cover_everything_and_respect_utf8(fake_manager, workdir):
@@ -177,7 +199,7 @@ async def test_cleanup_stops_and_deletes(fake_manager, workdir):
         fake_manager.cleanup("/etc/passwd")
 
 
-async def test_supervisors_fork_from_a_warm_launcher_or_start_directly(fake_manager, workdir, monkeypatch):
+async def test_tasks_are_supervised_by_the_launcher_or_by_a_process_of_their_own(fake_manager, workdir, monkeypatch):
     r = await run(fake_manager, TaskOptions(prompt=fake({"result": "warm"}), cwd=str(workdir)))
     assert r.result == "warm"
     sock = fake_manager.store.root / "launcher.sock"
@@ -185,13 +207,41 @@ async def test_supervisors_fork_from_a_warm_launcher_or_start_directly(fake_mana
     from cc_tasks import launcher
     hello = launcher._request(fake_manager.store, {"op": "hello"})
     assert hello["identity"] == launcher.IDENTITY
+    assert r.supervisor.shared and r.supervisor.pid == hello["pid"]
     assert launcher._request(fake_manager.store, {"op": "start", "task_id": "../x"})["error"].startswith(
         "InvalidTaskIdError")
+    assert launcher._request(fake_manager.store, {"op": "start", "task_id": r.task_id}) == {"ref": None}  # finished
     assert launcher.stop(fake_manager.store)
     wait_until(lambda: not pid_alive(hello["pid"]))
     monkeypatch.setenv("CC_TASKS_LAUNCHER", "0")
     r = await run(fake_manager, TaskOptions(prompt=fake({"result": "cold"}), cwd=str(workdir)))
-    assert r.result == "cold" and not sock.exists()
+    assert r.result == "cold" and not sock.exists() and not r.supervisor.shared
+
+
+async def test_a_stopped_launcher_finishes_its_tasks_and_sigterm_cancels_them(fake_manager, tmp_path):
+    from cc_tasks import launcher
+    dirs = [tmp_path / n for n in ("a", "b")]
+    for d in dirs:
+        d.mkdir()
+    a = fake_manager.start(TaskOptions(prompt=fake({"wait_file": str(tmp_path / "go")}), cwd=str(dirs[0])))
+    wait_until(lambda: fake_manager.get(a.task_id).status == TaskStatus.RUNNING)
+    first = fake_manager.get(a.task_id).supervisor
+    assert launcher.stop(fake_manager.store)  # quit: no more work, but it sees its task through
+    wait_until(lambda: not (fake_manager.store.root / "launcher.sock").exists())
+    assert pid_alive(first.pid)
+    (tmp_path / "go").touch()
+    done = await fake_manager.wait([a.task_id], timeout=60)
+    assert done.tasks[0].status == TaskStatus.COMPLETED
+    wait_until(lambda: not pid_alive(first.pid))
+    # a new launcher takes the next task; SIGTERM makes it cancel what it supervises, then exit
+    b = fake_manager.start(TaskOptions(prompt=fake({"sleep": 300, "grandchild": True}), cwd=str(dirs[1])))
+    rec = wait_until(lambda: (x := fake_manager.get(b.task_id)).claude and (dirs[1] / "grandchild.pid").exists() and x)
+    assert rec.supervisor.pid != first.pid
+    os.kill(rec.supervisor.pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(rec.supervisor.pid))
+    after = fake_manager.get(b.task_id)
+    assert after.status == TaskStatus.CANCELLED
+    assert not pid_alive(rec.claude.pid) and not pid_alive(int((dirs[1] / "grandchild.pid").read_text()))
 
 
 async def test_a_killed_launcher_is_replaced(fake_manager, workdir):
