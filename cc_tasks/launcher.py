@@ -195,7 +195,7 @@ class Launcher:
         self.last_pump = self.last_reap = 0.0
         self.supervising: dict[str, object] = {}  # task id -> its Supervisor (one thread each)
         self._lock = threading.Lock()
-        self._wake_w = -1
+        self._wake_r = self._wake_w = -1
         from .procs import ref_of
         self.me = ref_of(os.getpid()).model_copy(update={"shared": True})
 
@@ -206,7 +206,7 @@ class Launcher:
             pass
 
     def serve(self) -> None:
-        from .procs import become_subreaper, reap_children
+        from .procs import become_subreaper
         path = socket_path(self.store)
         try:
             os.unlink(path)
@@ -217,62 +217,74 @@ class Launcher:
             self.sock.bind(str(path))
         finally:
             os.umask(old)
-        bound = os.stat(path).st_ino
+        self._bound = (path, os.stat(path).st_ino)
         self.sock.listen(128)
         self.sock.setblocking(False)
         become_subreaper()
-        wake_r, self._wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w)
-        signal.signal(signal.SIGTERM, lambda *a: self.stop(cancel=True))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *a: self.stop(cancel=True))
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        listening, cancelled = True, False
+        self.listening, self.cancelled = True, False
         while True:
-            watch = [self.sock, wake_r] if listening else [wake_r]
-            ready, _, _ = select.select(watch, [], [], 0.005 if self.kicked else PUMP_EVERY)
-            if wake_r in ready:
-                try:
-                    while os.read(wake_r, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
-            if time.monotonic() - self.last_reap >= PUMP_EVERY:  # orphans adopted from tasks' trees
-                self.last_reap = time.monotonic()
-                reap_children()
-            if listening and self.sock in ready:  # take every waiting request, then pump once for all their kicks
-                while True:
-                    try:
-                        conn = self.sock.accept()[0]
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    conn.setblocking(True)
-                    self.handle(conn)
-            if self.quit:
-                if listening:  # a successor may bind the socket now
-                    listening = False
-                    self.sock.close()
-                    _unlink_if(path, bound)
-                if self.cancel_all and not cancelled:
-                    cancelled = True
-                    with self._lock:
-                        for sup in self.supervising.values():
-                            sup.request_stop()  # type: ignore[attr-defined]
-                self.kicked = False
-                if not self.supervising:
+            try:
+                if self.serve_once():
                     break
-                continue
-            active = self.store.has_active()
-            if active and time.monotonic() - self.last_pump >= PUMP_EVERY:
-                self.pump(fresh=True)
-            elif active and self.kicked:
-                self.pump(fresh=False)
-            elif not active:
-                self.kicked = False
-            if not active and not self.supervising and time.monotonic() - self.last_activity > IDLE_EXIT:
-                break
-        if listening:
-            _unlink_if(path, bound)
+            except Exception:  # one bad pass (EMFILE, a vanished folder) must not end every task's supervision
+                traceback.print_exc()
+                time.sleep(0.1)
+        if self.listening:
+            _unlink_if(*self._bound)
+
+    def serve_once(self) -> bool:
+        """Wait for a request, a wake-up or the next tick, and do what is due. True when it is time to exit."""
+        from .procs import reap_children
+        watch = [self.sock, self._wake_r] if self.listening else [self._wake_r]
+        poller = select.poll()  # (not select: fds may go beyond 1024 with many tasks)
+        for fd in watch:
+            poller.register(fd, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll((0.005 if self.kicked else PUMP_EVERY) * 1000)}
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        if time.monotonic() - self.last_reap >= PUMP_EVERY:  # orphans adopted from tasks' trees
+            self.last_reap = time.monotonic()
+            reap_children()
+        if self.listening and self.sock.fileno() in ready:  # every waiting request, then one pump for all kicks
+            while True:
+                try:
+                    conn = self.sock.accept()[0]
+                except (BlockingIOError, InterruptedError):
+                    break
+                conn.setblocking(True)
+                self.handle(conn)
+        if self.quit:
+            if self.listening:  # a successor may bind the socket now
+                self.listening = False
+                self.sock.close()
+                _unlink_if(*self._bound)
+            if self.cancel_all and not self.cancelled:
+                self.cancelled = True
+                with self._lock:
+                    for sup in self.supervising.values():
+                        sup.request_stop()  # type: ignore[attr-defined]
+            self.kicked = False
+            return not self.supervising
+        active = self.store.has_active()
+        if active and time.monotonic() - self.last_pump >= PUMP_EVERY:
+            self.fail_lost_tasks()
+            self.pump(fresh=True)
+        elif active and self.kicked:
+            self.pump(fresh=False)
+        elif not active:
+            self.kicked = False
+        return not active and not self.supervising and time.monotonic() - self.last_activity > IDLE_EXIT
 
     def stop(self, cancel: bool = False) -> None:
         self.quit = True
@@ -316,10 +328,10 @@ class Launcher:
             ref = self.supervise(validate_task_id(msg.get("task_id")))
             return {"ref": ref.model_dump() if ref else None}
         if op == "cancel":
-            with self._lock:
+            with self._lock:  # (under the lock that _run closes it under: never a write to a closed pipe)
                 sup = self.supervising.get(validate_task_id(msg.get("task_id")))
-            if sup is not None:
-                sup.request_stop()  # type: ignore[attr-defined]
+                if sup is not None:
+                    sup.request_stop()  # type: ignore[attr-defined]
             return {"ok": sup is not None}
         return {"error": f"unknown op {op!r}"}
 
@@ -328,13 +340,32 @@ class Launcher:
         Pumps on kicks trust the cached records of queued tasks; one a second reads them all again."""
         if fresh:
             self.last_pump = time.monotonic()
+        self.kicked = False  # (a task ending meanwhile sets it again)
         try:
             from .scheduler import pump
-            started = pump(self.store, self.max_concurrent, spawn=self.supervise, blocking=False, fresh=fresh)
-            self.kicked = started is None
+            if pump(self.store, self.max_concurrent, spawn=self.supervise, blocking=False, fresh=fresh) is None:
+                self.kicked = True
         except Exception:
-            self.kicked = False
             traceback.print_exc()
+
+    def fail_lost_tasks(self) -> None:
+        """Fail tasks recorded as supervised here that no thread of this process supervises (a thread that
+        died before writing the final record): with this process alive, nobody else would notice."""
+        from .models import TaskStatus
+        from .procs import process_of, stop_tree
+        for t in self.store.active_ids():
+            try:
+                r = self.store.read_cached(t, copy=False)
+            except Exception:
+                continue
+            mine = r.supervisor is not None and r.supervisor.pid == self.me.pid \
+                and r.supervisor.start_ticks == self.me.start_ticks
+            with self._lock:
+                lost = mine and not r.status.terminal and t not in self.supervising
+            if lost:
+                stop_tree(process_of(r.claude))
+                self.store.transition(t, TaskStatus.FAILED, error="its supervisor (a thread of the store's launcher) "
+                                      f"ended without a final record; see {self.store.root / 'launcher.log'}")
 
     def supervise(self, task_id: str):
         """Claim a queued task for this process and supervise it in a thread; the ProcRef recorded as its
@@ -351,15 +382,19 @@ class Launcher:
         self.store.update(task_id, claim)
         if not claimed:
             return None
-        sup = Supervisor(self.store, task_id, shared=True)
-        with self._lock:
-            self.supervising[task_id] = sup
+        from .scheduler import note_started
+        note_started(self.store, task_id)  # (when a server's pump asked for it, this process's view learns it)
+        sup = None
         try:
+            sup = Supervisor(self.store, task_id, shared=True)
+            with self._lock:
+                self.supervising[task_id] = sup
             threading.Thread(target=self._run, args=(sup, claimed[0]), name=f"task-{task_id}", daemon=True).start()
-        except BaseException as e:
+        except Exception as e:
             with self._lock:
                 self.supervising.pop(task_id, None)
-            sup.close()
+                if sup is not None:
+                    sup.close()
             self.store.transition(task_id, TaskStatus.FAILED, error=f"could not start the task's supervisor: {e}")
             return None
         return self.me
@@ -369,9 +404,9 @@ class Launcher:
         try:
             supervise(sup, claimed)
         finally:
-            sup.close()
             with self._lock:
                 self.supervising.pop(sup.task_id, None)
+                sup.close()
             self.last_activity = time.monotonic()
             self.kicked = True  # its slot is free
             self.wake()

@@ -355,12 +355,13 @@ class TaskManager:
         if record.status.terminal:
             return record
         self.store.update(task_id, lambda r: None if r.status.terminal else r.model_copy(update={"cancel_requested": True}))
-        (self.store.task_dir(task_id) / "cancel").touch()
+        (self.store.task_dir(task_id) / "cancel").touch()  # a supervisor yet to start sees it too
         self.store.append_event(task_id, "cancel_requested", by_pid=os.getpid())
+        record = self.store.read(task_id)  # (a launcher may have claimed it meanwhile)
         sup = procs.process_of(record.supervisor)
+        shared = record.supervisor is not None and record.supervisor.shared
         if sup is not None:
-            shared = record.supervisor.shared
-            if shared:  # the launcher supervises other tasks too: ask it (it also sees the marker)
+            if shared:  # the launcher supervises other tasks too: ask it, never signal it
                 launcher.cancel(self.store, task_id)
             else:
                 with contextlib.suppress(Exception):
@@ -368,7 +369,7 @@ class TaskManager:
             deadline = time.monotonic() + CANCEL_WAIT
             while time.monotonic() < deadline:
                 self.reap()
-                if procs.process_of(record.supervisor) is None:  # it writes the record, then exits
+                if procs.process_of(record.supervisor) is None:  # (a process of the task's own exits after)
                     break
                 if shared and self.store.read(task_id).status.terminal:
                     break
@@ -376,9 +377,13 @@ class TaskManager:
         record = self.store.read(task_id)
         if record.status.terminal:
             return record
-        # The supervisor is gone or unresponsive: stop everything ourselves.
-        procs.stop_tree(procs.process_of(record.supervisor), others=[p for p in [procs.process_of(record.claude)] if p],
-                        reap=self.reap, grace_int=0.5)
+        # The supervisor is gone or unresponsive: stop the tree ourselves (never a live launcher, only the task's claude).
+        claude = procs.process_of(record.claude)
+        if shared and procs.alive(record.supervisor):
+            procs.stop_tree(claude, reap=self.reap, grace_int=0.5)
+        else:
+            procs.stop_tree(procs.process_of(record.supervisor), others=[claude] if claude else [], reap=self.reap,
+                            grace_int=0.5)
         self.reap()
         record = self.store.transition(task_id, TaskStatus.CANCELLED, error="cancelled: the task's process tree was stopped")
         self.pump()  # dependents of this task are skipped now

@@ -161,21 +161,34 @@ class QueueView:
         self.queued &= ids
         self.others &= ids
 
-    def first(self, n: int) -> list[str]:
-        """Up to ``n`` queued tasks in start order (entries of tasks no longer queued are dropped)."""
+    def started(self, task_id: str) -> None:
+        self.queued.discard(task_id)
+        self.others.add(task_id)
+
+    def first(self, n: int, skip: set[str]) -> list[str]:
+        """Up to ``n`` queued tasks not in ``skip``, in start order (entries of tasks no longer queued are
+        dropped)."""
         out: list[str] = []
         i = 0
         while i < len(self.ready) and len(out) < n:
             t = self.ready[i][1]
-            if t in self.queued:
-                out.append(t)
-                i += 1
-            else:
+            if t not in self.queued:
                 del self.ready[i]
+                continue
+            if t not in skip:
+                out.append(t)
+            i += 1
         return out
 
 
 _views: dict[Path, QueueView] = {}
+
+
+def note_started(store: TaskStore, task_id: str) -> None:
+    """Tell this process's queue view that a task was started (the launcher, asked by another process)."""
+    view = _views.get(store.root)
+    if view is not None:
+        view.started(task_id)
 
 
 def pump(store: TaskStore, max_concurrent: int, on_spawn: Callable[[subprocess.Popen], None] | None = None,
@@ -211,26 +224,36 @@ def pump(store: TaskStore, max_concurrent: int, on_spawn: Callable[[subprocess.P
         else:
             for r in records.values():
                 view.note(r)
-        busy = sum(holds_slot(r) for r in records.values())
-        to_start = view.first(max(0, max_concurrent - busy))
-        warm = spawn is None and bool(to_start) and use_launcher() and launcher.ensure_running(store, on_spawn)
-        for t in to_start:
-            if spawn is not None:
-                ref = spawn(t)
-            else:
-                ref, warm = _start_one(store, t, warm, on_spawn)
-                if ref is not None and not ref.shared:  # a launcher records itself; a new process is recorded here
-                    store.update(t, lambda cur, ref=ref: None if cur.supervisor or cur.status.terminal
-                                 else cur.model_copy(update={"supervisor": ref}))
-            if ref is not None:
-                started.append(t)
-                view.queued.discard(t)
-                view.others.add(t)
-            else:  # refused: it was cancelled, or someone else started it
-                try:
-                    view.note(store.read_cached(t, copy=False))
+        free = max(0, max_concurrent - sum(holds_slot(r) for r in records.values()))
+        warm = spawn is None and free > 0 and bool(view.queued) and use_launcher() \
+            and launcher.ensure_running(store, on_spawn)
+        tried: set[str] = set()
+        while free > 0:
+            batch = view.first(free, skip=tried)
+            if not batch:
+                break
+            for t in batch:
+                tried.add(t)
+                if spawn is not None:
+                    ref = spawn(t)
+                else:
+                    ref, warm = _start_one(store, t, warm, on_spawn)
+                    if ref is not None and not ref.shared:  # a launcher records itself; a new process is recorded here
+                        store.update(t, lambda cur, ref=ref: None if cur.supervisor or cur.status.terminal
+                                     else cur.model_copy(update={"supervisor": ref}))
+                if ref is not None:
+                    started.append(t)
+                    view.started(t)
+                    free -= 1
+                    continue
+                try:  # refused: it was cancelled, or someone else started it (then it holds a slot)
+                    r = store.read_cached(t, copy=False)
                 except TaskNotFoundError:
                     view.queued.discard(t)
+                    continue
+                view.note(r)
+                if holds_slot(r):
+                    free -= 1
     finally:
         lock.release()
     if started:

@@ -35,6 +35,10 @@ from .store import TaskStore, atomic_write
 from .stream import Outcome, apply_event, is_transient, outcome, split_lines
 
 TICK = 0.25
+
+
+class ClaudeStartError(Exception):
+    """claude could not be started (not found, not executable, cwd gone, out of processes)."""
 FLUSH_EVERY = 0.5
 #: Characters of each dependency's result put in front of the prompt, and of all of them together.
 DEP_RESULT_CHARS = 8_000
@@ -73,6 +77,7 @@ class Supervisor:
         self.session_id: str | None = None
         self._buf = b""
         self._out = None
+        self._stopped = False
         self._last_text_event = -1e9
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -83,12 +88,14 @@ class Supervisor:
         self.stop_reason = self.stop_reason or "cancel"
 
     def request_stop(self) -> None:
-        """Cancel from another thread: the supervisor stops the task's tree and records it cancelled."""
+        """Cancel from another thread: the supervisor stops the task's tree and records it cancelled.
+        (The host calls this and ``close`` under one lock, so the pipe is never written after closing.)"""
         self.stop_reason = self.stop_reason or "cancel"
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
 
     def close(self) -> None:
         for fd in (self._wake_r, self._wake_w):
@@ -96,6 +103,7 @@ class Supervisor:
                 os.close(fd)
             except OSError:
                 pass
+        self._wake_r = self._wake_w = -1
 
     def install_signals(self) -> None:
         signal.set_wakeup_fd(self._wake_w)
@@ -108,9 +116,13 @@ class Supervisor:
         return bool(self.stop_reason) or (self.dir / "cancel").exists()
 
     def _sleep(self, seconds: float, fds: tuple[int, ...] = ()) -> None:
-        """Sleep, but wake at once on a signal (or when one of ``fds`` is readable)."""
+        """Sleep, but wake at once on a signal or ``request_stop`` (or when one of ``fds`` is readable).
+        poll, not select: a launcher supervising many tasks may hold fds beyond select's 1024."""
+        poller = select.poll()
+        for fd in (self._wake_r, *fds):
+            poller.register(fd, select.POLLIN)
         try:
-            select.select([self._wake_r, *fds], [], [], max(0.0, seconds))
+            poller.poll(max(0.0, seconds) * 1000)
         except InterruptedError:
             pass
         try:
@@ -150,7 +162,7 @@ class Supervisor:
             attempt = Attempt(attempt=n, started_at=utcnow())
             try:
                 kind = self.run_attempt(launch, env, stdin_path, deadline, attempts=attempts)
-            except OSError as e:
+            except ClaudeStartError as e:
                 attempt.finished_at, attempt.status, attempt.reason = utcnow(), TaskStatus.FAILED, str(e)
                 self.store.transition(self.task_id, TaskStatus.FAILED, error=f"could not start claude: {e}",
                                       attempts=attempts + [attempt])
@@ -202,31 +214,39 @@ class Supervisor:
         self.result_event, self._buf = None, b""
         out_path = self.dir / "stdout.jsonl"
         start_offset = out_path.stat().st_size if out_path.exists() else 0  # earlier attempts stay in front
-        with open(stdin_path, "rb") as stdin, open(out_path, "ab") as out, \
-                open(self.dir / "stderr.log", "ab") as err:
-            self.proc = procs.spawn(launch["argv"], stdin=stdin, stdout=out, stderr=err, cwd=launch["cwd"],
-                                    env=env, close_fds=True)
         try:
-            claude_ref = procs.ref_of(self.proc.pid)
-        except psutil.NoSuchProcess:
-            claude_ref = None
-        rec = self.store.update(self.task_id, lambda r: None if r.status.terminal else r.model_copy(
-            update={"claude": claude_ref, "progress": Progress()}))
-        if rec.status.terminal:  # ended by someone meanwhile (a cancel that found no supervisor)
-            self.stop_reason = "cancel"
-        self.store.append_event(self.task_id, "started", pid=self.proc.pid, attempt=len(attempts) + 1)
-        self._out = open(out_path, "rb")
-        self._out.seek(start_offset)
-        try:
+            with open(stdin_path, "rb") as stdin, open(out_path, "ab") as out, \
+                    open(self.dir / "stderr.log", "ab") as err:
+                self.proc = procs.spawn(launch["argv"], stdin=stdin, stdout=out, stderr=err, cwd=launch["cwd"],
+                                        env=env, close_fds=True)
+        except OSError as e:
+            raise ClaudeStartError(str(e)) from e
+        self._stopped = False
+        try:  # from here on, whatever fails, claude's tree is stopped and collected, and files are closed
+            try:
+                claude_ref = procs.ref_of(self.proc.pid)
+            except psutil.NoSuchProcess:
+                claude_ref = None
+            rec = self.store.update(self.task_id, lambda r: None if r.status.terminal else r.model_copy(
+                update={"claude": claude_ref, "progress": Progress()}))
+            if rec.status.terminal:  # ended by someone meanwhile (a cancel that found no supervisor)
+                self.stop_reason = "cancel"
+            self.store.append_event(self.task_id, "started", pid=self.proc.pid, attempt=len(attempts) + 1)
+            self._out = open(out_path, "rb")
+            self._out.seek(start_offset)
             kind = self.loop(deadline)
-        finally:
             self.stop_everything()
-        self.read_output()
-        if self._buf.strip():
-            self._buf += b"\n"
-            self._parse_buffer()
-        self._out.close()
-        return kind
+            self.read_output()
+            if self._buf.strip():
+                self._buf += b"\n"
+                self._parse_buffer()
+            return kind
+        finally:
+            if not self._stopped:
+                self.stop_everything()
+            if self._out is not None:
+                self._out.close()
+                self._out = None
 
     def loop(self, deadline: float) -> str:
         assert self.proc is not None
@@ -295,6 +315,7 @@ class Supervisor:
 
     def stop_everything(self) -> None:
         """Stop claude's tree if it still runs, then whatever else is left below this supervisor."""
+        self._stopped = True
         root = None
         if self.proc is not None and self.proc.poll() is None:
             try:

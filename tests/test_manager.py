@@ -280,3 +280,29 @@ def test_process_identity_uses_boot_relative_start_ticks():
     # a stepped wall clock moves create_time but not the start ticks
     assert procs.alive(me.model_copy(update={"create_time": me.create_time + 5}))
     assert not procs.alive(me.model_copy(update={"start_ticks": me.start_ticks + 1}))
+
+
+async def test_cancel_right_after_start_never_stops_the_launcher(fake_manager, workdir):
+    from cc_tasks import launcher
+    await run(fake_manager, TaskOptions(prompt=fake(), cwd=str(workdir)))
+    pid = launcher._request(fake_manager.store, {"op": "hello"})["pid"]
+    for _ in range(5):  # the launcher claims the task while cancel is under way
+        r = fake_manager.start(TaskOptions(prompt=fake({"sleep": 300}), cwd=str(workdir)), pump=False)
+        fake_manager.kick()
+        assert fake_manager.cancel(r.task_id).status == TaskStatus.CANCELLED
+    assert launcher._request(fake_manager.store, {"op": "hello"})["pid"] == pid and pid_alive(pid)
+
+
+def test_a_task_the_launcher_lost_track_of_fails(cc_env, workdir):
+    """A task recorded as supervised by a live launcher that has no thread for it (one that died before the
+    final record) is failed by the launcher's once-a-second check, not left running."""
+    from cc_tasks.launcher import Launcher
+    m = TaskManager(Settings.from_env())
+    r = m.start(TaskOptions(prompt=fake(), cwd=str(workdir)), pump=False)
+    host = Launcher(m.store)  # this test process stands in for the launcher
+    host.sock.close()
+    m.store.transition(r.task_id, TaskStatus.RUNNING, supervisor=host.me)
+    assert m.get(r.task_id).status == TaskStatus.RUNNING  # its supervisor (this process) lives
+    host.fail_lost_tasks()
+    after = m.get(r.task_id)
+    assert after.status == TaskStatus.FAILED and "without a final record" in after.error
