@@ -120,7 +120,9 @@ def _ensure_running_locked(store: TaskStore, on_spawn=None) -> bool:
         os.unlink(socket_path(store))
     except FileNotFoundError:
         pass
-    p = spawn_module(store, ["cc_tasks.launcher", str(store.root)], store.root / "launcher.log", dict(os.environ))
+    # not part of any task: a server inside a task must not pass the task's id on (see procs.task_orphans)
+    env = {k: v for k, v in os.environ.items() if k != "CC_TASKS_TASK_ID"}
+    p = spawn_module(store, ["cc_tasks.launcher", str(store.root)], store.root / "launcher.log", env)
     if on_spawn:
         on_spawn(p)
     deadline = time.monotonic() + START_WAIT

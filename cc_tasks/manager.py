@@ -30,9 +30,10 @@ ProgressFn = Callable[[float, str], Awaitable[None]]
 #: How long cancel waits for a supervisor to stop its task before stopping it itself.
 CANCEL_WAIT = 15.0
 PROGRESS_EVERY = 1.0
-#: wait_for_tasks looks at the store's active/ folder this often (a stat), and re-reads its unfinished
-#: records when it changed, or every WAIT_FULL_EVERY seconds anyway (a changed record, a dead supervisor).
-WAIT_POLL = 0.01
+#: Waits (wait_for_tasks, execute_cc_task) look at the store's active/ folder this often (a stat; less
+#: often the more records they would re-read), and re-read their unfinished records when it changed, or
+#: every WAIT_FULL_EVERY seconds anyway (a changed record, a dead supervisor).
+WAIT_POLL = 0.002
 WAIT_FULL_EVERY = 0.25
 
 
@@ -379,11 +380,12 @@ class TaskManager:
             return record
         # The supervisor is gone or unresponsive: stop the tree ourselves (never a live launcher, only the task's claude).
         claude = procs.process_of(record.claude)
+        others = [] if record.claude else procs.task_processes(task_id)  # (its pid not recorded yet)
         if shared and procs.alive(record.supervisor):
-            procs.stop_tree(claude, reap=self.reap, grace_int=0.5)
+            procs.stop_tree(claude, others=others, reap=self.reap, grace_int=0.5)
         else:
-            procs.stop_tree(procs.process_of(record.supervisor), others=[claude] if claude else [], reap=self.reap,
-                            grace_int=0.5)
+            procs.stop_tree(procs.process_of(record.supervisor), others=[claude] if claude else others,
+                            reap=self.reap, grace_int=0.5)
         self.reap()
         record = self.store.transition(task_id, TaskStatus.CANCELLED, error="cancelled: the task's process tree was stopped")
         self.pump()  # dependents of this task are skipped now
@@ -416,6 +418,7 @@ class TaskManager:
                 if t not in latest or not latest[t].status.terminal:
                     latest[t] = self._peek(t, copy=False)  # (only read, and replied with)
         while True:
+            stamp = self._active_stamp()  # (before the reads: an end after them is seen by the next wait)
             await anyio.to_thread.run_sync(refresh)
             records = [latest[t] for t in ids]
             finished = [r.task_id for r in records if r.status.terminal]
@@ -430,15 +433,14 @@ class TaskManager:
                 next_progress = now + PROGRESS_EVERY
                 running = sum(r.status == TaskStatus.RUNNING for r in records)
                 await progress(now - t0, f"{len(finished)}/{len(ids)} finished, {running} running, {now - t0:.0f}s")
-            await self._until_a_task_ends(len(ids) - len(finished),
+            await self._until_a_task_ends(stamp, len(ids) - len(finished),
                                           deadline if progress is None else min(deadline, next_progress))
 
-    async def _until_a_task_ends(self, unfinished: int, by: float) -> None:
-        """Sleep until some task of the store may have ended (its marker in active/ goes, which changes the
-        folder), at most WAIT_FULL_EVERY, at least long enough that re-reading ``unfinished`` records
-        stays cheap."""
-        stamp = self._active_stamp()
-        gap = WAIT_POLL * max(1.0, unfinished / 20)
+    async def _until_a_task_ends(self, stamp: tuple[int, int], unfinished: int, by: float) -> None:
+        """Sleep until some task of the store may have ended since ``stamp`` was taken (its marker in active/
+        goes, which changes the folder), at most WAIT_FULL_EVERY, at least long enough that re-reading
+        ``unfinished`` records stays cheap."""
+        gap = max(WAIT_POLL, 0.0005 * unfinished)
         until = min(by, time.monotonic() + WAIT_FULL_EVERY)
         while True:
             await asyncio.sleep(max(0.0, min(gap, until - time.monotonic())))
@@ -451,6 +453,7 @@ class TaskManager:
 
     async def execute(self, opts: TaskOptions, progress: ProgressFn | None = None) -> TaskRecord:
         """Run one task to its end. If the caller is cancelled, the task's process tree is stopped."""
+        stamp = self._active_stamp()
         record = await anyio.to_thread.run_sync(functools.partial(self.start, opts, pump=False))
         await self.akick()
         task_id = record.task_id
@@ -464,7 +467,8 @@ class TaskManager:
                     p = record.progress
                     tool = f", last tool {p.last_tool}" if p.last_tool else ""
                     await progress(now - t0, f"{record.status.value}: {p.turns} turns{tool}, {now - t0:.0f}s")
-                await asyncio.sleep(0.01)
+                await self._until_a_task_ends(stamp, 1, next_progress if progress is not None else now + WAIT_FULL_EVERY)
+                stamp = self._active_stamp()  # (before the read: an end after it is seen next time)
                 record = await anyio.to_thread.run_sync(self._peek, task_id)
         except BaseException:
             with anyio.CancelScope(shield=True):

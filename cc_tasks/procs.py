@@ -235,6 +235,18 @@ def task_orphans(task_id: str) -> list[psutil.Process]:
     return found
 
 
+def task_processes(task_id: str) -> list[psutil.Process]:
+    """Every process of this user carrying the task's id in its environment (claude and its tools, wherever
+    they were re-parented). A scan of all processes: for the rare case of a task whose supervisor died
+    before recording claude's pid."""
+    found = []
+    for p in psutil.process_iter(["environ"]):
+        env = p.info.get("environ") or {}
+        if env.get("CC_TASKS_TASK_ID") == task_id and p.pid != os.getpid():
+            found.append(p)
+    return found
+
+
 def become_subreaper() -> bool:
     """Make orphaned descendants re-parent to this process (Linux), so a task's tree stays in view."""
     try:

@@ -67,7 +67,10 @@ def fail_if_supervisor_died(store: TaskStore, r: TaskRecord, alive_max_age: floa
     def fn(cur: TaskRecord) -> TaskRecord | None:
         if cur.status.terminal or cur.supervisor is None or procs.alive(cur.supervisor):
             return None
-        procs.stop_tree(procs.process_of(cur.claude))
+        if cur.claude is not None:
+            procs.stop_tree(procs.process_of(cur.claude))
+        else:  # it died before recording claude's pid
+            procs.stop_tree(None, others=procs.task_processes(cur.task_id))
         log_path = store.root / "launcher.log" if cur.supervisor.shared else store.path(cur.task_id, "supervisor.log")
         return cur.model_copy(update={"status": TaskStatus.FAILED, "error":
                                       f"the task's supervisor (pid {cur.supervisor.pid}) died; its process tree was "

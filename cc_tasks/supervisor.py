@@ -78,6 +78,7 @@ class Supervisor:
         self._buf = b""
         self._out = None
         self._stopped = False
+        self.claude_ref = None
         self._last_text_event = -1e9
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -224,13 +225,12 @@ class Supervisor:
         self._stopped = False
         try:  # from here on, whatever fails, claude's tree is stopped and collected, and files are closed
             try:
-                claude_ref = procs.ref_of(self.proc.pid)
+                self.claude_ref = procs.ref_of(self.proc.pid)
             except psutil.NoSuchProcess:
-                claude_ref = None
-            rec = self.store.update(self.task_id, lambda r: None if r.status.terminal else r.model_copy(
-                update={"claude": claude_ref, "progress": Progress()}))
-            if rec.status.terminal:  # ended by someone meanwhile (a cancel that found no supervisor)
-                self.stop_reason = "cancel"
+                self.claude_ref = None
+            # The record learns claude's pid with the first progress flush (FLUSH_EVERY), or the final record:
+            # a short task costs one record write less. Until then a dead supervisor's claude is found by
+            # the task id in its environment (scheduler.fail_if_supervisor_died).
             self.store.append_event(self.task_id, "started", pid=self.proc.pid, attempt=len(attempts) + 1)
             self._out = open(out_path, "rb")
             self._out.seek(start_offset)
@@ -254,7 +254,7 @@ class Supervisor:
             pidfd = os.pidfd_open(self.proc.pid)
         except (AttributeError, OSError):
             pidfd = None
-        last_flush, dirty = 0.0, False
+        last_flush, dirty = time.monotonic(), True  # (the first flush also records claude's pid)
         try:
             while True:
                 self._sleep(min(TICK, deadline - time.monotonic()), (pidfd,) if pidfd is not None else ())
@@ -303,9 +303,11 @@ class Supervisor:
     def flush_progress(self) -> None:
         self.progress.updated_at = utcnow()
         snapshot = self.progress.model_copy()
-        sid = self.session_id
-        self.store.update(self.task_id, lambda r: None if r.status.terminal else r.model_copy(
-            update={"progress": snapshot, "session_id": r.session_id or sid}))
+        sid, ref = self.session_id, self.claude_ref
+        rec = self.store.update(self.task_id, lambda r: None if r.status.terminal else r.model_copy(
+            update={"progress": snapshot, "session_id": r.session_id or sid, "claude": ref}))
+        if rec.status.terminal:  # ended by someone meanwhile (a cancel that found no supervisor)
+            self.stop_reason = self.stop_reason or "cancel"
 
     def _reap(self) -> None:
         if self.proc is not None:
@@ -350,6 +352,7 @@ class Supervisor:
         self.progress.updated_at = utcnow()
         self.store.transition(
             self.task_id, out.status, exit_code=rc, progress=self.progress, attempts=attempts,
+            **({"claude": self.claude_ref} if self.claude_ref else {}),
             result=None if text is None else text[:RESULT_PREVIEW_CHARS],
             result_truncated=text is not None and len(text) > RESULT_PREVIEW_CHARS,
             result_chars=len(text or ""), **fields)

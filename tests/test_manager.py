@@ -75,8 +75,8 @@ async def test_failures_carry_a_reason(fake_manager, workdir, cfg, error):
 async def test_cancel_stops_a_stubborn_tree_and_leaves_no_zombie(fake_manager, workdir, hosting):
     r = fake_manager.start(TaskOptions(prompt=fake({"sleep": 300, "ignore_signals": True, "grandchild": True}),
                                        cwd=str(workdir)))
-    wait_until(lambda: (workdir / "grandchild.pid").exists() and fake_manager.get(r.task_id).status == TaskStatus.RUNNING)
-    rec = fake_manager.get(r.task_id)
+    # (claude's pid reaches the record with the first progress flush, within FLUSH_EVERY)
+    rec = wait_until(lambda: (workdir / "grandchild.pid").exists() and (x := fake_manager.get(r.task_id)).claude and x)
     grandchild = int((workdir / "grandchild.pid").read_text())
     assert psutil.Process(grandchild).ppid() == rec.claude.pid
     t0 = time.monotonic()
@@ -130,7 +130,7 @@ async def test_leftovers_of_one_task_are_stopped_and_no_other_tasks_processes(fa
     a = await run(fake_manager, TaskOptions(prompt=fake({"grandchild": True}), cwd=str(a_dir)))
     assert a.status == TaskStatus.COMPLETED and a.supervisor.shared
     assert not pid_alive(int((a_dir / "grandchild.pid").read_text()))
-    b_rec = fake_manager.get(b.task_id)
+    b_rec = wait_until(lambda: (x := fake_manager.get(b.task_id)).claude and x)
     b_grandchild = int((b_dir / "grandchild.pid").read_text())
     assert b_rec.status == TaskStatus.RUNNING and pid_alive(b_rec.claude.pid) and pid_alive(b_grandchild)
     assert fake_manager.cancel(b.task_id).status == TaskStatus.CANCELLED
@@ -306,3 +306,21 @@ def test_a_task_the_launcher_lost_track_of_fails(cc_env, workdir):
     host.fail_lost_tasks()
     after = m.get(r.task_id)
     assert after.status == TaskStatus.FAILED and "without a final record" in after.error
+
+
+async def test_a_supervisor_killed_before_it_recorded_claudes_pid_still_stops_claude(fake_manager, workdir, hosting):
+    """claude's pid reaches the record with the first progress flush; a supervisor dying before that leaves
+    claude to be found by the task id in its environment."""
+    r = fake_manager.start(TaskOptions(prompt=fake({"sleep": 300, "grandchild": True}), cwd=str(workdir)))
+    wait_until(lambda: (workdir / "grandchild.pid").exists())
+    rec = fake_manager.store.read(r.task_id)
+    from cc_tasks import procs
+    found = procs.task_processes(r.task_id)
+    assert len(found) >= 2  # claude and its background child
+    if rec.claude is not None:
+        pytest.skip("the first progress flush came before this test looked")
+    os.kill(rec.supervisor.pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(rec.supervisor.pid))
+    after = fake_manager.get(r.task_id)
+    assert after.status == TaskStatus.FAILED and "died" in after.error
+    assert not any(pid_alive(p.pid) for p in found)
