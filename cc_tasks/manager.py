@@ -440,7 +440,7 @@ class TaskManager:
         """Sleep until some task of the store may have ended since ``stamp`` was taken (its marker in active/
         goes, which changes the folder), at most WAIT_FULL_EVERY, at least long enough that re-reading
         ``unfinished`` records stays cheap."""
-        gap = max(WAIT_POLL, 0.0005 * unfinished)
+        gap = max(WAIT_POLL, 0.001 * unfinished)
         until = min(by, time.monotonic() + WAIT_FULL_EVERY)
         while True:
             await asyncio.sleep(max(0.0, min(gap, until - time.monotonic())))
