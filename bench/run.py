@@ -244,7 +244,7 @@ class Bench:
         return elapsed
 
     async def parallel_real(self):
-        n, rounds = (5, 1) if self.quick else (20, 5)
+        n, rounds = (5, 1) if self.quick else (20, 7)
         env = self.env(REAL_CLAUDE, cap=n)
         prompts = [f"parallel benchmark task {i}" for i in range(n)]
         direct, ours = [], []
@@ -378,7 +378,7 @@ class Bench:
 
     # 7 -------------------------------------------------------------------------------------------------
     async def execute_real(self):
-        rounds = 2 if self.quick else 15
+        rounds = 2 if self.quick else 25
         env = self.env(REAL_CLAUDE, cap=4)
         direct, ours, overhead = [], [], []
         async with self.server(env) as (c, _):

@@ -434,13 +434,14 @@ class TaskManager:
                 running = sum(r.status == TaskStatus.RUNNING for r in records)
                 await progress(now - t0, f"{len(finished)}/{len(ids)} finished, {running} running, {now - t0:.0f}s")
             await self._until_a_task_ends(stamp, len(ids) - len(finished),
-                                          deadline if progress is None else min(deadline, next_progress))
+                                          deadline if progress is None else min(deadline, next_progress), now - t0)
 
-    async def _until_a_task_ends(self, stamp: tuple[int, int], unfinished: int, by: float) -> None:
+    async def _until_a_task_ends(self, stamp: tuple[int, int], unfinished: int, by: float, waited: float) -> None:
         """Sleep until some task of the store may have ended since ``stamp`` was taken (its marker in active/
-        goes, which changes the folder), at most WAIT_FULL_EVERY, at least long enough that re-reading
-        ``unfinished`` records stays cheap."""
-        gap = max(WAIT_POLL, 0.001 * unfinished)
+        goes, which changes the folder), at most WAIT_FULL_EVERY. Looks every 2 ms at first, less often the
+        longer the wait has lasted (``waited`` seconds; a hundredth of it, up to 50 ms) and the more records
+        a change makes it re-read (1 ms each)."""
+        gap = max(WAIT_POLL, 0.001 * unfinished, min(0.05, waited / 100))
         until = min(by, time.monotonic() + WAIT_FULL_EVERY)
         while True:
             await asyncio.sleep(max(0.0, min(gap, until - time.monotonic())))
@@ -467,7 +468,8 @@ class TaskManager:
                     p = record.progress
                     tool = f", last tool {p.last_tool}" if p.last_tool else ""
                     await progress(now - t0, f"{record.status.value}: {p.turns} turns{tool}, {now - t0:.0f}s")
-                await self._until_a_task_ends(stamp, 1, next_progress if progress is not None else now + WAIT_FULL_EVERY)
+                await self._until_a_task_ends(stamp, 1, next_progress if progress is not None else now + WAIT_FULL_EVERY,
+                                              now - t0)
                 stamp = self._active_stamp()  # (before the read: an end after it is seen next time)
                 record = await anyio.to_thread.run_sync(self._peek, task_id)
         except BaseException:
