@@ -29,8 +29,10 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__
-from .store import TaskStore
+from . import __version__, procs
+from .config import Settings
+from .models import TaskStatus, utcnow
+from .store import TaskStore, validate_task_id
 
 def _idle_exit() -> float:
     try:
@@ -186,7 +188,6 @@ def cancel(store: TaskStore, task_id: str) -> bool:
 
 class Launcher:
     def __init__(self, store: TaskStore):
-        from .config import Settings
         self.store = store
         self.max_concurrent = Settings.from_env().max_concurrent
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -198,8 +199,7 @@ class Launcher:
         self.supervising: dict[str, object] = {}  # task id -> its Supervisor (one thread each)
         self._lock = threading.Lock()
         self._wake_r = self._wake_w = -1
-        from .procs import ref_of
-        self.me = ref_of(os.getpid()).model_copy(update={"shared": True})
+        self.me = procs.ref_of(os.getpid()).model_copy(update={"shared": True})
 
     def wake(self) -> None:
         try:
@@ -208,7 +208,6 @@ class Launcher:
             pass
 
     def serve(self) -> None:
-        from .procs import become_subreaper
         path = socket_path(self.store)
         try:
             os.unlink(path)
@@ -222,7 +221,7 @@ class Launcher:
         self._bound = (path, os.stat(path).st_ino)
         self.sock.listen(128)
         self.sock.setblocking(False)
-        become_subreaper()
+        procs.become_subreaper()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -243,7 +242,6 @@ class Launcher:
 
     def serve_once(self) -> bool:
         """Wait for a request, a wake-up or the next tick, and do what is due. True when it is time to exit."""
-        from .procs import reap_children
         watch = [self.sock, self._wake_r] if self.listening else [self._wake_r]
         poller = select.poll()  # (not select: fds may go beyond 1024 with many tasks)
         for fd in watch:
@@ -257,7 +255,7 @@ class Launcher:
                 pass
         if time.monotonic() - self.last_reap >= PUMP_EVERY:  # orphans adopted from tasks' trees
             self.last_reap = time.monotonic()
-            reap_children()
+            procs.reap_children()
         if self.listening and self.sock.fileno() in ready:  # every waiting request, then one pump for all kicks
             while True:
                 try:
@@ -314,7 +312,6 @@ class Launcher:
                     pass
 
     def dispatch(self, msg: dict) -> dict:
-        from .store import validate_task_id
         op = msg.get("op")
         if op == "hello":
             return {"identity": IDENTITY, "pid": os.getpid(), "tasks": len(self.supervising)}
@@ -353,8 +350,6 @@ class Launcher:
     def fail_lost_tasks(self) -> None:
         """Fail tasks recorded as supervised here that no thread of this process supervises (a thread that
         died before writing the final record): with this process alive, nobody else would notice."""
-        from .models import TaskStatus
-        from .procs import process_of, stop_tree
         for t in self.store.active_ids():
             try:
                 r = self.store.read_cached(t, copy=False)
@@ -365,14 +360,13 @@ class Launcher:
             with self._lock:
                 lost = mine and not r.status.terminal and t not in self.supervising
             if lost:
-                stop_tree(process_of(r.claude))
+                procs.stop_tree(procs.process_of(r.claude))
                 self.store.transition(t, TaskStatus.FAILED, error="its supervisor (a thread of the store's launcher) "
                                       f"ended without a final record; see {self.store.root / 'launcher.log'}")
 
     def supervise(self, task_id: str):
         """Claim a queued task for this process and supervise it in a thread; the ProcRef recorded as its
         supervisor, or None if it is not queued or another supervisor has it."""
-        from .models import TaskStatus, utcnow
         from .supervisor import Supervisor
         claimed = []
 
