@@ -16,6 +16,7 @@ their own (scheduler.spawn_supervisor).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from . import __version__, procs
 from .config import Settings
+from .errors import TaskNotFoundError
 from .models import TaskStatus, utcnow
 from .store import TaskStore, validate_task_id
 
@@ -278,8 +280,8 @@ class Launcher:
             return not self.supervising
         active = self.store.has_active()
         if active and time.monotonic() - self.last_pump >= PUMP_EVERY:
-            self.fail_lost_tasks()
             self.pump(fresh=True)
+            self.fail_lost_tasks()
         elif active and self.kicked:
             self.pump(fresh=False)
         elif not active:
@@ -351,8 +353,8 @@ class Launcher:
         """Fail tasks recorded as supervised here that no thread of this process supervises (a thread that
         died before writing the final record): with this process alive, nobody else would notice."""
         for t in self.store.active_ids():
-            try:
-                r = self.store.read_cached(t, copy=False)
+            try:  # (the fresh pump has just read them; a stale one only costs a no-op transition)
+                r = self.store.peek_cached(t) or self.store.read_cached(t, copy=False)
             except Exception:
                 continue
             mine = r.supervisor is not None and r.supervisor.pid == self.me.pid \
@@ -361,8 +363,9 @@ class Launcher:
                 lost = mine and not r.status.terminal and t not in self.supervising
             if lost:
                 procs.stop_tree(procs.process_of(r.claude))
-                self.store.transition(t, TaskStatus.FAILED, error="its supervisor (a thread of the store's launcher) "
-                                      f"ended without a final record; see {self.store.root / 'launcher.log'}")
+                with contextlib.suppress(TaskNotFoundError):  # (deleted meanwhile)
+                    self.store.transition(t, TaskStatus.FAILED, error="its supervisor (a thread of the store's "
+                                          f"launcher) ended without a final record; see {self.store.root / 'launcher.log'}")
 
     def supervise(self, task_id: str):
         """Claim a queued task for this process and supervise it in a thread; the ProcRef recorded as its
