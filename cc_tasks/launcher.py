@@ -236,8 +236,10 @@ class Launcher:
             try:
                 if self.serve_once():
                     break
-            except Exception:  # one bad pass (EMFILE, a vanished folder) must not end every task's supervision
+            except Exception:  # one bad pass (EMFILE, say) must not end every task's supervision
                 traceback.print_exc()
+                if not self.store.active_dir.is_dir():  # the store was deleted: nothing is left to serve
+                    self.stop(cancel=True)
                 time.sleep(0.1)
         if self.listening:
             _unlink_if(*self._bound)

@@ -324,3 +324,16 @@ async def test_a_supervisor_killed_before_it_recorded_claudes_pid_still_stops_cl
     after = fake_manager.get(r.task_id)
     assert after.status == TaskStatus.FAILED and "died" in after.error
     assert not any(pid_alive(p.pid) for p in found)
+
+
+async def test_a_launcher_whose_store_is_deleted_exits(cc_env, fake_claude, workdir, tmp_path, monkeypatch):
+    import shutil
+    from cc_tasks import launcher
+    monkeypatch.setenv("CC_TASKS_CLAUDE_BIN", fake_claude)
+    monkeypatch.setenv("CC_TASKS_DIR", str(tmp_path / "doomed"))
+    m = TaskManager(Settings.from_env())
+    assert (await run(m, TaskOptions(prompt=fake(), cwd=str(workdir)))).status == TaskStatus.COMPLETED
+    pid = launcher._request(m.store, {"op": "hello"})["pid"]
+    shutil.rmtree(m.store.root)
+    wait_until(lambda: not pid_alive(pid))
+    m.reap(wait=5)
