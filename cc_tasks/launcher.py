@@ -29,12 +29,17 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, procs
 from .config import Settings
 from .errors import TaskNotFoundError
-from .models import TaskStatus, utcnow
+from .models import TaskStatus
 from .store import TaskStore, validate_task_id
+
+if TYPE_CHECKING:  # (supervisor imports this module)
+    from .supervisor import Supervisor
+
 
 def _idle_exit() -> float:
     try:
@@ -198,7 +203,7 @@ class Launcher:
         self.cancel_all = False  # SIGTERM: cancel those tasks first
         self.kicked = True
         self.last_pump = self.last_reap = 0.0
-        self.supervising: dict[str, object] = {}  # task id -> its Supervisor (one thread each)
+        self.supervising: dict[str, Supervisor] = {}  # task id -> its Supervisor (one thread each)
         self._lock = threading.Lock()
         self._wake_r = self._wake_w = -1
         self.me = procs.ref_of(os.getpid()).model_copy(update={"shared": True})
@@ -277,7 +282,7 @@ class Launcher:
                 self.cancelled = True
                 with self._lock:
                     for sup in self.supervising.values():
-                        sup.request_stop()  # type: ignore[attr-defined]
+                        sup.request_stop()
             self.kicked = False
             return not self.supervising
         active = self.store.has_active()
@@ -334,7 +339,7 @@ class Launcher:
             with self._lock:  # (under the lock that _run closes it under: never a write to a closed pipe)
                 sup = self.supervising.get(validate_task_id(msg.get("task_id")))
                 if sup is not None:
-                    sup.request_stop()  # type: ignore[attr-defined]
+                    sup.request_stop()
             return {"ok": sup is not None}
         return {"error": f"unknown op {op!r}"}
 
@@ -359,8 +364,7 @@ class Launcher:
                 r = self.store.peek_cached(t) or self.store.read_cached(t, copy=False)
             except Exception:
                 continue
-            mine = r.supervisor is not None and r.supervisor.pid == self.me.pid \
-                and r.supervisor.start_ticks == self.me.start_ticks
+            mine = r.supervisor is not None and r.supervisor.same_process(self.me)
             with self._lock:
                 lost = mine and not r.status.terminal and t not in self.supervising
             if lost:
@@ -372,16 +376,9 @@ class Launcher:
     def supervise(self, task_id: str):
         """Claim a queued task for this process and supervise it in a thread; the ProcRef recorded as its
         supervisor, or None if it is not queued or another supervisor has it."""
-        from .supervisor import Supervisor
-        claimed = []
-
-        def claim(r):
-            if r.status != TaskStatus.QUEUED or r.supervisor is not None:
-                return None
-            claimed.append(r.model_copy(update={"status": TaskStatus.RUNNING, "started_at": utcnow(), "supervisor": self.me}))
-            return claimed[-1]
-        self.store.update(task_id, claim)
-        if not claimed:
+        from .supervisor import Supervisor, claim  # (here: supervisor imports this module)
+        claimed = claim(self.store, task_id, self.me)
+        if claimed is None:
             return None
         from .scheduler import note_started
         note_started(self.store, task_id)  # (when a server's pump asked for it, this process's view learns it)
@@ -390,7 +387,7 @@ class Launcher:
             sup = Supervisor(self.store, task_id, shared=True)
             with self._lock:
                 self.supervising[task_id] = sup
-            threading.Thread(target=self._run, args=(sup, claimed[0]), name=f"task-{task_id}", daemon=True).start()
+            threading.Thread(target=self._run, args=(sup, claimed), name=f"task-{task_id}", daemon=True).start()
         except Exception as e:
             with self._lock:
                 self.supervising.pop(task_id, None)

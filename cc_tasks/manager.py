@@ -212,19 +212,21 @@ class TaskManager:
         """Start what the shared queue allows now."""
         return scheduler.pump(self.store, self.settings.max_concurrent, on_spawn=self._adopt)
 
+    def _kick_known_launcher(self) -> bool:
+        """Kick the store's launcher if this process already found it listening (no start, no wait)."""
+        return scheduler.use_launcher() and launcher.is_known_good(self.store) and launcher.kick(self.store)
+
     def tend(self) -> None:
         """The server's periodic look at the queue: the launcher's, where one is known to run (it pumps
         itself and reads fewer records); else a pump here."""
-        if scheduler.use_launcher() and launcher.is_known_good(self.store) and launcher.kick(self.store):
-            return
-        self.pump()
+        if not self._kick_known_launcher():
+            self.pump()
 
     async def akick(self) -> None:
         """``kick`` for the event loop: inline when a launcher is known to listen, else in a worker thread
         (starting a launcher takes a moment and must not block other tool calls)."""
-        if scheduler.use_launcher() and launcher.is_known_good(self.store) and launcher.kick(self.store):
-            return
-        await anyio.to_thread.run_sync(self.kick)
+        if not self._kick_known_launcher():
+            await anyio.to_thread.run_sync(self.kick)
 
     def kick(self) -> None:
         """Have the queue looked at now, without waiting for supervisors to start: the store's launcher

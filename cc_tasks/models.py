@@ -191,6 +191,9 @@ class ProcRef(BaseModel):
     shared: bool = Field(False, description="A process supervising several tasks (the store's launcher): "
                                             "ask it to cancel one; never signal it.")
 
+    def same_process(self, other: "ProcRef") -> bool:
+        return (self.pid, self.start_ticks) == (other.pid, other.start_ticks)
+
 
 class Progress(BaseModel):
     """Live progress drawn from claude's stream-json output."""

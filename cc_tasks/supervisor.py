@@ -29,7 +29,7 @@ import psutil
 from . import launcher, procs
 from .command import build_env
 from .config import Settings
-from .models import RESULT_PREVIEW_CHARS, Attempt, Progress, TaskOptions, TaskRecord, TaskStatus, utcnow
+from .models import RESULT_PREVIEW_CHARS, Attempt, ProcRef, Progress, TaskOptions, TaskRecord, TaskStatus, utcnow
 from .scheduler import pump, use_launcher
 from .store import TaskStore, atomic_write
 from .stream import Outcome, apply_event, is_transient, outcome, split_lines
@@ -43,6 +43,20 @@ FLUSH_EVERY = 0.5
 #: Characters of each dependency's result put in front of the prompt, and of all of them together.
 DEP_RESULT_CHARS = 8_000
 DEP_RESULTS_TOTAL = 32_000
+
+
+def claim(store: TaskStore, task_id: str, me: ProcRef) -> TaskRecord | None:
+    """Take a queued task for supervisor ``me`` before anything runs (status ``running``): exactly one
+    caller gets it, whoever started it. None if it is not queued, or another supervisor has it."""
+    claimed: list[TaskRecord] = []
+
+    def fn(r: TaskRecord) -> TaskRecord | None:
+        if r.status != TaskStatus.QUEUED or (r.supervisor is not None and not r.supervisor.same_process(me)):
+            return None
+        claimed.append(r.model_copy(update={"status": TaskStatus.RUNNING, "started_at": utcnow(), "supervisor": me}))
+        return claimed[0]
+    store.update(task_id, fn)
+    return claimed[0] if claimed else None
 
 
 def dependency_preamble(store: TaskStore, depends_on: list[str]) -> str:
@@ -141,9 +155,9 @@ class Supervisor:
         else:
             self.install_signals()
             procs.become_subreaper()
-            record = self.claim()
+            record = claim(self.store, self.task_id, procs.ref_of(os.getpid()))
             if record is None:
-                return 0
+                return 0  # another supervisor has it, or it was cancelled or finished meanwhile
         if self.cancelled():
             self.store.transition(self.task_id, TaskStatus.CANCELLED, error="cancelled before it started")
             return 0
@@ -191,23 +205,6 @@ class Supervisor:
             attempts.append(attempt)
             self.finish(out, attempts, rc)
             return 0
-
-    def claim(self) -> TaskRecord | None:
-        """Take the task before anything runs: exactly one supervisor process gets it, whoever started it."""
-        record = self.store.read(self.task_id)
-        if record.status.terminal:
-            return None
-        me = procs.ref_of(os.getpid())
-
-        def fn(r: TaskRecord) -> TaskRecord | None:
-            other = r.supervisor is not None and (r.supervisor.pid, r.supervisor.start_ticks) != (me.pid, me.start_ticks)
-            if r.status != TaskStatus.QUEUED or other:
-                return None
-            return r.model_copy(update={"status": TaskStatus.RUNNING, "started_at": utcnow(), "supervisor": me})
-        record = self.store.update(self.task_id, fn)
-        if record.status != TaskStatus.RUNNING or record.supervisor is None or record.supervisor.pid != me.pid:
-            return None  # another supervisor has it, or it was cancelled or finished meanwhile
-        return record
 
     def run_attempt(self, launch: dict, env: dict, stdin_path: Path, deadline: float, *,
                     attempts: list[Attempt]) -> str:
