@@ -25,8 +25,16 @@ from .errors import CCTasksError
 # not a terminal (a pipe, a file): never squeeze tables to 80 columns
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-STATUS_STYLE = {"waiting": "yellow", "queued": "yellow", "running": "cyan", "completed": "green", "failed": "red",
-                "timeout": "red", "cancelled": "dim", "skipped": "dim"}
+STATUS_STYLE = {
+    "waiting": "yellow",
+    "queued": "yellow",
+    "running": "cyan",
+    "completed": "green",
+    "failed": "red",
+    "timeout": "red",
+    "cancelled": "dim",
+    "skipped": "dim",
+}
 ENTRY_STYLE = {"assistant": "cyan", "tool": "yellow", "tool_result": "white", "result": "green", "session": "dim"}
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 
@@ -42,6 +50,7 @@ def parse_duration(text: str) -> timedelta:
 def _manager(ctx: click.Context):
     from .config import Settings
     from .manager import TaskManager
+
     store = ctx.obj.get("store") if ctx.obj else None
     return TaskManager(Settings.from_env(store_dir=Path(store) if store else None))
 
@@ -73,7 +82,9 @@ class Group(click.Group):
 
 @click.group(cls=Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cc-tasks", message="%(prog)s %(version)s")
-@click.option("--store", type=click.Path(file_okay=False), help="Task store (default: CC_TASKS_DIR, else <tmp>/cc_tasks-<uid>).")
+@click.option(
+    "--store", type=click.Path(file_okay=False), help="Task store (default: CC_TASKS_DIR, else <tmp>/cc_tasks-<uid>)."
+)
 @click.pass_context
 def main_group(ctx: click.Context, store: str | None) -> None:
     """Run Claude Code sub-agents in parallel. Without a command: serve MCP over stdio."""
@@ -84,19 +95,25 @@ def main_group(ctx: click.Context, store: str | None) -> None:
 
 @main_group.command()
 @click.option("--transport", type=click.Choice(["stdio", "http"]), default="stdio", show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address; anything but loopback needs a token.")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="HTTP bind address; anything but loopback needs a token."
+)
 @click.option("--port", type=int, default=8765, show_default=True)
 @click.option("--path", default="/mcp", show_default=True, help="MCP endpoint path.")
-@click.option("--token", envvar="CC_TASKS_TOKEN", help="Bearer token required by every HTTP request (or CC_TASKS_TOKEN).")
+@click.option(
+    "--token", envvar="CC_TASKS_TOKEN", help="Bearer token required by every HTTP request (or CC_TASKS_TOKEN)."
+)
 @click.pass_context
 def serve(ctx, transport, host, port, path, token):
     """Serve the MCP tools over stdio (default) or Streamable HTTP with the live dashboard at /."""
     mgr = _manager(ctx)
     if transport == "stdio":
         from .server import run_stdio
+
         run_stdio(mgr)
     else:
         from .http import run_http
+
         run_http(mgr, host, port, path, token)
 
 
@@ -109,8 +126,10 @@ def serve(ctx, transport, host, port, path, token):
 def list_cmd(ctx, show_all, status, limit, as_json):
     """List tasks: id, name, status, elapsed, turns, cost, cwd."""
     from .models import TaskStatus
-    listing = _manager(ctx).list(include_finished=show_all or bool(status), limit=limit,
-                                 status=TaskStatus(status) if status else None)
+
+    listing = _manager(ctx).list(
+        include_finished=show_all or bool(status), limit=limit, status=TaskStatus(status) if status else None
+    )
     if as_json:
         click.echo(listing.model_dump_json(indent=2))
         return
@@ -118,9 +137,15 @@ def list_cmd(ctx, show_all, status, limit, as_json):
     for col in ("id", "name", "status", "elapsed", "turns", "cost", "cwd"):
         table.add_column(col, no_wrap=col in ("id", "status"))
     for t in listing.tasks:
-        table.add_row(t.task_id, escape(t.name or t.prompt_preview[:40]), _status(t.status.value),
-                      _elapsed(t.elapsed_seconds), str(t.turns), "" if t.cost_usd is None else f"${t.cost_usd:.4f}",
-                      escape(t.cwd))
+        table.add_row(
+            t.task_id,
+            escape(t.name or t.prompt_preview[:40]),
+            _status(t.status.value),
+            _elapsed(t.elapsed_seconds),
+            str(t.turns),
+            "" if t.cost_usd is None else f"${t.cost_usd:.4f}",
+            escape(t.cwd),
+        )
     if listing.tasks:
         console.print(table)
     else:
@@ -139,13 +164,27 @@ def show(ctx, task_id, as_json):
     if as_json:
         click.echo(r.model_dump_json(indent=2))
         return
-    rows = [("id", r.task_id), ("name", r.name), ("status", _status(r.status.value)), ("cwd", r.cwd),
-            ("model", r.model), ("created", r.created_at), ("started", r.started_at), ("finished", r.finished_at),
-            ("elapsed", _elapsed(r.elapsed_seconds)), ("exit code", r.exit_code),
-            ("turns", r.num_turns if r.num_turns is not None else r.progress.turns),
-            ("cost", r.total_cost_usd), ("session", r.session_id), ("attempts", len(r.attempts) or None),
-            ("depends on", ", ".join(r.depends_on) or None), ("parent", r.parent_task_id),
-            ("queue position", r.queue_position), ("error", r.error), ("prompt", r.prompt_preview)]
+    rows = [
+        ("id", r.task_id),
+        ("name", r.name),
+        ("status", _status(r.status.value)),
+        ("cwd", r.cwd),
+        ("model", r.model),
+        ("created", r.created_at),
+        ("started", r.started_at),
+        ("finished", r.finished_at),
+        ("elapsed", _elapsed(r.elapsed_seconds)),
+        ("exit code", r.exit_code),
+        ("turns", r.num_turns if r.num_turns is not None else r.progress.turns),
+        ("cost", r.total_cost_usd),
+        ("session", r.session_id),
+        ("attempts", len(r.attempts) or None),
+        ("depends on", ", ".join(r.depends_on) or None),
+        ("parent", r.parent_task_id),
+        ("queue position", r.queue_position),
+        ("error", r.error),
+        ("prompt", r.prompt_preview),
+    ]
     for k, v in rows:
         if v is not None and v != "":
             console.print(f"[bold]{k:>14}[/]  {v if k == 'status' else escape(str(v))}")
@@ -153,7 +192,9 @@ def show(ctx, task_id, as_json):
         console.print(f"[bold]{'result':>14}[/]")
         console.print(r.result, markup=False)
         if r.result_truncated:
-            console.print(f"[dim]… {r.result_chars - len(r.result)} more characters (cc-tasks logs, or get_task_output)[/]")
+            console.print(
+                f"[dim]… {r.result_chars - len(r.result)} more characters (cc-tasks logs, or get_task_output)[/]"
+            )
 
 
 @main_group.command()
@@ -163,6 +204,7 @@ def show(ctx, task_id, as_json):
 def logs(ctx, task_id, follow):
     """Print a task's transcript readably: assistant text, tool calls and their results."""
     from .transcript import read_entries
+
     mgr = _manager(ctx)
     record = mgr.get(task_id)
     path = mgr.store.path(task_id, "stdout.jsonl")
@@ -186,19 +228,28 @@ def logs(ctx, task_id, follow):
 def _task_options(f):
     opts = [
         click.option("--cwd", type=click.Path(file_okay=False), help="Working directory (default: here)."),
-        click.option("--model"), click.option("--fallback-model"),
+        click.option("--model"),
+        click.option("--fallback-model"),
         click.option("--allowed-tool", "allowed_tools", multiple=True, help="Repeatable, e.g. --allowed-tool Bash."),
         click.option("--disallowed-tool", "disallowed_tools", multiple=True),
-        click.option("--permission-mode", type=click.Choice(["acceptEdits", "auto", "bypassPermissions", "manual",
-                                                             "dontAsk", "plan"])),
-        click.option("--max-turns", type=int), click.option("--max-budget-usd", type=float),
-        click.option("--system-prompt"), click.option("--append-system-prompt"),
+        click.option(
+            "--permission-mode",
+            type=click.Choice(["acceptEdits", "auto", "bypassPermissions", "manual", "dontAsk", "plan"]),
+        ),
+        click.option("--max-turns", type=int),
+        click.option("--max-budget-usd", type=float),
+        click.option("--system-prompt"),
+        click.option("--append-system-prompt"),
         click.option("--resume", "resume_session_id", help="Resume this claude session id."),
-        click.option("--add-dir", "add_dirs", multiple=True), click.option("--mcp-config"),
+        click.option("--add-dir", "add_dirs", multiple=True),
+        click.option("--mcp-config"),
         click.option("--env", "env", multiple=True, help="KEY=VALUE for the sub-agent; repeatable."),
         click.option("--timeout", "timeout_seconds", type=float, help="Seconds."),
-        click.option("--name"), click.option("--priority", type=int, default=0, show_default=True),
-        click.option("--depends-on", "depends_on", multiple=True, help="A task id that must complete first; repeatable."),
+        click.option("--name"),
+        click.option("--priority", type=int, default=0, show_default=True),
+        click.option(
+            "--depends-on", "depends_on", multiple=True, help="A task id that must complete first; repeatable."
+        ),
         click.option("--include-dependency-results", is_flag=True),
         click.option("--max-attempts", type=int, default=3, show_default=True),
     ]
@@ -216,6 +267,7 @@ def _task_options(f):
 def run(ctx, prompt, wait, as_json, env, **options):
     """Start a task from a shell (PROMPT '-' reads the prompt from standard input). Prints its id."""
     from .models import TaskOptions
+
     if prompt == "-":
         prompt = sys.stdin.read()
     env_vars = {}
@@ -227,10 +279,12 @@ def run(ctx, prompt, wait, as_json, env, **options):
     clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
     clean = {k: v for k, v in clean.items() if v not in (None, [], False)}
     from pydantic import ValidationError
+
     try:
         opts = TaskOptions(prompt=prompt, env=env_vars or None, **clean)
     except ValidationError as e:
         from .server import _validation_message
+
         raise click.UsageError(_validation_message(e)) from None
     mgr = _manager(ctx)
     record = mgr.start(opts)
@@ -245,8 +299,12 @@ def run(ctx, prompt, wait, as_json, env, **options):
                 p = record.progress
                 tool = f" · last tool {p.last_tool}" if p.last_tool else ""
                 pos = f" · queue position {record.queue_position}" if record.queue_position else ""
-                status.update(escape(f"{record.status.value}{pos} · {p.turns} turns{tool} · "
-                                     f"{_elapsed(record.elapsed_seconds) or '0s'}"))
+                status.update(
+                    escape(
+                        f"{record.status.value}{pos} · {p.turns} turns{tool} · "
+                        f"{_elapsed(record.elapsed_seconds) or '0s'}"
+                    )
+                )
                 time.sleep(0.2)
                 record = mgr.get(task_id)
     except KeyboardInterrupt:
@@ -262,8 +320,10 @@ def run(ctx, prompt, wait, as_json, env, **options):
             text, offset = text + page.text, page.next_offset
         if text:
             click.echo(text)
-        err_console.print(f"{_status(record.status.value)} · exit code {record.exit_code} · "
-                          f"{_elapsed(record.elapsed_seconds)}" + (f" · {escape(record.error)}" if record.error else ""))
+        err_console.print(
+            f"{_status(record.status.value)} · exit code {record.exit_code} · "
+            f"{_elapsed(record.elapsed_seconds)}" + (f" · {escape(record.error)}" if record.error else "")
+        )
     sys.exit(0 if record.status.value == "completed" else 1)
 
 
@@ -278,7 +338,9 @@ def cancel(ctx, task_id):
 
 @main_group.command()
 @click.argument("task_id", required=False)
-@click.option("--older-than", type=str, help="Delete finished tasks older than this (e.g. 7d, 12h); never running ones.")
+@click.option(
+    "--older-than", type=str, help="Delete finished tasks older than this (e.g. 7d, 12h); never running ones."
+)
 @click.option("--status", type=click.Choice(list(STATUS_STYLE)), help="With --older-than: only tasks with this status.")
 @click.pass_context
 def cleanup(ctx, task_id, older_than, status):
@@ -293,6 +355,7 @@ def cleanup(ctx, task_id, older_than, status):
         console.print(f"deleted {task_id} (was {res.was_status.value})")
         return
     from .models import TaskStatus, utcnow
+
     cutoff = utcnow() - parse_duration(older_than)
     wanted = TaskStatus(status) if status else None
     if wanted is not None and not wanted.terminal:
@@ -308,7 +371,9 @@ def cleanup(ctx, task_id, older_than, status):
         if (r.finished_at or r.created_at) < cutoff:
             mgr.store.delete(tid)
             deleted += 1
-    console.print(f"deleted {deleted} finished task(s) older than {older_than}" + (f" with status {status}" if status else ""))
+    console.print(
+        f"deleted {deleted} finished task(s) older than {older_than}" + (f" with status {status}" if status else "")
+    )
 
 
 @main_group.command()
@@ -317,6 +382,7 @@ def doctor(ctx):
     """Check the setup: claude binary and version, store path and permissions, API credentials, free disk."""
     from .config import Settings
     from .store import ensure_private_dir
+
     ok = True
 
     def line(good: bool, what: str, detail: str, essential: bool = True):
@@ -342,7 +408,11 @@ def doctor(ctx):
     try:
         root = ensure_private_dir(settings.store_dir)
         n = sum(1 for _ in (root / "tasks").iterdir()) if (root / "tasks").exists() else 0
-        line(True, "store", f"{root} (mode {oct(root.stat().st_mode & 0o777)}, owner uid {root.stat().st_uid}, {n} tasks)")
+        line(
+            True,
+            "store",
+            f"{root} (mode {oct(root.stat().st_mode & 0o777)}, owner uid {root.stat().st_uid}, {n} tasks)",
+        )
         free = shutil.disk_usage(root).free
         line(free > 1 << 30, "disk", f"{free / (1 << 30):.1f} GiB free at the store", essential=False)
     except CCTasksError as e:
@@ -354,12 +424,22 @@ def doctor(ctx):
     for k in ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX"):
         if os.environ.get(k):
             creds.append(k)
-    line(bool(creds), "credentials", ("present: " + ", ".join(creds) + " (values not shown)") if creds else
-         "none found: set ANTHROPIC_API_KEY, or log in with `claude` once", essential=False)
+    line(
+        bool(creds),
+        "credentials",
+        ("present: " + ", ".join(creds) + " (values not shown)")
+        if creds
+        else "none found: set ANTHROPIC_API_KEY, or log in with `claude` once",
+        essential=False,
+    )
     if os.environ.get("ANTHROPIC_BASE_URL"):
         line(True, "API endpoint", os.environ["ANTHROPIC_BASE_URL"], essential=False)
-    line(True, "limits", f"CC_TASKS_MAX_CONCURRENT={settings.max_concurrent}, depth {settings.depth} of "
-                         f"CC_TASKS_MAX_DEPTH={settings.max_depth}, default timeout {settings.default_timeout:g}s")
+    line(
+        True,
+        "limits",
+        f"CC_TASKS_MAX_CONCURRENT={settings.max_concurrent}, depth {settings.depth} of "
+        f"CC_TASKS_MAX_DEPTH={settings.max_depth}, default timeout {settings.default_timeout:g}s",
+    )
     sys.exit(0 if ok else 1)
 
 

@@ -8,7 +8,7 @@ so it is never read as a flag either and is not bounded by the argv size limit.
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 from .models import TaskOptions
 
@@ -51,7 +51,9 @@ def build_argv(opts: TaskOptions, claude_bin: str) -> list[str]:
     return argv
 
 
-def build_env(base: Mapping[str, str], opts: TaskOptions, *, depth: int, task_id: str, store_dir: str) -> dict[str, str]:
+def build_env(
+    base: Mapping[str, str], opts: TaskOptions, *, depth: int, task_id: str, store_dir: str
+) -> dict[str, str]:
     """The server's environment, less what confuses a nested claude, plus the task's own variables."""
     env = {k: v for k, v in base.items() if k not in STRIP_ENV}
     env.update(opts.env or {})

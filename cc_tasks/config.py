@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from pydantic import BaseModel, Field
 
@@ -20,6 +20,7 @@ def default_store_dir() -> Path:
 def default_max_concurrent() -> int:
     """Twice the CPU count, at most one per GiB of memory, between 2 and 16."""
     import psutil
+
     cpus = os.cpu_count() or 2
     gib = psutil.virtual_memory().total // (1 << 30)
     return max(2, min(16, 2 * cpus, gib))
@@ -34,7 +35,7 @@ class Settings(BaseModel):
     max_concurrent: int = Field(default_factory=default_max_concurrent)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
         env = os.environ if env is None else env
         values: dict = {}
         if env.get("CC_TASKS_DIR"):
@@ -69,10 +70,12 @@ class Settings(BaseModel):
                 return str(path.resolve())
             raise ClaudeNotFoundError(
                 f"claude CLI not found: CC_TASKS_CLAUDE_BIN={name!r} is not an executable file; "
-                "point it at the claude binary or unset it to use 'claude' from PATH")
+                "point it at the claude binary or unset it to use 'claude' from PATH"
+            )
         found = shutil.which(name)
         if not found:
             raise ClaudeNotFoundError(
                 f"claude CLI not found: {name!r} is not on PATH; install it "
-                "(npm install -g @anthropic-ai/claude-code) or set CC_TASKS_CLAUDE_BIN to its path")
+                "(npm install -g @anthropic-ai/claude-code) or set CC_TASKS_CLAUDE_BIN to its path"
+            )
         return found

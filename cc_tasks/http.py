@@ -39,7 +39,7 @@ def _loopback_authority(authority: str) -> bool:
     """``host[:port]`` (IPv6 in brackets) names this machine's loopback."""
     authority = authority.strip().rstrip("/")
     if authority.startswith("["):
-        host = authority[1:authority.find("]")] if "]" in authority else authority
+        host = authority[1 : authority.find("]")] if "]" in authority else authority
     else:
         host = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
     return bool(host) and is_loopback(host)
@@ -47,8 +47,9 @@ def _loopback_authority(authority: str) -> bool:
 
 def check_bind(host: str, token: str | None) -> None:
     if not is_loopback(host) and not token:
-        raise ConfigError(f"refusing to serve on {host} without a token: pass --token or set CC_TASKS_TOKEN "
-                          "(or bind 127.0.0.1)")
+        raise ConfigError(
+            f"refusing to serve on {host} without a token: pass --token or set CC_TASKS_TOKEN (or bind 127.0.0.1)"
+        )
 
 
 class TokenAuth:
@@ -75,7 +76,8 @@ class TokenAuth:
             # loopback, so that a web page cannot reach it by DNS rebinding.
             origin = headers.get("origin")
             if not _loopback_authority(headers.get("host", "")) or (
-                    origin and origin != "null" and not _loopback_authority(origin.split("://", 1)[-1])):
+                origin and origin != "null" and not _loopback_authority(origin.split("://", 1)[-1])
+            ):
                 resp = JSONResponse({"error": "forbidden: Host/Origin is not this machine"}, status_code=403)
                 return await resp(scope, receive, send)
             return await self.app(scope, receive, send)
@@ -92,8 +94,11 @@ class TokenAuth:
             resp = Response(status_code=303, headers={"location": "/", "cache-control": "no-store"})
             resp.set_cookie(COOKIE, self.token.decode(), httponly=True, samesite="strict", path="/")
             return await resp(scope, receive, send)
-        resp = JSONResponse({"error": "unauthorized: send Authorization: Bearer <token>"}, status_code=401,
-                            headers={"www-authenticate": 'Bearer realm="cc-tasks"'})
+        resp = JSONResponse(
+            {"error": "unauthorized: send Authorization: Bearer <token>"},
+            status_code=401,
+            headers={"www-authenticate": 'Bearer realm="cc-tasks"'},
+        )
         return await resp(scope, receive, send)
 
 
@@ -133,6 +138,7 @@ def create_http_app(manager: TaskManager, token: str | None, path: str = "/mcp")
                 return JSONResponse({"error": str(e)}, status_code=404)
             except CCTasksError as e:
                 return JSONResponse({"error": str(e)}, status_code=400)
+
         return route
 
     @mcp.custom_route("/api/tasks/{task_id}", methods=["GET"])
@@ -146,8 +152,9 @@ def create_http_app(manager: TaskManager, token: str | None, path: str = "/mcp")
     async def api_transcript(request: Request, task_id: str) -> Response:
         offset = _int(request, "offset", 0)
         record = await anyio.to_thread.run_sync(manager.get, task_id)
-        entries, nxt = await anyio.to_thread.run_sync(functools.partial(
-            read_entries, manager.store.path(task_id, "stdout.jsonl"), offset, max_bytes=256 * 1024))
+        entries, nxt = await anyio.to_thread.run_sync(
+            functools.partial(read_entries, manager.store.path(task_id, "stdout.jsonl"), offset, max_bytes=256 * 1024)
+        )
         return JSONResponse({"entries": [e.model_dump() for e in entries], "next": nxt, "status": record.status.value})
 
     @mcp.custom_route("/api/tasks/{task_id}/cancel", methods=["POST"])
@@ -163,6 +170,7 @@ def create_http_app(manager: TaskManager, token: str | None, path: str = "/mcp")
 
 def run_http(manager: TaskManager, host: str, port: int, path: str, token: str | None) -> None:
     import uvicorn
+
     check_bind(host, token)
     manager.install_sigchld_handler()
     app = create_http_app(manager, token, path)
@@ -174,13 +182,16 @@ def run_http(manager: TaskManager, host: str, port: int, path: str, token: str |
         @contextlib.contextmanager
         def capture_signals(self):
             """SIGTERM or SIGINT: shut down gracefully and exit 0 (uvicorn re-raises the signal afterwards)."""
+
             def stop(signum, frame):
                 log.info("HTTP server got signal %s; shutting down (running tasks continue)", signum)
                 self.should_exit = True
+
             old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
             try:
                 yield
             finally:
                 for s, h in old.items():
                     signal.signal(s, h)
+
     Server(config).run()

@@ -95,6 +95,7 @@ def ensure_running(store: TaskStore, on_spawn=None) -> bool:
     if is_known_good(store):
         return True
     from filelock import FileLock, Timeout
+
     try:
         with FileLock(str(store.root / "launcher.lock"), timeout=30):
             return _ensure_running_locked(store, on_spawn)
@@ -107,9 +108,16 @@ def spawn_module(store: TaskStore, args: list[str], log_path: Path, env: dict[st
     package importable whether it is installed or run from a checkout."""
     env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)}
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", *args], stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env=env, cwd=str(store.root), close_fds=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(store.root),
+            close_fds=True,
+            start_new_session=True,
+        )
 
 
 def _remember(store: TaskStore) -> None:
@@ -351,6 +359,7 @@ class Launcher:
         self.kicked = False  # (a task ending meanwhile sets it again)
         try:
             from .scheduler import pump
+
             if pump(self.store, self.max_concurrent, spawn=self.supervise, blocking=False, fresh=fresh) is None:
                 self.kicked = True
         except Exception:
@@ -370,17 +379,23 @@ class Launcher:
             if lost:
                 procs.stop_tree(procs.process_of(r.claude))
                 with contextlib.suppress(TaskNotFoundError):  # (deleted meanwhile)
-                    self.store.transition(t, TaskStatus.FAILED, error="its supervisor (a thread of the store's "
-                                          f"launcher) ended without a final record; see {self.store.root / 'launcher.log'}")
+                    self.store.transition(
+                        t,
+                        TaskStatus.FAILED,
+                        error="its supervisor (a thread of the store's "
+                        f"launcher) ended without a final record; see {self.store.root / 'launcher.log'}",
+                    )
 
     def supervise(self, task_id: str):
         """Claim a queued task for this process and supervise it in a thread; the ProcRef recorded as its
         supervisor, or None if it is not queued or another supervisor has it."""
         from .supervisor import Supervisor, claim  # (here: supervisor imports this module)
+
         claimed = claim(self.store, task_id, self.me)
         if claimed is None:
             return None
         from .scheduler import note_started
+
         note_started(self.store, task_id)  # (when a server's pump asked for it, this process's view learns it)
         sup = None
         try:
@@ -399,6 +414,7 @@ class Launcher:
 
     def _run(self, sup, claimed) -> None:
         from .supervisor import supervise
+
         try:
             supervise(sup, claimed)
         finally:
@@ -424,8 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m cc_tasks.launcher STORE_DIR", file=sys.stderr)
         return 2
-    from . import scheduler, supervisor  # noqa: F401  (imported once, before any task needs them)
     import gc
+
+    from . import scheduler, supervisor  # noqa: F401  (imported once, before any task needs them)
+
     gc.freeze()  # the imported modules live as long as the process: keep the collector off them
     Launcher(TaskStore(Path(argv[0]))).serve()
     return 0

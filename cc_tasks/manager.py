@@ -13,7 +13,8 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Awaitable, Callable, Literal, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Literal
 
 import anyio
 
@@ -21,8 +22,21 @@ from . import launcher, procs, scheduler
 from .command import STRIP_ENV, build_argv
 from .config import Settings
 from .errors import CCTasksError, DepthLimitError, InvalidOptionsError, TaskNotFoundError
-from .models import (REPLY_TEXT_BUDGET, BatchItem, BatchResult, BatchStarted, CleanupResult, EventPage, OutputPage,
-                     TaskList, TaskOptions, TaskRecord, TaskStatus, TaskSummary, WaitResult)
+from .models import (
+    REPLY_TEXT_BUDGET,
+    BatchItem,
+    BatchResult,
+    BatchStarted,
+    CleanupResult,
+    EventPage,
+    OutputPage,
+    TaskList,
+    TaskOptions,
+    TaskRecord,
+    TaskStatus,
+    TaskSummary,
+    WaitResult,
+)
 from .store import TaskStore, new_task_id, validate_task_id
 
 log = logging.getLogger("cc_tasks")
@@ -49,7 +63,7 @@ def _topological(items: list[BatchItem]) -> list[int]:
         if state.get(n) == 2:
             return
         if state.get(n) == 1:
-            cycle = path[path.index(n):] + [n]
+            cycle = path[path.index(n) :] + [n]
             names = " -> ".join(str(items[i].key) for i in cycle)
             raise InvalidOptionsError(f"dependency cycle in the batch: {names}")
         state[n] = 1
@@ -111,15 +125,21 @@ class TaskManager:
         if s.depth >= s.max_depth:
             raise DepthLimitError(
                 f"sub-agent nesting limit reached: this server runs at depth {s.depth} (CC_TASKS_DEPTH) and "
-                f"CC_TASKS_MAX_DEPTH is {s.max_depth}; do this work yourself instead of starting another sub-agent")
+                f"CC_TASKS_MAX_DEPTH is {s.max_depth}; do this work yourself instead of starting another sub-agent"
+            )
         cwd = os.path.abspath(os.path.expanduser(opts.cwd)) if opts.cwd else os.getcwd()
         if not os.path.isdir(cwd):
-            raise InvalidOptionsError(f"cwd {opts.cwd!r} does not exist or is not a directory; give an existing directory")
+            raise InvalidOptionsError(
+                f"cwd {opts.cwd!r} does not exist or is not a directory; give an existing directory"
+            )
         for d in opts.add_dirs or []:
             if not os.path.isdir(os.path.expanduser(d)):
                 raise InvalidOptionsError(f"add_dirs entry {d!r} does not exist or is not a directory")
-        if isinstance(opts.mcp_config, str) and not opts.mcp_config.lstrip().startswith("{") \
-                and not os.path.isfile(os.path.expanduser(opts.mcp_config)):
+        if (
+            isinstance(opts.mcp_config, str)
+            and not opts.mcp_config.lstrip().startswith("{")
+            and not os.path.isfile(os.path.expanduser(opts.mcp_config))
+        ):
             raise InvalidOptionsError(f"mcp_config {opts.mcp_config!r} is neither a JSON object nor an existing file")
         return cwd, s.resolve_claude()
 
@@ -130,11 +150,16 @@ class TaskManager:
 
     def start_batch(self, items: list[BatchItem], pump: bool = True) -> BatchResult:
         records = self.submit(items, pump=pump, early_kick=not pump)
-        return BatchResult(tasks=[BatchStarted(key=item.key, task_id=r.task_id, status=r.status, name=r.name)
-                                  for item, r in zip(items, records)])
+        return BatchResult(
+            tasks=[
+                BatchStarted(key=item.key, task_id=r.task_id, status=r.status, name=r.name)
+                for item, r in zip(items, records)
+            ]
+        )
 
-    def submit(self, items: list[BatchItem], parent_task_id: str | None = None, pump: bool = True,
-               early_kick: bool = False) -> list[TaskRecord]:
+    def submit(
+        self, items: list[BatchItem], parent_task_id: str | None = None, pump: bool = True, early_kick: bool = False
+    ) -> list[TaskRecord]:
         """Validate every item (nothing is written if one is bad), create them, then pump. With
         ``early_kick``, the queue is kicked once the first ``max_concurrent`` of a long batch exist."""
         if not items:
@@ -160,19 +185,35 @@ class TaskManager:
                     self.store.read(validate_task_id(d))
                 except CCTasksError:
                     raise InvalidOptionsError(
-                        f"depends_on: {d!r} is neither a task of this store nor a key of this batch") from None
+                        f"depends_on: {d!r} is neither a task of this store nor a key of this batch"
+                    ) from None
                 deps.append(d)
             ids[n] = task_id = new_task_id()
             record = TaskRecord(
-                task_id=task_id, name=opts.name, cwd=cwd, model=opts.model, prompt_preview=opts.prompt[:200],
+                task_id=task_id,
+                name=opts.name,
+                cwd=cwd,
+                model=opts.model,
+                prompt_preview=opts.prompt[:200],
                 timeout_seconds=opts.timeout_seconds or self.settings.default_timeout,
-                depth=self.settings.depth + 1, metadata=opts.metadata, priority=opts.priority,
-                depends_on=list(dict.fromkeys(deps)), max_attempts=opts.max_attempts, parent_task_id=parent_task_id,
-                status=TaskStatus.WAITING if deps else TaskStatus.QUEUED)
+                depth=self.settings.depth + 1,
+                metadata=opts.metadata,
+                priority=opts.priority,
+                depends_on=list(dict.fromkeys(deps)),
+                max_attempts=opts.max_attempts,
+                parent_task_id=parent_task_id,
+                status=TaskStatus.WAITING if deps else TaskStatus.QUEUED,
+            )
             stored_opts = opts.model_copy(update={"depends_on": record.depends_on or None, "cwd": cwd})
             # one file for all a supervisor needs: options, argv, cwd, and the submitter's environment
-            request = json.dumps({"options": stored_opts.model_dump(mode="json"), "argv": build_argv(opts, claude),
-                                  "cwd": cwd, "env": base_env})
+            request = json.dumps(
+                {
+                    "options": stored_opts.model_dump(mode="json"),
+                    "argv": build_argv(opts, claude),
+                    "cwd": cwd,
+                    "env": base_env,
+                }
+            )
             files = {"request.json": request.encode("utf-8", "surrogatepass")}
             prepared.append((n, record, files))
         # Created in dependency order, so a pump in between sees no task whose dependencies are missing;
@@ -194,7 +235,9 @@ class TaskManager:
         """A new task that resumes a finished task's claude session, in the same cwd, linked to it."""
         parent = self.get(task_id)
         if not parent.status.terminal:
-            raise InvalidOptionsError(f"task {task_id} is {parent.status.value}; wait for it to finish, then continue it")
+            raise InvalidOptionsError(
+                f"task {task_id} is {parent.status.value}; wait for it to finish, then continue it"
+            )
         if not parent.session_id:
             raise InvalidOptionsError(f"task {task_id} has no claude session to resume (it never started a session)")
         try:
@@ -204,8 +247,9 @@ class TaskManager:
         for k in ("prompt", "name", "metadata", "depends_on", "include_dependency_results", "resume_session_id"):
             base.pop(k, None)
         given = {k: v for k, v in overrides.items() if v is not None}
-        opts = TaskOptions(**{**base, **given, "prompt": prompt, "cwd": parent.cwd,
-                              "resume_session_id": parent.session_id})
+        opts = TaskOptions(
+            **{**base, **given, "prompt": prompt, "cwd": parent.cwd, "resume_session_id": parent.session_id}
+        )
         return self.submit([BatchItem(**opts.model_dump())], parent_task_id=task_id, pump=pump)[0]
 
     def pump(self) -> list[str]:
@@ -276,7 +320,9 @@ class TaskManager:
         limit = max(1, min(int(limit), 500))
         records: list[TaskRecord] = []
         more = False
-        ids = self.store.all_ids() if include_finished or (status and status.terminal) else iter(self.store.active_ids())
+        ids = (
+            self.store.all_ids() if include_finished or (status and status.terminal) else iter(self.store.active_ids())
+        )
         for task_id in ids:
             try:
                 r = self.reconcile(self.store.read(task_id))
@@ -323,11 +369,18 @@ class TaskManager:
             pass
         return EventPage(task_id=task_id, events=events, next=n, more=more, status=record.status)
 
-    def output(self, task_id: str, offset: int = 0, limit: int = REPLY_TEXT_BUDGET,
-               source: Literal["result", "transcript", "stderr"] = "result") -> OutputPage:
+    def output(
+        self,
+        task_id: str,
+        offset: int = 0,
+        limit: int = REPLY_TEXT_BUDGET,
+        source: Literal["result", "transcript", "stderr"] = "result",
+    ) -> OutputPage:
         record = self.get(task_id)
         if offset < 0:
-            raise InvalidOptionsError("offset must be 0 or more (a byte offset; use next_offset from the previous page)")
+            raise InvalidOptionsError(
+                "offset must be 0 or more (a byte offset; use next_offset from the previous page)"
+            )
         limit = max(1, min(int(limit), REPLY_TEXT_BUDGET))
         name = {"result": "result.txt", "transcript": "stdout.jsonl", "stderr": "stderr.log"}[source]
         path = self.store.path(task_id, name)
@@ -348,8 +401,16 @@ class TaskManager:
                 cut -= 1
             data = data[:cut] or data
         end = start + len(data)
-        return OutputPage(task_id=task_id, source=source, offset=start, next_offset=end, total_bytes=total,
-                          eof=end >= total, text=data.decode("utf-8", "replace"), status=record.status)
+        return OutputPage(
+            task_id=task_id,
+            source=source,
+            offset=start,
+            next_offset=end,
+            total_bytes=total,
+            eof=end >= total,
+            text=data.decode("utf-8", "replace"),
+            status=record.status,
+        )
 
     # -- stop ----------------------------------------------------------------
     def cancel(self, task_id: str) -> TaskRecord:
@@ -357,7 +418,9 @@ class TaskManager:
         record = self.get(task_id)
         if record.status.terminal:
             return record
-        self.store.update(task_id, lambda r: None if r.status.terminal else r.model_copy(update={"cancel_requested": True}))
+        self.store.update(
+            task_id, lambda r: None if r.status.terminal else r.model_copy(update={"cancel_requested": True})
+        )
         (self.store.task_dir(task_id) / "cancel").touch()  # a supervisor yet to start sees it too
         self.store.append_event(task_id, "cancel_requested", by_pid=os.getpid())
         record = self.store.read(task_id)  # (a launcher may have claimed it meanwhile)
@@ -386,10 +449,16 @@ class TaskManager:
         if shared and procs.alive(record.supervisor):
             procs.stop_tree(claude, others=others, reap=self.reap, grace_int=0.5)
         else:
-            procs.stop_tree(procs.process_of(record.supervisor), others=[claude] if claude else others,
-                            reap=self.reap, grace_int=0.5)
+            procs.stop_tree(
+                procs.process_of(record.supervisor),
+                others=[claude] if claude else others,
+                reap=self.reap,
+                grace_int=0.5,
+            )
         self.reap()
-        record = self.store.transition(task_id, TaskStatus.CANCELLED, error="cancelled: the task's process tree was stopped")
+        record = self.store.transition(
+            task_id, TaskStatus.CANCELLED, error="cancelled: the task's process tree was stopped"
+        )
         self.pump()  # dependents of this task are skipped now
         return record
 
@@ -403,8 +472,13 @@ class TaskManager:
         return CleanupResult(task_id=task_id, deleted=True, was_status=was)
 
     # -- wait ----------------------------------------------------------------
-    async def wait(self, task_ids: list[str], mode: Literal["all", "any"] = "all", timeout: float = 300.0,
-                   progress: ProgressFn | None = None) -> WaitResult:
+    async def wait(
+        self,
+        task_ids: list[str],
+        mode: Literal["all", "any"] = "all",
+        timeout: float = 300.0,
+        progress: ProgressFn | None = None,
+    ) -> WaitResult:
         if not task_ids:
             raise InvalidOptionsError("task_ids is empty: give at least one task id")
         ids = list(dict.fromkeys(validate_task_id(t) for t in task_ids))
@@ -419,6 +493,7 @@ class TaskManager:
             for t in ids:  # a finished record does not change: read only the others again
                 if t not in latest or not latest[t].status.terminal:
                     latest[t] = self._peek(t, copy=False)  # (only read, and replied with)
+
         while True:
             stamp = self._active_stamp()  # (before the reads: an end after them is seen by the next wait)
             await anyio.to_thread.run_sync(refresh)
@@ -428,15 +503,23 @@ class TaskManager:
             now = time.monotonic()
             if done or now >= deadline:
                 budget = max(500, REPLY_TEXT_BUDGET // max(1, len(records)) - 500)
-                return WaitResult(done=done, timed_out=not done, finished=finished,
-                                  pending=[t for t in ids if t not in finished],
-                                  tasks=[r.bounded(budget) for r in records])
+                return WaitResult(
+                    done=done,
+                    timed_out=not done,
+                    finished=finished,
+                    pending=[t for t in ids if t not in finished],
+                    tasks=[r.bounded(budget) for r in records],
+                )
             if progress is not None and now >= next_progress:
                 next_progress = now + PROGRESS_EVERY
                 running = sum(r.status == TaskStatus.RUNNING for r in records)
                 await progress(now - t0, f"{len(finished)}/{len(ids)} finished, {running} running, {now - t0:.0f}s")
-            await self._until_a_task_ends(stamp, len(ids) - len(finished),
-                                          deadline if progress is None else min(deadline, next_progress), now - t0)
+            await self._until_a_task_ends(
+                stamp,
+                len(ids) - len(finished),
+                deadline if progress is None else min(deadline, next_progress),
+                now - t0,
+            )
 
     async def _until_a_task_ends(self, stamp: tuple[int, int], unfinished: int, by: float, waited: float) -> None:
         """Sleep until some task of the store may have ended since ``stamp`` was taken (its marker in active/
@@ -470,8 +553,9 @@ class TaskManager:
                     p = record.progress
                     tool = f", last tool {p.last_tool}" if p.last_tool else ""
                     await progress(now - t0, f"{record.status.value}: {p.turns} turns{tool}, {now - t0:.0f}s")
-                await self._until_a_task_ends(stamp, 1, next_progress if progress is not None else now + WAIT_FULL_EVERY,
-                                              now - t0)
+                await self._until_a_task_ends(
+                    stamp, 1, next_progress if progress is not None else now + WAIT_FULL_EVERY, now - t0
+                )
                 stamp = self._active_stamp()  # (before the read: an end after it is seen next time)
                 record = await anyio.to_thread.run_sync(self._peek, task_id)
         except BaseException:

@@ -76,36 +76,60 @@ class TaskOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(description="The task for the sub-agent (required, non-empty). Sent on claude's standard input.")
-    cwd: str | None = Field(None, description="Working directory of the sub-agent; must exist. Default: the server's cwd.")
+    prompt: str = Field(
+        description="The task for the sub-agent (required, non-empty). Sent on claude's standard input."
+    )
+    cwd: str | None = Field(
+        None, description="Working directory of the sub-agent; must exist. Default: the server's cwd."
+    )
     model: str | None = Field(None, description="Model for the session (--model), e.g. 'sonnet' or a full model name.")
-    fallback_model: str | None = Field(None, description="Fallback model(s) when the main one is busy (--fallback-model).")
-    allowed_tools: list[str] | None = Field(None, description="Tools allowed without asking, e.g. ['Bash', 'Edit'] (--allowedTools).")
+    fallback_model: str | None = Field(
+        None, description="Fallback model(s) when the main one is busy (--fallback-model)."
+    )
+    allowed_tools: list[str] | None = Field(
+        None, description="Tools allowed without asking, e.g. ['Bash', 'Edit'] (--allowedTools)."
+    )
     disallowed_tools: list[str] | None = Field(None, description="Tools denied (--disallowedTools).")
     permission_mode: PermissionMode | None = Field(None, description="Permission mode (--permission-mode).")
     max_turns: int | None = Field(None, ge=1, le=10_000, description="Most agentic turns (--max-turns).")
-    max_budget_usd: float | None = Field(None, gt=0, description="Most dollars to spend on API calls (--max-budget-usd).")
+    max_budget_usd: float | None = Field(
+        None, gt=0, description="Most dollars to spend on API calls (--max-budget-usd)."
+    )
     system_prompt: str | None = Field(None, description="Replace the system prompt (--system-prompt).")
     append_system_prompt: str | None = Field(None, description="Append to the system prompt (--append-system-prompt).")
     resume_session_id: str | None = Field(None, description="Resume this claude session id (--resume).")
-    add_dirs: list[str] | None = Field(None, description="More directories the sub-agent may access; each must exist (--add-dir).")
+    add_dirs: list[str] | None = Field(
+        None, description="More directories the sub-agent may access; each must exist (--add-dir)."
+    )
     mcp_config: str | dict[str, Any] | None = Field(
-        None, description="MCP servers for the sub-agent: a JSON object, a JSON string or a file path (--mcp-config).")
+        None, description="MCP servers for the sub-agent: a JSON object, a JSON string or a file path (--mcp-config)."
+    )
     env: dict[str, str] | None = Field(None, description="Extra environment variables for the sub-agent.")
     timeout_seconds: float | None = Field(
-        None, gt=0, le=7 * 86400, description="Stop the task after this many seconds (default CC_TASKS_DEFAULT_TIMEOUT).")
+        None,
+        gt=0,
+        le=7 * 86400,
+        description="Stop the task after this many seconds (default CC_TASKS_DEFAULT_TIMEOUT).",
+    )
     name: str | None = Field(None, max_length=200, description="A label for the task, shown in listings.")
     metadata: dict[str, Any] | None = Field(None, description="Free-form JSON kept with the task (at most 16 KB).")
     depends_on: list[str] | None = Field(
-        None, max_length=100, description="Task ids that must complete first; if one does not, this task is skipped.")
+        None, max_length=100, description="Task ids that must complete first; if one does not, this task is skipped."
+    )
     include_dependency_results: bool = Field(
-        False, description="Put the dependencies' results (bounded) in front of the prompt.")
+        False, description="Put the dependencies' results (bounded) in front of the prompt."
+    )
     priority: int = Field(0, ge=-1000, le=1000, description="Higher starts first among queued tasks.")
     max_attempts: int = Field(
-        3, ge=1, le=10, description="Attempts in all; only transient failures (API overload, rate limit, "
-                                    "server errors, a crash before the first turn) are retried.")
+        3,
+        ge=1,
+        le=10,
+        description="Attempts in all; only transient failures (API overload, rate limit, "
+        "server errors, a crash before the first turn) are retried.",
+    )
     retry_backoff_seconds: float = Field(
-        2.0, ge=0, le=600, description="Wait before the 2nd attempt; doubles for each later one (at most 10 min).")
+        2.0, ge=0, le=600, description="Wait before the 2nd attempt; doubles for each later one (at most 10 min)."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -136,7 +160,9 @@ class TaskOptions(BaseModel):
     @classmethod
     def _session(cls, v: str | None) -> str | None:
         if v is not None and not _SESSION.fullmatch(v):
-            raise ValueError("resume_session_id must be a claude session id (a letter or digit, then letters, digits, '.', '_', '-')")
+            raise ValueError(
+                "resume_session_id must be a claude session id (a letter or digit, then letters, digits, '.', '_', '-')"
+            )
         return v
 
     @field_validator("mcp_config")
@@ -188,10 +214,13 @@ class ProcRef(BaseModel):
     pid: int
     create_time: float
     start_ticks: int | None = Field(None, description="Start time in clock ticks since boot; compared exactly.")
-    shared: bool = Field(False, description="A process supervising several tasks (the store's launcher): "
-                                            "ask it to cancel one; never signal it.")
+    shared: bool = Field(
+        False,
+        description="A process supervising several tasks (the store's launcher): "
+        "ask it to cancel one; never signal it.",
+    )
 
-    def same_process(self, other: "ProcRef") -> bool:
+    def same_process(self, other: ProcRef) -> bool:
         return (self.pid, self.start_ticks) == (other.pid, other.start_ticks)
 
 
@@ -251,7 +280,7 @@ class TaskRecord(BaseModel):
         end = self.finished_at or utcnow()
         return max(0.0, (end - self.started_at).total_seconds())
 
-    def bounded(self, result_chars: int = RESULT_PREVIEW_CHARS) -> "TaskRecord":
+    def bounded(self, result_chars: int = RESULT_PREVIEW_CHARS) -> TaskRecord:
         """A copy whose result carries at most ``result_chars`` characters."""
         if self.result is None or len(self.result) <= result_chars:
             return self
@@ -278,21 +307,34 @@ class TaskSummary(BaseModel):
     prompt_preview: str
 
     @classmethod
-    def of(cls, r: TaskRecord) -> "TaskSummary":
+    def of(cls, r: TaskRecord) -> TaskSummary:
         return cls(
-            task_id=r.task_id, name=r.name, status=r.status, created_at=r.created_at, started_at=r.started_at,
-            finished_at=r.finished_at, elapsed_seconds=r.elapsed_seconds, cwd=r.cwd, model=r.model,
-            turns=r.num_turns if r.num_turns is not None else r.progress.turns, last_tool=r.progress.last_tool,
+            task_id=r.task_id,
+            name=r.name,
+            status=r.status,
+            created_at=r.created_at,
+            started_at=r.started_at,
+            finished_at=r.finished_at,
+            elapsed_seconds=r.elapsed_seconds,
+            cwd=r.cwd,
+            model=r.model,
+            turns=r.num_turns if r.num_turns is not None else r.progress.turns,
+            last_tool=r.progress.last_tool,
             cost_usd=r.total_cost_usd if r.total_cost_usd is not None else r.progress.cost_usd,
-            exit_code=r.exit_code, error=(r.error or "")[:300] or None, prompt_preview=r.prompt_preview[:200],
+            exit_code=r.exit_code,
+            error=(r.error or "")[:300] or None,
+            prompt_preview=r.prompt_preview[:200],
         )
 
 
 class BatchItem(TaskOptions):
     """One task of a batch: task options plus an optional key that other tasks of the batch may depend on."""
 
-    key: str | None = Field(None, max_length=100, description=(
-        "A name for this task within the batch; other tasks of the batch may list it in depends_on."))
+    key: str | None = Field(
+        None,
+        max_length=100,
+        description=("A name for this task within the batch; other tasks of the batch may list it in depends_on."),
+    )
 
 
 class BatchStarted(BaseModel):

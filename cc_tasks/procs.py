@@ -7,7 +7,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import psutil
 
@@ -145,9 +145,14 @@ def _wait(procs: list[psutil.Process], timeout: float, reap: Callable[[], None] 
         time.sleep(0.02)
 
 
-def stop_tree(root: psutil.Process | None, *, others: Iterable[psutil.Process] = (),
-              reap: Callable[[], None] | None = None,
-              grace_int: float = GRACE_INT, grace_term: float = GRACE_TERM) -> list[int]:
+def stop_tree(
+    root: psutil.Process | None,
+    *,
+    others: Iterable[psutil.Process] = (),
+    reap: Callable[[], None] | None = None,
+    grace_int: float = GRACE_INT,
+    grace_term: float = GRACE_TERM,
+) -> list[int]:
     """Stop ``root`` and all its descendants (and ``others``): SIGINT to root, then SIGTERM, then SIGKILL.
 
     Descendants are snapshotted before any signal, since claude's tools run in sessions of their own

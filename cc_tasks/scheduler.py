@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from filelock import Timeout
 
@@ -35,8 +35,9 @@ def use_launcher() -> bool:
 def spawn_supervisor(store: TaskStore, task_id: str) -> subprocess.Popen:
     """Start the task's supervisor in a session of its own, with the environment its submitter had."""
     env = json.loads(store.path(task_id, "request.json").read_text())["env"]
-    return launcher.spawn_module(store, ["cc_tasks.supervisor", str(store.root), task_id],
-                                 store.path(task_id, "supervisor.log"), env)
+    return launcher.spawn_module(
+        store, ["cc_tasks.supervisor", str(store.root), task_id], store.path(task_id, "supervisor.log"), env
+    )
 
 
 def holds_slot(r: TaskRecord) -> bool:
@@ -72,9 +73,14 @@ def fail_if_supervisor_died(store: TaskStore, r: TaskRecord, alive_max_age: floa
         else:  # it died before recording claude's pid
             procs.stop_tree(None, others=procs.task_processes(cur.task_id))
         log_path = store.root / "launcher.log" if cur.supervisor.shared else store.path(cur.task_id, "supervisor.log")
-        return cur.model_copy(update={"status": TaskStatus.FAILED, "error":
-                                      f"the task's supervisor (pid {cur.supervisor.pid}) died; its process tree was "
-                                      f"stopped (its output, if any, is in {log_path})"})
+        return cur.model_copy(
+            update={
+                "status": TaskStatus.FAILED,
+                "error": f"the task's supervisor (pid {cur.supervisor.pid}) died; its process tree was "
+                f"stopped (its output, if any, is in {log_path})",
+            }
+        )
+
     try:
         return store.update(r.task_id, fn)
     except TaskNotFoundError:
@@ -108,8 +114,9 @@ def resolve_waiting(store: TaskStore, records: dict[str, TaskRecord]) -> None:
             changed = changed or new.status != r.status
 
 
-def _start_one(store: TaskStore, task_id: str, warm: bool,
-               on_spawn: Callable[[subprocess.Popen], None] | None) -> tuple[ProcRef | None, bool]:
+def _start_one(
+    store: TaskStore, task_id: str, warm: bool, on_spawn: Callable[[subprocess.Popen], None] | None
+) -> tuple[ProcRef | None, bool]:
     """Have the task supervised: by the warm launcher, or by a supervisor process of its own. Returns (ref,
     still warm); ref is None if the task was not started (it ended, or a supervisor has it already)."""
     if warm:
@@ -194,9 +201,14 @@ def note_started(store: TaskStore, task_id: str) -> None:
         view.started(task_id)
 
 
-def pump(store: TaskStore, max_concurrent: int, on_spawn: Callable[[subprocess.Popen], None] | None = None,
-         spawn: Callable[[str], ProcRef | None] | None = None, blocking: bool = True,
-         fresh: bool = True) -> list[str] | None:
+def pump(
+    store: TaskStore,
+    max_concurrent: int,
+    on_spawn: Callable[[subprocess.Popen], None] | None = None,
+    spawn: Callable[[str], ProcRef | None] | None = None,
+    blocking: bool = True,
+    fresh: bool = True,
+) -> list[str] | None:
     """Start as many queued tasks as free slots allow, highest priority then oldest first.
 
     ``spawn`` supervises a task in this process (the launcher: it records itself as the supervisor); by
@@ -228,8 +240,13 @@ def pump(store: TaskStore, max_concurrent: int, on_spawn: Callable[[subprocess.P
             for r in records.values():
                 view.note(r)
         free = max(0, max_concurrent - sum(holds_slot(r) for r in records.values()))
-        warm = spawn is None and free > 0 and bool(view.queued) and use_launcher() \
+        warm = (
+            spawn is None
+            and free > 0
+            and bool(view.queued)
+            and use_launcher()
             and launcher.ensure_running(store, on_spawn)
+        )
         tried: set[str] = set()
         while free > 0:
             batch = view.first(free, skip=tried)
@@ -242,8 +259,14 @@ def pump(store: TaskStore, max_concurrent: int, on_spawn: Callable[[subprocess.P
                 else:
                     ref, warm = _start_one(store, t, warm, on_spawn)
                     if ref is not None and not ref.shared:  # a launcher records itself; a new process is recorded here
-                        store.update(t, lambda cur, ref=ref: None if cur.supervisor or cur.status.terminal
-                                     else cur.model_copy(update={"supervisor": ref}))
+                        store.update(
+                            t,
+                            lambda cur, ref=ref: (
+                                None
+                                if cur.supervisor or cur.status.terminal
+                                else cur.model_copy(update={"supervisor": ref})
+                            ),
+                        )
                 if ref is not None:
                     started.append(t)
                     view.started(t)
@@ -266,8 +289,9 @@ def pump(store: TaskStore, max_concurrent: int, on_spawn: Callable[[subprocess.P
 
 def queue_position(store: TaskStore, task_id: str) -> int | None:
     records = _read_all(store, store.active_ids())
-    ready = sorted((r for r in records.values() if r.status == TaskStatus.QUEUED and r.supervisor is None),
-                   key=queue_order)
+    ready = sorted(
+        (r for r in records.values() if r.status == TaskStatus.QUEUED and r.supervisor is None), key=queue_order
+    )
     for i, r in enumerate(ready, 1):
         if r.task_id == task_id:
             return i

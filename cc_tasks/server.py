@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import functools
 import inspect
-from contextlib import asynccontextmanager
-
-import anyio
 import logging
 import os
 import signal
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastmcp import FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp.server.dependencies import get_context
@@ -23,8 +22,20 @@ from pydantic import Field, ValidationError
 from . import __version__
 from .errors import CCTasksError
 from .manager import TaskManager
-from .models import (REPLY_TEXT_BUDGET, BatchItem, BatchResult, CleanupResult, EventPage, OutputPage, ServerInfo,
-                     StartResult, TaskList, TaskOptions, TaskRecord, WaitResult)
+from .models import (
+    REPLY_TEXT_BUDGET,
+    BatchItem,
+    BatchResult,
+    CleanupResult,
+    EventPage,
+    OutputPage,
+    ServerInfo,
+    StartResult,
+    TaskList,
+    TaskOptions,
+    TaskRecord,
+    WaitResult,
+)
 
 log = logging.getLogger("cc_tasks")
 #: Seconds between two looks at the shared queue (tasks whose dependencies finished, freed slots, dead supervisors).
@@ -48,6 +59,7 @@ def _validation_message(e: ValidationError) -> str:
 
 def edge(fn):
     """Turn this package's errors into MCP tool errors with their message."""
+
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
         try:
@@ -56,11 +68,13 @@ def edge(fn):
             raise ToolError(str(e)) from None
         except ValidationError as e:
             raise ToolError(_validation_message(e)) from None
+
     return wrapper
 
 
-def with_task_options(fn=None, *, first: list[inspect.Parameter] = (), exclude: frozenset[str] = frozenset(),
-                      optional: bool = False):
+def with_task_options(
+    fn=None, *, first: list[inspect.Parameter] = (), exclude: frozenset[str] = frozenset(), optional: bool = False
+):
     """Give ``fn(**options)`` the signature of TaskOptions' fields, so the tool schema lists each option.
     ``first`` parameters come before them; ``exclude`` leaves fields out; ``optional`` defaults all to None."""
     if fn is None:
@@ -80,10 +94,12 @@ def with_task_options(fn=None, *, first: list[inspect.Parameter] = (), exclude: 
     return fn
 
 
-def _annotations(read_only: bool, destructive: bool = False, idempotent: bool = False,
-                 open_world: bool = False) -> ToolAnnotations:
-    return ToolAnnotations(readOnlyHint=read_only, destructiveHint=destructive, idempotentHint=idempotent,
-                           openWorldHint=open_world)
+def _annotations(
+    read_only: bool, destructive: bool = False, idempotent: bool = False, open_world: bool = False
+) -> ToolAnnotations:
+    return ToolAnnotations(
+        readOnlyHint=read_only, destructiveHint=destructive, idempotentHint=idempotent, openWorldHint=open_world
+    )
 
 
 async def _report(elapsed: float, message: str) -> None:
@@ -95,10 +111,16 @@ async def _report(elapsed: float, message: str) -> None:
 
 TaskId = Annotated[str, Field(description="A task id returned by start_cc_task_async or list_active_tasks.")]
 _CONTINUE_FIRST = [
-    inspect.Parameter("task_id", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str, Field(
-        description="The finished task whose claude session to resume.")]),
-    inspect.Parameter("prompt", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str, Field(
-        description="The follow-up message for the sub-agent.")]),
+    inspect.Parameter(
+        "task_id",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Annotated[str, Field(description="The finished task whose claude session to resume.")],
+    ),
+    inspect.Parameter(
+        "prompt",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Annotated[str, Field(description="The follow-up message for the sub-agent.")],
+    ),
 ]
 
 
@@ -122,6 +144,7 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
 
         def pump_soon():
             loop.call_soon_threadsafe(wake.set)
+
         pumper = loop.create_task(pump_forever())
         mgr.pump_soon = pump_soon
         try:
@@ -147,18 +170,28 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         return StartResult(task_id=r.task_id, status=r.status, name=r.name)
 
     async def start_cc_tasks_batch(
-        tasks: Annotated[list[BatchItem], Field(min_length=1, max_length=500, description=(
-            "Tasks to submit together. Each takes the task options plus an optional `key`; `depends_on` may "
-            "name keys of this batch as well as existing task ids."))],
+        tasks: Annotated[
+            list[BatchItem],
+            Field(
+                min_length=1,
+                max_length=500,
+                description=(
+                    "Tasks to submit together. Each takes the task options plus an optional `key`; `depends_on` may "
+                    "name keys of this batch as well as existing task ids."
+                ),
+            ),
+        ],
     ) -> BatchResult:
         """Submit many tasks in one call (one lock round-trip); returns every task_id, in the order given."""
         res = await anyio.to_thread.run_sync(functools.partial(mgr.start_batch, tasks, pump=False))
         await mgr.akick()
         return res
 
-    @with_task_options(first=_CONTINUE_FIRST, optional=True,
-                       exclude=frozenset({"prompt", "cwd", "resume_session_id", "depends_on",
-                                          "include_dependency_results"}))
+    @with_task_options(
+        first=_CONTINUE_FIRST,
+        optional=True,
+        exclude=frozenset({"prompt", "cwd", "resume_session_id", "depends_on", "include_dependency_results"}),
+    )
     async def continue_task(**options: Any) -> StartResult:
         """Ask a finished sub-agent a follow-up: a new task that resumes its claude session (same cwd, same
         options unless given), linked to it by parent_task_id. Returns at once, like start_cc_task_async."""
@@ -169,7 +202,9 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
 
     async def get_task_events(
         task_id: TaskId,
-        since: Annotated[int, Field(ge=0, description="Cursor: 0 for the start, else `next` of the previous page.")] = 0,
+        since: Annotated[
+            int, Field(ge=0, description="Cursor: 0 for the start, else `next` of the previous page.")
+        ] = 0,
         limit: Annotated[int, Field(ge=1, le=1000, description="Most events to return.")] = 200,
     ) -> EventPage:
         """The task's event log: status changes, retries, tool calls, assistant text previews."""
@@ -178,9 +213,15 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
     async def get_server_info() -> ServerInfo:
         """This server: version, store, concurrency cap, nesting depth. Cheap; touches no task."""
         st = mgr.settings
-        return ServerInfo(version=__version__, pid=os.getpid(), store_dir=str(mgr.store.root),
-                          max_concurrent=st.max_concurrent, depth=st.depth, max_depth=st.max_depth,
-                          default_timeout=st.default_timeout)
+        return ServerInfo(
+            version=__version__,
+            pid=os.getpid(),
+            store_dir=str(mgr.store.root),
+            max_concurrent=st.max_concurrent,
+            depth=st.depth,
+            max_depth=st.max_depth,
+            default_timeout=st.default_timeout,
+        )
 
     async def check_task_status(task_id: TaskId) -> TaskRecord:
         """The task's record: status, timings, live progress while it runs, its (bounded) result once finished."""
@@ -192,7 +233,9 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         limit: Annotated[int, Field(ge=1, le=500, description="Most tasks to return.")] = 50,
     ) -> TaskList:
         """Tasks of this store that are queued or running (optionally finished ones too), from every server process."""
-        return await anyio.to_thread.run_sync(functools.partial(mgr.list, include_finished=include_finished, limit=limit))
+        return await anyio.to_thread.run_sync(
+            functools.partial(mgr.list, include_finished=include_finished, limit=limit)
+        )
 
     async def cancel_task(task_id: TaskId) -> TaskRecord:
         """Stop the task's whole process tree. The record stays, with status cancelled."""
@@ -204,14 +247,21 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
 
     async def get_task_output(
         task_id: TaskId,
-        offset: Annotated[int, Field(ge=0, description="Byte offset to read from; pass next_offset of the previous page.")] = 0,
-        limit: Annotated[int, Field(ge=1, le=REPLY_TEXT_BUDGET, description="Most bytes to return.")] = REPLY_TEXT_BUDGET,
-        source: Annotated[Literal["result", "transcript", "stderr"], Field(
-            description="'result': the final result text; 'transcript': claude's raw stream-json; 'stderr'.")] = "result",
+        offset: Annotated[
+            int, Field(ge=0, description="Byte offset to read from; pass next_offset of the previous page.")
+        ] = 0,
+        limit: Annotated[
+            int, Field(ge=1, le=REPLY_TEXT_BUDGET, description="Most bytes to return.")
+        ] = REPLY_TEXT_BUDGET,
+        source: Annotated[
+            Literal["result", "transcript", "stderr"],
+            Field(description="'result': the final result text; 'transcript': claude's raw stream-json; 'stderr'."),
+        ] = "result",
     ) -> OutputPage:
         """Page through a task's full result text (or raw transcript, or stderr)."""
-        return await anyio.to_thread.run_sync(functools.partial(mgr.output, task_id, offset=offset, limit=limit,
-                                                                source=source))
+        return await anyio.to_thread.run_sync(
+            functools.partial(mgr.output, task_id, offset=offset, limit=limit, source=source)
+        )
 
     async def wait_for_tasks(
         task_ids: Annotated[list[str], Field(min_length=1, max_length=200, description="Task ids to wait for.")],

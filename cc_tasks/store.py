@@ -24,9 +24,9 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
 
 from filelock import FileLock
 
@@ -49,7 +49,8 @@ def validate_task_id(task_id: object) -> str:
         shown = repr(task_id)[:80]
         raise InvalidTaskIdError(
             f"invalid task id {shown}: task ids look like 20260101-120000-000-1a2b3c4d "
-            "(use an id returned by start_cc_task_async or list_active_tasks)")
+            "(use an id returned by start_cc_task_async or list_active_tasks)"
+        )
     return task_id
 
 
@@ -72,11 +73,13 @@ def ensure_private_dir(path: Path) -> Path:
     if st.st_uid != os.getuid():
         raise UnsafeStoreError(
             f"task store {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
-            "remove it or set CC_TASKS_DIR to a directory of your own")
+            "remove it or set CC_TASKS_DIR to a directory of your own"
+        )
     if st.st_mode & 0o022:
         raise UnsafeStoreError(
             f"task store {path} is group- or world-writable (mode {oct(st.st_mode & 0o777)}); "
-            f"run 'chmod 700 {path}' or set CC_TASKS_DIR elsewhere")
+            f"run 'chmod 700 {path}' or set CC_TASKS_DIR elsewhere"
+        )
     return path
 
 
@@ -101,12 +104,14 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _event_line(kind: str, **data) -> bytes:
-    return (json.dumps({"ts": time.time(), "kind": kind, **{k: v for k, v in data.items() if v is not None}},
-                       default=str) + "\n").encode()
+    return (
+        json.dumps({"ts": time.time(), "kind": kind, **{k: v for k, v in data.items() if v is not None}}, default=str)
+        + "\n"
+    ).encode()
 
 
 class TaskStore:
@@ -161,8 +166,11 @@ class TaskStore:
         try:
             # nothing in tmp is visible before the rename, so plain writes are enough here
             first_event = _event_line("status", status=record.status.value)
-            for name, data in {**files, "record.json": record.model_dump_json().encode(),
-                               "events.jsonl": first_event}.items():
+            for name, data in {
+                **files,
+                "record.json": record.model_dump_json().encode(),
+                "events.jsonl": first_event,
+            }.items():
                 fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     _write_all(fd, data)
@@ -185,7 +193,9 @@ class TaskStore:
         try:
             data = (self.task_dir(task_id) / "record.json").read_bytes()
         except (FileNotFoundError, NotADirectoryError):
-            raise TaskNotFoundError(f"no task {task_id} in this store ({self.root}); list_active_tasks shows the known ones") from None
+            raise TaskNotFoundError(
+                f"no task {task_id} in this store ({self.root}); list_active_tasks shows the known ones"
+            ) from None
         return TaskRecord.model_validate_json(data)
 
     def read_cached(self, task_id: str, copy: bool = True) -> TaskRecord:
@@ -253,10 +263,12 @@ class TaskStore:
 
     def transition(self, task_id: str, status: TaskStatus, **fields) -> TaskRecord:
         """Move to ``status`` if the lifecycle allows it from the current one; else leave the record alone."""
+
         def fn(r: TaskRecord) -> TaskRecord | None:
             if r.status == status or status not in TRANSITIONS[r.status]:
                 return None
             return r.model_copy(update={"status": status, **fields})
+
         return self.update(task_id, fn)
 
     def _remove_husk(self, task_id: str) -> None:
@@ -312,4 +324,3 @@ class TaskStore:
         trash = self.tasks_dir / f".del-{task_id}-{secrets.token_hex(3)}"
         os.rename(d, trash)  # disappears at once for every reader
         shutil.rmtree(trash, ignore_errors=True)
-

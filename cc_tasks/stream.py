@@ -73,8 +73,9 @@ class Outcome(BaseModel):
     api_error_status: int | None = None
 
 
-def outcome(result_event: dict[str, Any] | None, exit_code: int | None, stderr_tail: str = "",
-            session_id: str | None = None) -> Outcome:
+def outcome(
+    result_event: dict[str, Any] | None, exit_code: int | None, stderr_tail: str = "", session_id: str | None = None
+) -> Outcome:
     """The final status of a claude run that ended by itself. ``completed`` = exit 0 and not ``is_error``."""
     tail = stderr_tail.strip()[-500:]
     if result_event is None:

@@ -39,6 +39,8 @@ TICK = 0.25
 
 class ClaudeStartError(Exception):
     """claude could not be started (not found, not executable, cwd gone, out of processes)."""
+
+
 FLUSH_EVERY = 0.5
 #: Characters of each dependency's result put in front of the prompt, and of all of them together.
 DEP_RESULT_CHARS = 8_000
@@ -55,6 +57,7 @@ def claim(store: TaskStore, task_id: str, me: ProcRef) -> TaskRecord | None:
             return None
         claimed.append(r.model_copy(update={"status": TaskStatus.RUNNING, "started_at": utcnow(), "supervisor": me}))
         return claimed[0]
+
     store.update(task_id, fn)
     return claimed[0] if claimed else None
 
@@ -71,7 +74,7 @@ def dependency_preamble(store: TaskStore, depends_on: list[str]) -> str:
             text = r.result or ""
         cut = text[:per]
         more = f"\n[... {len(text) - per} more characters: get_task_output(task_id={dep!r})]" if len(text) > per else ""
-        parts.append(f"<dependency task_id=\"{dep}\" name=\"{r.name or ''}\">\n{cut}{more}\n</dependency>")
+        parts.append(f'<dependency task_id="{dep}" name="{r.name or ""}">\n{cut}{more}\n</dependency>')
     return ("Results of the tasks this task depends on:\n\n" + "\n\n".join(parts) + "\n\n---\n\n") if parts else ""
 
 
@@ -163,8 +166,9 @@ class Supervisor:
             return 0
         launch = json.loads((self.dir / "request.json").read_bytes())
         opts = TaskOptions.model_validate(launch["options"])
-        env = build_env(launch["env"], opts, depth=record.depth - 1, task_id=self.task_id,
-                        store_dir=str(self.store.root))
+        env = build_env(
+            launch["env"], opts, depth=record.depth - 1, task_id=self.task_id, store_dir=str(self.store.root)
+        )
         prompt = opts.prompt
         if opts.include_dependency_results and record.depends_on:
             prompt = dependency_preamble(self.store, record.depends_on) + prompt
@@ -179,15 +183,21 @@ class Supervisor:
                 kind = self.run_attempt(launch, env, stdin_path, deadline, attempts=attempts)
             except ClaudeStartError as e:
                 attempt.finished_at, attempt.status, attempt.reason = utcnow(), TaskStatus.FAILED, str(e)
-                self.store.transition(self.task_id, TaskStatus.FAILED, error=f"could not start claude: {e}",
-                                      attempts=attempts + [attempt])
+                self.store.transition(
+                    self.task_id, TaskStatus.FAILED, error=f"could not start claude: {e}", attempts=attempts + [attempt]
+                )
                 return 0
             rc = self.proc.returncode if self.proc else None
             out = self.outcome(kind, record, rc)
             attempt.finished_at, attempt.exit_code, attempt.status, attempt.reason = utcnow(), rc, out.status, out.error
             # a run that already used tools is not started again: its side effects would repeat
-            if (kind == "exited" and n < record.max_attempts and is_transient(out, self.progress.turns)
-                    and self.progress.tool_calls == 0 and not self.cancelled()):
+            if (
+                kind == "exited"
+                and n < record.max_attempts
+                and is_transient(out, self.progress.turns)
+                and self.progress.tool_calls == 0
+                and not self.cancelled()
+            ):
                 delay = min(600.0, opts.retry_backoff_seconds * (2 ** (n - 1)))
                 if time.monotonic() + delay < deadline:
                     attempt.retried = True
@@ -198,25 +208,33 @@ class Supervisor:
                     while time.monotonic() < until and not self.cancelled():  # a SIGCHLD must not cut it short
                         self._sleep(until - time.monotonic())
                     if self.cancelled():
-                        self.finish(Outcome(status=TaskStatus.CANCELLED, error="cancelled while waiting to retry"),
-                                    attempts, None)
+                        self.finish(
+                            Outcome(status=TaskStatus.CANCELLED, error="cancelled while waiting to retry"),
+                            attempts,
+                            None,
+                        )
                         return 0
                     continue
             attempts.append(attempt)
             self.finish(out, attempts, rc)
             return 0
 
-    def run_attempt(self, launch: dict, env: dict, stdin_path: Path, deadline: float, *,
-                    attempts: list[Attempt]) -> str:
+    def run_attempt(
+        self, launch: dict, env: dict, stdin_path: Path, deadline: float, *, attempts: list[Attempt]
+    ) -> str:
         self.progress = Progress()
         self.result_event, self._buf = None, b""
         out_path = self.dir / "stdout.jsonl"
         start_offset = out_path.stat().st_size if out_path.exists() else 0  # earlier attempts stay in front
         try:
-            with open(stdin_path, "rb") as stdin, open(out_path, "ab") as out, \
-                    open(self.dir / "stderr.log", "ab") as err:
-                self.proc = procs.spawn(launch["argv"], stdin=stdin, stdout=out, stderr=err, cwd=launch["cwd"],
-                                        env=env, close_fds=True)
+            with (
+                open(stdin_path, "rb") as stdin,
+                open(out_path, "ab") as out,
+                open(self.dir / "stderr.log", "ab") as err,
+            ):
+                self.proc = procs.spawn(
+                    launch["argv"], stdin=stdin, stdout=out, stderr=err, cwd=launch["cwd"], env=env, close_fds=True
+                )
         except OSError as e:
             raise ClaudeStartError(str(e)) from e
         self._stopped = False
@@ -301,8 +319,14 @@ class Supervisor:
         self.progress.updated_at = utcnow()
         snapshot = self.progress.model_copy()
         sid, ref = self.session_id, self.claude_ref
-        rec = self.store.update(self.task_id, lambda r: None if r.status.terminal else r.model_copy(
-            update={"progress": snapshot, "session_id": r.session_id or sid, "claude": ref}))
+        rec = self.store.update(
+            self.task_id,
+            lambda r: (
+                None
+                if r.status.terminal
+                else r.model_copy(update={"progress": snapshot, "session_id": r.session_id or sid, "claude": ref})
+            ),
+        )
         if rec.status.terminal:  # ended by someone meanwhile (a cancel that found no supervisor)
             self.stop_reason = self.stop_reason or "cancel"
 
@@ -334,11 +358,16 @@ class Supervisor:
     def outcome(self, kind: str, record: TaskRecord, rc: int | None) -> Outcome:
         out = outcome(self.result_event, rc, _tail(self.dir / "stderr.log", 2000), self.session_id)
         if kind == "cancel":
-            return out.model_copy(update={"status": TaskStatus.CANCELLED,
-                                          "error": "cancelled: the task's process tree was stopped"})
+            return out.model_copy(
+                update={"status": TaskStatus.CANCELLED, "error": "cancelled: the task's process tree was stopped"}
+            )
         if kind == "timeout":
-            return out.model_copy(update={"status": TaskStatus.TIMEOUT, "error":
-                                          f"timed out after {record.timeout_seconds:g}s: the task's process tree was stopped"})
+            return out.model_copy(
+                update={
+                    "status": TaskStatus.TIMEOUT,
+                    "error": f"timed out after {record.timeout_seconds:g}s: the task's process tree was stopped",
+                }
+            )
         return out
 
     def finish(self, out: Outcome, attempts: list[Attempt], rc: int | None) -> None:
@@ -348,11 +377,17 @@ class Supervisor:
             atomic_write(self.dir / "result.txt", text.encode("utf-8", "surrogatepass"))
         self.progress.updated_at = utcnow()
         self.store.transition(
-            self.task_id, out.status, exit_code=rc, progress=self.progress, attempts=attempts,
+            self.task_id,
+            out.status,
+            exit_code=rc,
+            progress=self.progress,
+            attempts=attempts,
             **({"claude": self.claude_ref} if self.claude_ref else {}),
             result=None if text is None else text[:RESULT_PREVIEW_CHARS],
             result_truncated=text is not None and len(text) > RESULT_PREVIEW_CHARS,
-            result_chars=len(text or ""), **fields)
+            result_chars=len(text or ""),
+            **fields,
+        )
 
 
 def _tail(path: Path, n: int) -> str:
@@ -373,8 +408,12 @@ def supervise(sup: Supervisor, claimed: TaskRecord | None = None) -> int:
         traceback.print_exc()
         try:
             sup.stop_everything()
-            sup.store.transition(sup.task_id, TaskStatus.FAILED, error=f"supervisor error: {type(e).__name__}: {e}",
-                                 exit_code=sup.proc.returncode if sup.proc else None)
+            sup.store.transition(
+                sup.task_id,
+                TaskStatus.FAILED,
+                error=f"supervisor error: {type(e).__name__}: {e}",
+                exit_code=sup.proc.returncode if sup.proc else None,
+            )
         except Exception:
             traceback.print_exc()
         return 1

@@ -25,7 +25,11 @@ def entries_of(ev: dict[str, Any]) -> list[Entry]:
     kind = ev.get("type")
     out: list[Entry] = []
     if kind == "system" and ev.get("subtype") == "init":
-        out.append(Entry(kind="session", text=f"session {ev.get('session_id')} · model {ev.get('model')} · cwd {ev.get('cwd')}"))
+        out.append(
+            Entry(
+                kind="session", text=f"session {ev.get('session_id')} · model {ev.get('model')} · cwd {ev.get('cwd')}"
+            )
+        )
     elif kind == "assistant":
         for b in (ev.get("message") or {}).get("content") or []:
             if not isinstance(b, dict):
@@ -46,8 +50,13 @@ def entries_of(ev: dict[str, Any]) -> list[Entry]:
     elif kind == "result":
         cost = ev.get("total_cost_usd")
         verdict = "error" if ev.get("is_error") else "done"
-        out.append(Entry(kind="result", text=f"{verdict} · {ev.get('num_turns')} turns · "
-                                             f"${cost if cost is not None else '?'} · {ev.get('duration_ms')} ms"))
+        out.append(
+            Entry(
+                kind="result",
+                text=f"{verdict} · {ev.get('num_turns')} turns · "
+                f"${cost if cost is not None else '?'} · {ev.get('duration_ms')} ms",
+            )
+        )
     return out
 
 

@@ -145,8 +145,11 @@ def no_stray_launchers(tmp_path_factory):
     """At the end, stop launchers that tests' servers started on their stores (they would idle-exit anyway)."""
     yield
     base = str(tmp_path_factory.getbasetemp())
-    strays = [p for p in psutil.process_iter(["cmdline"])
-              if "cc_tasks.launcher" in (p.info["cmdline"] or []) and any(base in a for a in p.info["cmdline"] or [])]
+    strays = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "cc_tasks.launcher" in (p.info["cmdline"] or []) and any(base in a for a in p.info["cmdline"] or [])
+    ]
     for p in strays:
         p.terminate()
     psutil.wait_procs(strays, timeout=10)

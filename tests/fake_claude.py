@@ -10,7 +10,6 @@ directory: count how many copies run at once there, and log this run's task id a
 """
 
 import fcntl
-
 import json
 import os
 import signal
@@ -34,8 +33,9 @@ def emit(ev):
 
 if cfg.get("argv"):
     with open("argv.json", "w") as f:
-        json.dump({"argv": sys.argv, "prompt": prompt,
-                   "env": {k: os.environ.get(k) for k in cfg.get("env_keys", [])}}, f)
+        json.dump(
+            {"argv": sys.argv, "prompt": prompt, "env": {k: os.environ.get(k) for k in cfg.get("env_keys", [])}}, f
+        )
 if cfg.get("ignore_signals"):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -73,20 +73,42 @@ if cfg.get("wait_file"):
     while not os.path.exists(cfg["wait_file"]) and time.time() < deadline:
         time.sleep(0.02)
 emit({"type": "system", "subtype": "init", "session_id": sid, "model": "fake", "cwd": os.getcwd()})
-emit({"type": "assistant", "session_id": sid, "parent_tool_use_id": None,
-      "message": {"content": [{"type": "tool_use", "name": "Bash", "id": "t1", "input": {}}]}})
+emit(
+    {
+        "type": "assistant",
+        "session_id": sid,
+        "parent_tool_use_id": None,
+        "message": {"content": [{"type": "tool_use", "name": "Bash", "id": "t1", "input": {}}]},
+    }
+)
 if cfg.get("sleep"):
     time.sleep(float(cfg["sleep"]))
 text = cfg.get("result", "fake result: " + prompt[:100])
 if cfg.get("big"):
     text = ("x" * 99 + "\n") * (int(cfg["big"]) // 100)
-emit({"type": "assistant", "session_id": sid, "parent_tool_use_id": None,
-      "message": {"content": [{"type": "text", "text": text[:1000]}]}})
+emit(
+    {
+        "type": "assistant",
+        "session_id": sid,
+        "parent_tool_use_id": None,
+        "message": {"content": [{"type": "text", "text": text[:1000]}]},
+    }
+)
 log("end")
 if track:
     tracked(-1)
 if not cfg.get("no_result"):
-    emit({"type": "result", "subtype": "success", "is_error": bool(cfg.get("is_error")), "result": text,
-          "session_id": sid, "total_cost_usd": 0.001, "num_turns": 2, "duration_ms": 5,
-          "usage": {"input_tokens": 1, "output_tokens": 2}})
+    emit(
+        {
+            "type": "result",
+            "subtype": "success",
+            "is_error": bool(cfg.get("is_error")),
+            "result": text,
+            "session_id": sid,
+            "total_cost_usd": 0.001,
+            "num_turns": 2,
+            "duration_ms": 5,
+            "usage": {"input_tokens": 1, "output_tokens": 2},
+        }
+    )
 sys.exit(int(cfg.get("exit", 0)))

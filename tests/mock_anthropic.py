@@ -139,58 +139,150 @@ def plan_reply(body: dict, state: MockState) -> tuple[int, dict | None, list[dic
         time.sleep(float(step["sleep"]))
     if "error_once" in step and state.once(str(step.get("key", "default"))):
         status = int(step["error_once"])
-        return status, {"type": "error", "error": {"type": step.get("type", "overloaded_error"), "message": "mock transient error"}}, []
+        return (
+            status,
+            {
+                "type": "error",
+                "error": {"type": step.get("type", "overloaded_error"), "message": "mock transient error"},
+            },
+            [],
+        )
     if "error" in step:
         status = int(step["error"])
-        return status, {"type": "error", "error": {"type": step.get("type", "api_error"), "message": step.get("message", "mock API error")}}, []
+        return (
+            status,
+            {
+                "type": "error",
+                "error": {"type": step.get("type", "api_error"), "message": step.get("message", "mock API error")},
+            },
+            [],
+        )
     if "bash" in step:
-        return 200, None, [{"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": "Bash",
-                            "input": {"command": step["bash"], "description": "mock step"}}]
+        return (
+            200,
+            None,
+            [
+                {
+                    "type": "tool_use",
+                    "id": f"toolu_{uuid.uuid4().hex[:20]}",
+                    "name": "Bash",
+                    "input": {"command": step["bash"], "description": "mock step"},
+                }
+            ],
+        )
     if "tool" in step:
         ids = []
         for r in results:
             for i in TASK_ID.findall(r):
                 if i not in ids:
                     ids.append(i)
-        return 200, None, [{"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:20]}", "name": step["tool"],
-                            "input": _sub_ids(step.get("input", {}), ids)}]
+        return (
+            200,
+            None,
+            [
+                {
+                    "type": "tool_use",
+                    "id": f"toolu_{uuid.uuid4().hex[:20]}",
+                    "name": step["tool"],
+                    "input": _sub_ids(step.get("input", {}), ids),
+                }
+            ],
+        )
     if "big" in step:
         n = int(step["big"])
         line = "0123456789abcdefghijklmnopqrstuvwxyz" * 3 + "\n"
         text = (line * (n // len(line) + 1))[:n]
         return 200, None, [{"type": "text", "text": text}]
     text = str(step.get("text", "ok"))
-    text = (text.replace("{last_result}", results[-1] if results else "")
-            .replace("{all_results}", "\n".join(results))
-            .replace("{prompt}", first[:2000])
-            .replace("{history}", str(n_text)))
+    text = (
+        text.replace("{last_result}", results[-1] if results else "")
+        .replace("{all_results}", "\n".join(results))
+        .replace("{prompt}", first[:2000])
+        .replace("{history}", str(n_text))
+    )
     return 200, None, [{"type": "text", "text": text}]
 
 
 def sse_events(model: str, blocks: list[dict]) -> list[tuple[str, dict]]:
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
-    ev: list[tuple[str, dict]] = [("message_start", {"type": "message_start", "message": {
-        "id": msg_id, "type": "message", "role": "assistant", "model": model, "content": [],
-        "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": 12, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}})]
+    ev: list[tuple[str, dict]] = [
+        (
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": msg_id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {
+                        "input_tokens": 12,
+                        "output_tokens": 1,
+                        "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": 0,
+                    },
+                },
+            },
+        )
+    ]
     stop = "end_turn"
     for i, b in enumerate(blocks):
         if b["type"] == "text":
-            ev.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}))
+            ev.append(
+                (
+                    "content_block_start",
+                    {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}},
+                )
+            )
             text = b["text"]
             chunk = 65536
             for start in range(0, max(len(text), 1), chunk):
-                ev.append(("content_block_delta", {"type": "content_block_delta", "index": i,
-                                                   "delta": {"type": "text_delta", "text": text[start:start + chunk]}}))
+                ev.append(
+                    (
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": i,
+                            "delta": {"type": "text_delta", "text": text[start : start + chunk]},
+                        },
+                    )
+                )
         else:
             stop = "tool_use"
-            ev.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": {
-                "type": "tool_use", "id": b["id"], "name": b["name"], "input": {}}}))
-            ev.append(("content_block_delta", {"type": "content_block_delta", "index": i,
-                                               "delta": {"type": "input_json_delta", "partial_json": json.dumps(b["input"])}}))
+            ev.append(
+                (
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": i,
+                        "content_block": {"type": "tool_use", "id": b["id"], "name": b["name"], "input": {}},
+                    },
+                )
+            )
+            ev.append(
+                (
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": i,
+                        "delta": {"type": "input_json_delta", "partial_json": json.dumps(b["input"])},
+                    },
+                )
+            )
         ev.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
-    ev.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                                 "usage": {"output_tokens": 7}}))
+    ev.append(
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop, "stop_sequence": None},
+                "usage": {"output_tokens": 7},
+            },
+        )
+    )
     ev.append(("message_stop", {"type": "message_stop"}))
     return ev
 
@@ -234,9 +326,19 @@ def make_handler(state: MockState):
             model = body.get("model", "claude-mock")
             if not body.get("stream"):
                 stop = "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
-                return self._json(200, {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
-                                        "model": model, "content": blocks, "stop_reason": stop, "stop_sequence": None,
-                                        "usage": {"input_tokens": 12, "output_tokens": 7}})
+                return self._json(
+                    200,
+                    {
+                        "id": f"msg_{uuid.uuid4().hex[:24]}",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": model,
+                        "content": blocks,
+                        "stop_reason": stop,
+                        "stop_sequence": None,
+                        "usage": {"input_tokens": 12, "output_tokens": 7},
+                    },
+                )
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
             self.send_header("cache-control", "no-cache")
@@ -261,7 +363,7 @@ class MockServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "MockServer":
+    def __enter__(self) -> MockServer:
         self._thread.start()
         return self
 

@@ -21,8 +21,16 @@ def cli(cc_env, fake_claude, monkeypatch):
     store = TaskStore(cc_env["CC_TASKS_DIR"])
 
     def call(*args, input=None, timeout=60, env=None):
-        return subprocess.run([sys.executable, "-m", "cc_tasks", *args], capture_output=True, text=True,
-                              input=input, timeout=timeout, cwd=str(ROOT), env={**os.environ, **(env or {})})
+        return subprocess.run(
+            [sys.executable, "-m", "cc_tasks", *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
+            cwd=str(ROOT),
+            env={**os.environ, **(env or {})},
+        )
+
     call.store = store
     yield call
     for t in store.active_ids():
@@ -37,8 +45,9 @@ def test_every_subcommand_has_help(cli):
 
 
 def test_run_wait_show_list_logs(cli, workdir):
-    r = cli("run", fake({"result": "the answer is 42"}, "first line"), "--cwd", str(workdir), "--name", "cli-task",
-            "--wait")
+    r = cli(
+        "run", fake({"result": "the answer is 42"}, "first line"), "--cwd", str(workdir), "--name", "cli-task", "--wait"
+    )
     assert r.returncode == 0, r.stderr
     assert "the answer is 42" in r.stdout and "completed" in r.stderr
     (tid,) = list(cli.store.all_ids())
@@ -56,8 +65,15 @@ def test_run_wait_show_list_logs(cli, workdir):
 
 
 def test_run_wait_exit_code_reflects_failure(cli, workdir):
-    r = cli("run", fake({"is_error": True, "exit": 1, "result": "API Error: 500 nope"}), "--cwd", str(workdir),
-            "--wait", "--max-attempts", "1")
+    r = cli(
+        "run",
+        fake({"is_error": True, "exit": 1, "result": "API Error: 500 nope"}),
+        "--cwd",
+        str(workdir),
+        "--wait",
+        "--max-attempts",
+        "1",
+    )
     assert r.returncode == 1 and "failed" in r.stderr and "API Error: 500 nope" in r.stderr
 
 

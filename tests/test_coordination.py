@@ -25,8 +25,9 @@ from .test_stdio_servers import server_pids
 
 
 def stdio_server(env: dict) -> Client:
-    return Client(StdioTransport(command=sys.executable, args=[str(ROOT / "main.py")], env=env, cwd=str(ROOT),
-                                 keep_alive=False))
+    return Client(
+        StdioTransport(command=sys.executable, args=[str(ROOT / "main.py")], env=env, cwd=str(ROOT), keep_alive=False)
+    )
 
 
 @pytest.mark.timeout(400)
@@ -39,14 +40,18 @@ async def test_four_servers_two_hundred_tasks_cap_three(cc_env, fake_claude, wor
     for c in clients:
         await c.__aenter__()
     try:
+
         async def submit(c):
-            res = await asyncio.gather(*(c.call_tool("start_cc_task_async", {"prompt": prompt, "cwd": str(workdir)})
-                                         for _ in range(50)))
+            res = await asyncio.gather(
+                *(c.call_tool("start_cc_task_async", {"prompt": prompt, "cwd": str(workdir)}) for _ in range(50))
+            )
             return [r.structured_content["task_id"] for r in res]
+
         ids = [t for batch in await asyncio.gather(*(submit(c) for c in clients)) for t in batch]
         assert len(set(ids)) == 200
-        res = (await clients[0].call_tool("wait_for_tasks", {"task_ids": ids, "timeout_seconds": 350},
-                                          timeout=380)).structured_content
+        res = (
+            await clients[0].call_tool("wait_for_tasks", {"task_ids": ids, "timeout_seconds": 350}, timeout=380)
+        ).structured_content
         assert res["done"], res["pending"][:5]
         assert Counter(t["status"] for t in res["tasks"]) == {"completed": 200}
         left = (await clients[1].call_tool("list_active_tasks", {})).structured_content
@@ -65,8 +70,12 @@ async def test_queue_drains_after_the_server_that_queued_it_is_killed(cc_env, fa
     c = stdio_server(env)
     await c.__aenter__()
     try:
-        batch = (await c.call_tool("start_cc_tasks_batch", {"tasks": [
-            {"prompt": fake({"sleep": 0.3}), "cwd": str(workdir)} for _ in range(5)]})).structured_content
+        batch = (
+            await c.call_tool(
+                "start_cc_tasks_batch",
+                {"tasks": [{"prompt": fake({"sleep": 0.3}), "cwd": str(workdir)} for _ in range(5)]},
+            )
+        ).structured_content
         ids = [t["task_id"] for t in batch["tasks"]]
         (pid,) = server_pids()
         os.kill(pid, signal.SIGKILL)
@@ -98,7 +107,7 @@ async def test_killed_supervisor_gives_its_slot_back(cc_env, fake_manager, workd
     assert queued.status == TaskStatus.QUEUED and queued.queue_position == 1
     os.kill(rec.supervisor.pid, signal.SIGKILL)
     async with Client(create_server(fake_manager)) as c:  # its pump loop notices the dead supervisor
-        res = (await c.call_tool("wait_for_tasks", {"task_ids": [waiting.task_id], "timeout_seconds": 60}))
+        res = await c.call_tool("wait_for_tasks", {"task_ids": [waiting.task_id], "timeout_seconds": 60})
     assert res.structured_content["tasks"][0]["result"] == "second"
     dead = fake_manager.get(blocker.task_id)
     assert dead.status == TaskStatus.FAILED and "supervisor" in dead.error
@@ -106,9 +115,16 @@ async def test_killed_supervisor_gives_its_slot_back(cc_env, fake_manager, workd
 
 
 def _batch(workdir, log, spec: dict[str, tuple[list[str], dict]]) -> list[BatchItem]:
-    return [BatchItem(key=k, prompt=fake({"log": str(log), "name": k, "sleep": 0.2, **cfg}), cwd=str(workdir),
-                      depends_on=deps or None, max_attempts=1)
-            for k, (deps, cfg) in spec.items()]
+    return [
+        BatchItem(
+            key=k,
+            prompt=fake({"log": str(log), "name": k, "sleep": 0.2, **cfg}),
+            cwd=str(workdir),
+            depends_on=deps or None,
+            max_attempts=1,
+        )
+        for k, (deps, cfg) in spec.items()
+    ]
 
 
 async def test_diamond_runs_in_order(fake_manager, workdir, tmp_path):
@@ -130,8 +146,16 @@ async def test_diamond_runs_in_order(fake_manager, workdir, tmp_path):
 
 async def test_failing_root_skips_its_descendants(fake_manager, workdir, tmp_path):
     log = tmp_path / "order.log"
-    items = _batch(workdir, log, {"a": ([], {"is_error": True, "exit": 1, "result": "root broke"}),
-                                  "b": (["a"], {}), "c": (["a"], {}), "d": (["b", "c"], {})})
+    items = _batch(
+        workdir,
+        log,
+        {
+            "a": ([], {"is_error": True, "exit": 1, "result": "root broke"}),
+            "b": (["a"], {}),
+            "c": (["a"], {}),
+            "d": (["b", "c"], {}),
+        },
+    )
     res = {t.key: t.task_id for t in fake_manager.start_batch(items).tasks}
     done = {t.task_id: t for t in (await fake_manager.wait(list(res.values()), timeout=60)).tasks}
     assert done[res["a"]].status == TaskStatus.FAILED and "root broke" in done[res["a"]].error
@@ -143,9 +167,11 @@ async def test_failing_root_skips_its_descendants(fake_manager, workdir, tmp_pat
 
 
 async def test_cycles_and_unknown_ids_are_rejected(fake_manager, workdir):
-    cyc = [BatchItem(key="x", prompt="1", cwd=str(workdir), depends_on=["y"]),
-           BatchItem(key="y", prompt="2", cwd=str(workdir), depends_on=["z"]),
-           BatchItem(key="z", prompt="3", cwd=str(workdir), depends_on=["x"])]
+    cyc = [
+        BatchItem(key="x", prompt="1", cwd=str(workdir), depends_on=["y"]),
+        BatchItem(key="y", prompt="2", cwd=str(workdir), depends_on=["z"]),
+        BatchItem(key="z", prompt="3", cwd=str(workdir), depends_on=["x"]),
+    ]
     with pytest.raises(InvalidOptionsError, match="dependency cycle in the batch: x -> y -> z -> x"):
         fake_manager.start_batch(cyc)
     with pytest.raises(InvalidOptionsError, match="neither a task of this store nor a key"):
@@ -163,8 +189,9 @@ async def test_priorities_reorder_the_queue(fake_manager, workdir, tmp_path, mon
     blocker = fake_manager.start(TaskOptions(prompt=fake({"wait_file": str(gate)}), cwd=str(workdir)))
     low = fake_manager.start(TaskOptions(prompt=fake({"log": str(log), "name": "low"}), cwd=str(workdir)))
     mid = fake_manager.start(TaskOptions(prompt=fake({"log": str(log), "name": "mid"}), cwd=str(workdir), priority=5))
-    high = fake_manager.start(TaskOptions(prompt=fake({"log": str(log), "name": "high"}), cwd=str(workdir),
-                                          priority=10))
+    high = fake_manager.start(
+        TaskOptions(prompt=fake({"log": str(log), "name": "high"}), cwd=str(workdir), priority=10)
+    )
     assert [fake_manager.get(t.task_id).queue_position for t in (high, mid, low)] == [1, 2, 3]
     gate.touch()
     await fake_manager.wait([blocker.task_id, low.task_id, mid.task_id, high.task_id], timeout=60)
@@ -174,23 +201,44 @@ async def test_priorities_reorder_the_queue(fake_manager, workdir, tmp_path, mon
 async def test_transient_api_error_is_retried_and_a_real_error_is_not(manager, workdir):
     key = uuid.uuid4().hex
     no_inner_retry = {"CLAUDE_CODE_MAX_RETRIES": "0"}
-    flaky = manager.start(TaskOptions(prompt=mock_prompt([{"error_once": 529, "key": key, "text": "recovered"}]),
-                                      cwd=str(workdir), env=no_inner_retry, retry_backoff_seconds=0.2))
-    broken = manager.start(TaskOptions(prompt=mock_prompt([{"error": 400, "message": "bad field"}]),
-                                       cwd=str(workdir), env=no_inner_retry, retry_backoff_seconds=0.2))
+    flaky = manager.start(
+        TaskOptions(
+            prompt=mock_prompt([{"error_once": 529, "key": key, "text": "recovered"}]),
+            cwd=str(workdir),
+            env=no_inner_retry,
+            retry_backoff_seconds=0.2,
+        )
+    )
+    broken = manager.start(
+        TaskOptions(
+            prompt=mock_prompt([{"error": 400, "message": "bad field"}]),
+            cwd=str(workdir),
+            env=no_inner_retry,
+            retry_backoff_seconds=0.2,
+        )
+    )
     done = {t.task_id: t for t in (await manager.wait([flaky.task_id, broken.task_id], timeout=90)).tasks}
     f = done[flaky.task_id]
     assert f.status == TaskStatus.COMPLETED and f.result == "recovered"
     assert [(a.attempt, a.status, a.retried, a.exit_code) for a in f.attempts] == [
-        (1, TaskStatus.FAILED, True, 1), (2, TaskStatus.COMPLETED, False, 0)]
+        (1, TaskStatus.FAILED, True, 1),
+        (2, TaskStatus.COMPLETED, False, 0),
+    ]
     assert "529" in f.attempts[0].reason
     b = done[broken.task_id]
     assert b.status == TaskStatus.FAILED and len(b.attempts) == 1 and not b.attempts[0].retried
     # an overload after the task already used a tool is not retried: its side effects would repeat
-    ran = manager.start(TaskOptions(prompt=mock_prompt([{"bash": "echo side-effect >> effects.txt"},
-                                                         {"error": 529, "type": "overloaded_error"}]),
-                                    cwd=str(workdir), env=no_inner_retry, allowed_tools=["Bash"],
-                                    retry_backoff_seconds=0.2))
+    ran = manager.start(
+        TaskOptions(
+            prompt=mock_prompt(
+                [{"bash": "echo side-effect >> effects.txt"}, {"error": 529, "type": "overloaded_error"}]
+            ),
+            cwd=str(workdir),
+            env=no_inner_retry,
+            allowed_tools=["Bash"],
+            retry_backoff_seconds=0.2,
+        )
+    )
     r = (await manager.wait([ran.task_id], timeout=90)).tasks[0]
     assert r.status == TaskStatus.FAILED and len(r.attempts) == 1 and "529" in r.error
     assert (workdir / "effects.txt").read_text() == "side-effect\n"
@@ -199,14 +247,24 @@ async def test_transient_api_error_is_retried_and_a_real_error_is_not(manager, w
 
 
 async def test_continue_task_resumes_the_session(manager, workdir, mock_api):
-    first = manager.start(TaskOptions(prompt=mock_prompt([{"text": "noted the word"}], "remember the word kiwi"),
-                                      cwd=str(workdir), model="claude-sonnet-x", name="first"))
+    first = manager.start(
+        TaskOptions(
+            prompt=mock_prompt([{"text": "noted the word"}], "remember the word kiwi"),
+            cwd=str(workdir),
+            model="claude-sonnet-x",
+            name="first",
+        )
+    )
     r1 = (await manager.wait([first.task_id], timeout=60)).tasks[0]
     assert r1.status == TaskStatus.COMPLETED and r1.session_id
     async with Client(create_server(manager)) as c:
-        res = await c.call_tool("continue_task", {
-            "task_id": first.task_id,
-            "prompt": mock_prompt([{"text": "user turns seen: {history}"}], "what was the word")})
+        res = await c.call_tool(
+            "continue_task",
+            {
+                "task_id": first.task_id,
+                "prompt": mock_prompt([{"text": "user turns seen: {history}"}], "what was the word"),
+            },
+        )
         tid = res.structured_content["task_id"]
         r2 = (await c.call_tool("wait_for_tasks", {"task_ids": [tid], "timeout_seconds": 60})).structured_content
     second = r2["tasks"][0]
@@ -216,17 +274,25 @@ async def test_continue_task_resumes_the_session(manager, workdir, mock_api):
     last = [b for b in mock_api.state.requests if "what was the word" in json.dumps(b["messages"])][-1]
     assert "remember the word kiwi" in json.dumps(last["messages"])  # the mock saw the earlier conversation
     with pytest.raises(InvalidOptionsError, match="no claude session|finish"):
-        running = manager.start(TaskOptions(prompt=mock_prompt([{"bash": "sleep 30"}]), cwd=str(workdir),
-                                            allowed_tools=["Bash"]))
+        running = manager.start(
+            TaskOptions(prompt=mock_prompt([{"bash": "sleep 30"}]), cwd=str(workdir), allowed_tools=["Bash"])
+        )
         manager.continue_task(running.task_id, "too early")
 
 
 async def test_dependency_results_go_in_front_of_the_prompt(manager, workdir):
-    res = manager.start_batch([
-        BatchItem(key="a", prompt=mock_prompt([{"text": "alpha-output-42"}]), cwd=str(workdir)),
-        BatchItem(key="b", prompt=mock_prompt([{"text": "saw: {prompt}"}], "use what a found"), cwd=str(workdir),
-                  depends_on=["a"], include_dependency_results=True),
-    ])
+    res = manager.start_batch(
+        [
+            BatchItem(key="a", prompt=mock_prompt([{"text": "alpha-output-42"}]), cwd=str(workdir)),
+            BatchItem(
+                key="b",
+                prompt=mock_prompt([{"text": "saw: {prompt}"}], "use what a found"),
+                cwd=str(workdir),
+                depends_on=["a"],
+                include_dependency_results=True,
+            ),
+        ]
+    )
     ids = [t.task_id for t in res.tasks]
     done = (await manager.wait(ids, timeout=60)).tasks
     b = done[1]

@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -25,9 +25,19 @@ def browser(tmp_path):
         pytest.fail("chromium and chromedriver are missing: run scripts/bootstrap.sh (installs Debian's packages)")
     opts = Options()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1400,900"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+        "--window-size=1400,900",
+    ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)
@@ -46,12 +56,14 @@ def row_status(driver, task_id: str) -> str | None:
 
 def click(wait, css: str) -> None:
     """Click an element that the page may be re-rendering right now."""
+
     def attempt(d):
         try:
             d.find_element(By.CSS_SELECTOR, css).click()
             return True
         except (StaleElementReferenceException, NoSuchElementException):
             return False
+
     wait.until(attempt)
 
 
@@ -61,8 +73,9 @@ def test_dashboard_live_updates_and_cancel(http_server, browser, fake_manager, w
     assert "unauthorized" in browser.find_element(By.TAG_NAME, "body").text
     assert "cc-tasks" not in browser.title
 
-    quick = fake_manager.start(TaskOptions(prompt=fake({"sleep": 3, "result": "finished-in-browser"}),
-                                           cwd=str(workdir), name="quick one"))
+    quick = fake_manager.start(
+        TaskOptions(prompt=fake({"sleep": 3, "result": "finished-in-browser"}), cwd=str(workdir), name="quick one")
+    )
     browser.get(base + f"/?token={TOKEN}")
     assert browser.current_url == base + "/"  # the token left the URL; a cookie carries it now
     wait = WebDriverWait(browser, 40, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
@@ -84,6 +97,7 @@ def test_dashboard_live_updates_and_cancel(http_server, browser, fake_manager, w
     assert "cancelled: the task's process tree was stopped" in browser.find_element(By.ID, "detail").text
     assert fake_manager.get(slow.task_id).status == TaskStatus.CANCELLED
     from .conftest import pid_alive
+
     assert not pid_alive(claude_pid)
     browser.save_screenshot(str(tmp_path / "dashboard.png"))
     assert not browser.find_elements(By.ID, "cancel")  # nothing left to cancel

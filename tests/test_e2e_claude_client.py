@@ -24,14 +24,31 @@ def test_claude_code_orchestrates_two_subagents(cc_env, real_claude, workdir):
     prompt = "split the work in two @@mock " + json.dumps({"steps": steps})
     config = {"mcpServers": {"cc": {"command": sys.executable, "args": [str(ROOT / "main.py")]}}}
     proc = subprocess.run(
-        [real_claude, "-p", "--output-format=stream-json", "--verbose", f"--mcp-config={json.dumps(config)}",
-         "--allowedTools=mcp__cc__start_cc_task_async", "--allowedTools=mcp__cc__wait_for_tasks"],
-        input=prompt, capture_output=True, text=True, cwd=workdir, timeout=150)
+        [
+            real_claude,
+            "-p",
+            "--output-format=stream-json",
+            "--verbose",
+            f"--mcp-config={json.dumps(config)}",
+            "--allowedTools=mcp__cc__start_cc_task_async",
+            "--allowedTools=mcp__cc__wait_for_tasks",
+        ],
+        input=prompt,
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        timeout=150,
+    )
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     result = events[-1]
     assert proc.returncode == 0 and result["type"] == "result" and not result["is_error"], proc.stderr[-2000:]
-    called = [b["name"] for e in events if e["type"] == "assistant" for b in e["message"]["content"]
-              if b["type"] == "tool_use"]
+    called = [
+        b["name"]
+        for e in events
+        if e["type"] == "assistant"
+        for b in e["message"]["content"]
+        if b["type"] == "tool_use"
+    ]
     assert called == ["mcp__cc__start_cc_task_async"] * 2 + ["mcp__cc__wait_for_tasks"]
     answer = result["result"]
     assert answer.startswith("parent saw: ") and "alpha-result" in answer and "beta-result" in answer

@@ -30,9 +30,11 @@ def free_port() -> int:
 
 def http(url, method="GET", headers=None, data=None):
     """(status, headers, body) without following redirects."""
+
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *a, **k):
             return None
+
     req = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
     try:
         with urllib.request.build_opener(NoRedirect).open(req, timeout=30) as r:
@@ -46,8 +48,13 @@ def http_server(cc_env, fake_claude, tmp_path):
     env = {**os.environ, "CC_TASKS_CLAUDE_BIN": fake_claude}
     port = free_port()
     log = open(tmp_path / "server.log", "w+")
-    p = subprocess.Popen([sys.executable, "-m", "cc_tasks", "serve", "--transport", "http", "--port", str(port),
-                          "--token", TOKEN], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cc_tasks", "serve", "--transport", "http", "--port", str(port), "--token", TOKEN],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=str(ROOT),
+    )
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: p.poll() is not None or http(base + "/health")[0] == 200 if _up(port) else False, timeout=30)
     assert p.poll() is None, open(tmp_path / "server.log").read()
@@ -96,8 +103,9 @@ async def test_mcp_over_http_with_and_without_token(http_server, workdir):
     async with Client(StreamableHttpTransport(url, headers={"Authorization": f"Bearer {TOKEN}"})) as c:
         names = {t.name for t in await c.list_tools()}
         assert {"start_cc_task_async", "wait_for_tasks", "get_task_output"} <= names
-        tid = (await c.call_tool("start_cc_task_async", {"prompt": fake({"result": "over http"}),
-                                                         "cwd": str(workdir)})).structured_content["task_id"]
+        tid = (
+            await c.call_tool("start_cc_task_async", {"prompt": fake({"result": "over http"}), "cwd": str(workdir)})
+        ).structured_content["task_id"]
         res = (await c.call_tool("wait_for_tasks", {"task_ids": [tid], "timeout_seconds": 60})).structured_content
         assert res["tasks"][0]["result"] == "over http"
     with pytest.raises(Exception):
@@ -108,27 +116,71 @@ async def test_mcp_over_http_with_and_without_token(http_server, workdir):
 
 
 def test_binding_beyond_loopback_needs_a_token(cc_env):
-    r = subprocess.run([sys.executable, "-m", "cc_tasks", "serve", "--transport", "http", "--host", "0.0.0.0",
-                        "--port", str(free_port())], capture_output=True, text=True, timeout=60, cwd=str(ROOT),
-                       env={k: v for k, v in os.environ.items() if k != "CC_TASKS_TOKEN"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cc_tasks",
+            "serve",
+            "--transport",
+            "http",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(ROOT),
+        env={k: v for k, v in os.environ.items() if k != "CC_TASKS_TOKEN"},
+    )
     assert r.returncode == 2 and "refusing to serve on 0.0.0.0 without a token" in r.stderr
 
 
 def test_claude_code_is_an_http_client(cc_env, real_claude, workdir, tmp_path):
     port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "cc_tasks", "serve", "--transport", "http", "--port", str(port)],
-                         env={**os.environ, "CC_TASKS_TOKEN": TOKEN}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, cwd=str(ROOT))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cc_tasks", "serve", "--transport", "http", "--port", str(port)],
+        env={**os.environ, "CC_TASKS_TOKEN": TOKEN},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=str(ROOT),
+    )
     try:
         wait_until(lambda: _up(port), timeout=30)
-        config = {"mcpServers": {"t": {"type": "http", "url": f"http://127.0.0.1:{port}/mcp",
-                                       "headers": {"Authorization": f"Bearer {TOKEN}"}}}}
-        prompt = mock_prompt([{"tool": "mcp__t__get_server_info", "input": {}},
-                              {"tool": "mcp__t__list_active_tasks", "input": {"include_finished": True}},
-                              {"text": "saw: {all_results}"}], "look at the server")
-        r = subprocess.run([real_claude, "-p", "--output-format=stream-json", "--verbose",
-                            f"--mcp-config={json.dumps(config)}", "--allowedTools=mcp__t"],
-                           input=prompt, capture_output=True, text=True, cwd=workdir, timeout=120)
+        config = {
+            "mcpServers": {
+                "t": {
+                    "type": "http",
+                    "url": f"http://127.0.0.1:{port}/mcp",
+                    "headers": {"Authorization": f"Bearer {TOKEN}"},
+                }
+            }
+        }
+        prompt = mock_prompt(
+            [
+                {"tool": "mcp__t__get_server_info", "input": {}},
+                {"tool": "mcp__t__list_active_tasks", "input": {"include_finished": True}},
+                {"text": "saw: {all_results}"},
+            ],
+            "look at the server",
+        )
+        r = subprocess.run(
+            [
+                real_claude,
+                "-p",
+                "--output-format=stream-json",
+                "--verbose",
+                f"--mcp-config={json.dumps(config)}",
+                "--allowedTools=mcp__t",
+            ],
+            input=prompt,
+            capture_output=True,
+            text=True,
+            cwd=workdir,
+            timeout=120,
+        )
         result = json.loads(r.stdout.strip().splitlines()[-1])
         assert not result["is_error"], r.stdout[-2000:]
         assert cc_env["CC_TASKS_DIR"] in result["result"] and '"tasks":[]' in result["result"].replace(" ", "")
@@ -139,9 +191,13 @@ def test_claude_code_is_an_http_client(cc_env, real_claude, workdir, tmp_path):
 
 def test_without_a_token_only_loopback_hosts_and_origins_get_in(cc_env, fake_claude, tmp_path):
     port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "cc_tasks", "serve", "--transport", "http", "--port", str(port)],
-                         env={k: v for k, v in os.environ.items() if k != "CC_TASKS_TOKEN"},
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cc_tasks", "serve", "--transport", "http", "--port", str(port)],
+        env={k: v for k, v in os.environ.items() if k != "CC_TASKS_TOKEN"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=str(ROOT),
+    )
     try:
         wait_until(lambda: _up(port), timeout=30)
         base = f"http://127.0.0.1:{port}"
@@ -149,9 +205,19 @@ def test_without_a_token_only_loopback_hosts_and_origins_get_in(cc_env, fake_cla
         assert http(base + "/api/tasks", headers={"Host": f"localhost:{port}"})[0] == 200
         # DNS rebinding: a page of another site that resolves to 127.0.0.1
         assert http(base + "/api/tasks", headers={"Host": f"attacker.example:{port}"})[0] == 403
-        assert http(base + "/mcp", method="POST", data=b"{}", headers={
-            "Host": f"127.0.0.1:{port}", "Origin": f"http://attacker.example:{port}",
-            "Content-Type": "application/json"})[0] == 403
+        assert (
+            http(
+                base + "/mcp",
+                method="POST",
+                data=b"{}",
+                headers={
+                    "Host": f"127.0.0.1:{port}",
+                    "Origin": f"http://attacker.example:{port}",
+                    "Content-Type": "application/json",
+                },
+            )[0]
+            == 403
+        )
         assert http(base + "/api/tasks?limit=abc")[0] == 400
         assert http(base + "/api/tasks/20260101-000000-000-1a2b3c4d/transcript?offset=x")[0] in (400, 404)
     finally:

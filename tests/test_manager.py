@@ -9,8 +9,13 @@ import psutil
 import pytest
 
 from cc_tasks.config import Settings
-from cc_tasks.errors import (ClaudeNotFoundError, DepthLimitError, InvalidOptionsError, InvalidTaskIdError,
-                             TaskNotFoundError)
+from cc_tasks.errors import (
+    ClaudeNotFoundError,
+    DepthLimitError,
+    InvalidOptionsError,
+    InvalidTaskIdError,
+    TaskNotFoundError,
+)
 from cc_tasks.manager import TaskManager
 from cc_tasks.models import TaskOptions, TaskStatus
 
@@ -43,29 +48,52 @@ async def test_completes_with_result_prompt_on_stdin_and_env(fake_manager, workd
     monkeypatch.setenv("CLAUDECODE", "1")
     monkeypatch.setenv("CLAUDE_CODE_ENTRYPOINT", "cli")
     monkeypatch.setenv("CC_TASKS_TOKEN", "server-secret")
-    prompt = "-p --help\n" + fake({"argv": True, "env_keys": ["CC_TASKS_DEPTH", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
-                                                              "MY_VAR", "CC_TASKS_DIR", "CC_TASKS_TOKEN"],
-                                   "result": "all good"})
-    r = await run(fake_manager, TaskOptions(prompt=prompt, cwd=str(workdir), env={"MY_VAR": "v"}, name="n1",
-                                            metadata={"k": 1}))
+    prompt = "-p --help\n" + fake(
+        {
+            "argv": True,
+            "env_keys": [
+                "CC_TASKS_DEPTH",
+                "CLAUDECODE",
+                "CLAUDE_CODE_ENTRYPOINT",
+                "MY_VAR",
+                "CC_TASKS_DIR",
+                "CC_TASKS_TOKEN",
+            ],
+            "result": "all good",
+        }
+    )
+    r = await run(
+        fake_manager, TaskOptions(prompt=prompt, cwd=str(workdir), env={"MY_VAR": "v"}, name="n1", metadata={"k": 1})
+    )
     assert r.status == TaskStatus.COMPLETED and r.exit_code == 0 and r.result == "all good"
     assert r.name == "n1" and r.metadata == {"k": 1} and r.num_turns == 2 and r.total_cost_usd == 0.001
     assert r.session_id and r.started_at and r.finished_at and r.cwd == str(workdir)
     seen = json.loads((workdir / "argv.json").read_text())
     assert seen["prompt"] == prompt  # the prompt arrives on stdin, untouched, though it starts with -p
     assert seen["argv"][1:] == ["-p", "--output-format=stream-json", "--verbose"]
-    assert seen["env"] == {"CC_TASKS_DEPTH": "1", "CLAUDECODE": None, "CLAUDE_CODE_ENTRYPOINT": None, "MY_VAR": "v",
-                           "CC_TASKS_DIR": str(fake_manager.store.root), "CC_TASKS_TOKEN": None}
+    assert seen["env"] == {
+        "CC_TASKS_DEPTH": "1",
+        "CLAUDECODE": None,
+        "CLAUDE_CODE_ENTRYPOINT": None,
+        "MY_VAR": "v",
+        "CC_TASKS_DIR": str(fake_manager.store.root),
+        "CC_TASKS_TOKEN": None,
+    }
     assert "server-secret" not in fake_manager.store.path(r.task_id, "request.json").read_text()
-    events = [json.loads(l)["kind"] for l in fake_manager.store.path(r.task_id, "events.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(line)["kind"] for line in fake_manager.store.path(r.task_id, "events.jsonl").read_text().splitlines()
+    ]
     assert events[0] == "status" and "tool_use" in events and "result" in events and events[-1] == "status"
 
 
-@pytest.mark.parametrize("cfg, error", [
-    ({"no_result": True, "exit": 3}, "exited with code 3 without a result event"),
-    ({"is_error": True, "exit": 1, "result": "API Error: 500 boom"}, "API Error: 500 boom"),
-    ({"exit": 2, "result": "half done"}, "exit code 2"),
-])
+@pytest.mark.parametrize(
+    "cfg, error",
+    [
+        ({"no_result": True, "exit": 3}, "exited with code 3 without a result event"),
+        ({"is_error": True, "exit": 1, "result": "API Error: 500 boom"}, "API Error: 500 boom"),
+        ({"exit": 2, "result": "half done"}, "exit code 2"),
+    ],
+)
 async def test_failures_carry_a_reason(fake_manager, workdir, cfg, error):
     r = await run(fake_manager, TaskOptions(prompt=fake(cfg), cwd=str(workdir)))
     assert r.status == TaskStatus.FAILED and error in r.error
@@ -73,8 +101,9 @@ async def test_failures_carry_a_reason(fake_manager, workdir, cfg, error):
 
 
 async def test_cancel_stops_a_stubborn_tree_and_leaves_no_zombie(fake_manager, workdir, hosting):
-    r = fake_manager.start(TaskOptions(prompt=fake({"sleep": 300, "ignore_signals": True, "grandchild": True}),
-                                       cwd=str(workdir)))
+    r = fake_manager.start(
+        TaskOptions(prompt=fake({"sleep": 300, "ignore_signals": True, "grandchild": True}), cwd=str(workdir))
+    )
     # (claude's pid reaches the record with the first progress flush, within FLUSH_EVERY)
     rec = wait_until(lambda: (workdir / "grandchild.pid").exists() and (x := fake_manager.get(r.task_id)).claude and x)
     grandchild = int((workdir / "grandchild.pid").read_text())
@@ -94,8 +123,10 @@ async def test_cancel_stops_a_stubborn_tree_and_leaves_no_zombie(fake_manager, w
 
 
 async def test_timeout_stops_the_tree(fake_manager, workdir):
-    r = await run(fake_manager, TaskOptions(prompt=fake({"sleep": 300, "grandchild": True}), cwd=str(workdir),
-                                            timeout_seconds=1.5))
+    r = await run(
+        fake_manager,
+        TaskOptions(prompt=fake({"sleep": 300, "grandchild": True}), cwd=str(workdir), timeout_seconds=1.5),
+    )
     assert r.status == TaskStatus.TIMEOUT and "timed out after 1.5s" in r.error
     grandchild = int((workdir / "grandchild.pid").read_text())
     assert not pid_alive(grandchild) and not pid_alive(r.claude.pid)
@@ -205,11 +236,13 @@ async def test_tasks_are_supervised_by_the_launcher_or_by_a_process_of_their_own
     sock = fake_manager.store.root / "launcher.sock"
     assert sock.exists() and (sock.stat().st_mode & 0o077) == 0
     from cc_tasks import launcher
+
     hello = launcher._request(fake_manager.store, {"op": "hello"})
     assert hello["identity"] == launcher.IDENTITY
     assert r.supervisor.shared and r.supervisor.pid == hello["pid"]
     assert launcher._request(fake_manager.store, {"op": "start", "task_id": "../x"})["error"].startswith(
-        "InvalidTaskIdError")
+        "InvalidTaskIdError"
+    )
     assert launcher._request(fake_manager.store, {"op": "start", "task_id": r.task_id}) == {"ref": None}  # finished
     assert launcher.stop(fake_manager.store)
     wait_until(lambda: not pid_alive(hello["pid"]))
@@ -220,6 +253,7 @@ async def test_tasks_are_supervised_by_the_launcher_or_by_a_process_of_their_own
 
 async def test_a_stopped_launcher_finishes_its_tasks_and_sigterm_cancels_them(fake_manager, tmp_path):
     from cc_tasks import launcher
+
     dirs = [tmp_path / n for n in ("a", "b")]
     for d in dirs:
         d.mkdir()
@@ -246,6 +280,7 @@ async def test_a_stopped_launcher_finishes_its_tasks_and_sigterm_cancels_them(fa
 
 async def test_a_killed_launcher_is_replaced(fake_manager, workdir):
     from cc_tasks import launcher
+
     r = await run(fake_manager, TaskOptions(prompt=fake(), cwd=str(workdir)))
     assert r.status == TaskStatus.COMPLETED
     old = launcher._request(fake_manager.store, {"op": "hello"})["pid"]
@@ -259,13 +294,20 @@ async def test_a_killed_launcher_is_replaced(fake_manager, workdir):
 
 
 async def test_a_second_supervisor_for_a_running_task_runs_nothing(fake_manager, workdir, tmp_path):
-    import subprocess, sys
+    import subprocess
+    import sys
+
     track = tmp_path / "track"
     track.mkdir()
     r = fake_manager.start(TaskOptions(prompt=fake({"sleep": 2, "track": str(track)}), cwd=str(workdir)))
     wait_until(lambda: fake_manager.get(r.task_id).status == TaskStatus.RUNNING)
-    dup = subprocess.run([sys.executable, "-m", "cc_tasks.supervisor", str(fake_manager.store.root), r.task_id],
-                         capture_output=True, text=True, timeout=60, env={**os.environ, "CC_TASKS_LAUNCHER": "0"})
+    dup = subprocess.run(
+        [sys.executable, "-m", "cc_tasks.supervisor", str(fake_manager.store.root), r.task_id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CC_TASKS_LAUNCHER": "0"},
+    )
     assert dup.returncode == 0
     done = await fake_manager.wait([r.task_id], timeout=60)
     assert done.tasks[0].status == TaskStatus.COMPLETED
@@ -275,6 +317,7 @@ async def test_a_second_supervisor_for_a_running_task_runs_nothing(fake_manager,
 
 def test_process_identity_uses_boot_relative_start_ticks():
     from cc_tasks import procs
+
     me = procs.ref_of(os.getpid())
     assert me.start_ticks is not None and procs.alive(me)
     # a stepped wall clock moves create_time but not the start ticks
@@ -284,6 +327,7 @@ def test_process_identity_uses_boot_relative_start_ticks():
 
 async def test_cancel_right_after_start_never_stops_the_launcher(fake_manager, workdir):
     from cc_tasks import launcher
+
     await run(fake_manager, TaskOptions(prompt=fake(), cwd=str(workdir)))
     pid = launcher._request(fake_manager.store, {"op": "hello"})["pid"]
     for _ in range(5):  # the launcher claims the task while cancel is under way
@@ -297,6 +341,7 @@ def test_a_task_the_launcher_lost_track_of_fails(cc_env, workdir):
     """A task recorded as supervised by a live launcher that has no thread for it (one that died before the
     final record) is failed by the launcher's once-a-second check, not left running."""
     from cc_tasks.launcher import Launcher
+
     m = TaskManager(Settings.from_env())
     r = m.start(TaskOptions(prompt=fake(), cwd=str(workdir)), pump=False)
     host = Launcher(m.store)  # this test process stands in for the launcher
@@ -315,6 +360,7 @@ async def test_a_supervisor_killed_before_it_recorded_claudes_pid_still_stops_cl
     wait_until(lambda: (workdir / "grandchild.pid").exists())
     rec = fake_manager.store.read(r.task_id)
     from cc_tasks import procs
+
     found = procs.task_processes(r.task_id)
     assert len(found) >= 2  # claude and its background child
     if rec.claude is not None:
@@ -328,7 +374,9 @@ async def test_a_supervisor_killed_before_it_recorded_claudes_pid_still_stops_cl
 
 async def test_a_launcher_whose_store_is_deleted_exits(cc_env, fake_claude, workdir, tmp_path, monkeypatch):
     import shutil
+
     from cc_tasks import launcher
+
     monkeypatch.setenv("CC_TASKS_CLAUDE_BIN", fake_claude)
     monkeypatch.setenv("CC_TASKS_DIR", str(tmp_path / "doomed"))
     m = TaskManager(Settings.from_env())

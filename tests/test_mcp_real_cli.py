@@ -35,9 +35,16 @@ async def test_sync_execution_reports_progress(client, workdir):
     async def on_progress(progress, total, message):
         seen.append((progress, message))
 
-    res = await client.call_tool("execute_cc_task", {
-        "prompt": mock_prompt([{"bash": "sleep 2.5; echo slept"}, {"text": "done: {last_result}"}]),
-        "cwd": str(workdir), "allowed_tools": ["Bash"], "name": "sync-1"}, progress_handler=on_progress)
+    res = await client.call_tool(
+        "execute_cc_task",
+        {
+            "prompt": mock_prompt([{"bash": "sleep 2.5; echo slept"}, {"text": "done: {last_result}"}]),
+            "cwd": str(workdir),
+            "allowed_tools": ["Bash"],
+            "name": "sync-1",
+        },
+        progress_handler=on_progress,
+    )
     d = data(res)
     assert d["status"] == "completed" and d["result"] == "done: slept" and d["exit_code"] == 0
     assert d["name"] == "sync-1" and d["num_turns"] == 2 and d["session_id"] and d["total_cost_usd"] > 0
@@ -49,8 +56,11 @@ async def test_sync_execution_reports_progress(client, workdir):
 async def test_ten_async_tasks_in_parallel(client, workdir):
     ids = []
     for i in range(10):
-        r = data(await client.call_tool("start_cc_task_async", {"prompt": f"parallel task number {i}",
-                                                               "cwd": str(workdir), "name": f"p{i}"}))
+        r = data(
+            await client.call_tool(
+                "start_cc_task_async", {"prompt": f"parallel task number {i}", "cwd": str(workdir), "name": f"p{i}"}
+            )
+        )
         assert r["status"] in ("queued", "running")
         ids.append(r["task_id"])
     listed = data(await client.call_tool("list_active_tasks", {}))
@@ -67,20 +77,41 @@ async def test_ten_async_tasks_in_parallel(client, workdir):
 
 
 async def test_bash_tool_writes_a_file_in_cwd(client, workdir):
-    res = data(await client.call_tool("execute_cc_task", {
-        "prompt": mock_prompt([{"bash": "echo made-by-subagent > made.txt && pwd"}, {"text": "wrote in {last_result}"}]),
-        "cwd": str(workdir), "allowed_tools": ["Bash"]}))
+    res = data(
+        await client.call_tool(
+            "execute_cc_task",
+            {
+                "prompt": mock_prompt(
+                    [{"bash": "echo made-by-subagent > made.txt && pwd"}, {"text": "wrote in {last_result}"}]
+                ),
+                "cwd": str(workdir),
+                "allowed_tools": ["Bash"],
+            },
+        )
+    )
     assert res["status"] == "completed"
     assert (workdir / "made.txt").read_text().strip() == "made-by-subagent"
     assert res["result"] == f"wrote in {workdir}"
 
 
 async def test_api_error_fails_with_reason(client, workdir):
-    res = data(await client.call_tool("execute_cc_task", {
-        "prompt": mock_prompt([{"error": 400, "type": "invalid_request_error", "message": "field foo is not allowed"}]),
-        "cwd": str(workdir)}))
+    res = data(
+        await client.call_tool(
+            "execute_cc_task",
+            {
+                "prompt": mock_prompt(
+                    [{"error": 400, "type": "invalid_request_error", "message": "field foo is not allowed"}]
+                ),
+                "cwd": str(workdir),
+            },
+        )
+    )
     assert res["status"] == "failed" and res["is_error"] is True and res["exit_code"] == 1
-    assert "API Error: 400" in res["error"] and "field foo is not allowed" in res["error"] and "API error (400)" in res["error"]
+    assert (
+        "API Error: 400" in res["error"]
+        and "field foo is not allowed" in res["error"]
+        and "API error (400)" in res["error"]
+    )
 
 
 async def _assert_tree_gone(manager, task_id, workdir):
@@ -95,17 +126,32 @@ async def _assert_tree_gone(manager, task_id, workdir):
 
 
 async def test_timeout_leaves_no_process(client, manager, workdir):
-    res = data(await client.call_tool("execute_cc_task", {
-        "prompt": mock_prompt([{"bash": SLEEPER}, {"text": "never"}]), "cwd": str(workdir),
-        "allowed_tools": ["Bash"], "timeout_seconds": 5}))
+    res = data(
+        await client.call_tool(
+            "execute_cc_task",
+            {
+                "prompt": mock_prompt([{"bash": SLEEPER}, {"text": "never"}]),
+                "cwd": str(workdir),
+                "allowed_tools": ["Bash"],
+                "timeout_seconds": 5,
+            },
+        )
+    )
     assert res["status"] == "timeout" and "timed out after 5s" in res["error"]
     await _assert_tree_gone(manager, res["task_id"], workdir)
 
 
 async def test_cancel_leaves_no_process(client, manager, workdir):
-    tid = data(await client.call_tool("start_cc_task_async", {
-        "prompt": mock_prompt([{"bash": SLEEPER}, {"text": "never"}]), "cwd": str(workdir),
-        "allowed_tools": ["Bash"]}))["task_id"]
+    tid = data(
+        await client.call_tool(
+            "start_cc_task_async",
+            {
+                "prompt": mock_prompt([{"bash": SLEEPER}, {"text": "never"}]),
+                "cwd": str(workdir),
+                "allowed_tools": ["Bash"],
+            },
+        )
+    )["task_id"]
     wait_until(lambda: (workdir / "sleep.pid").exists())
     res = data(await client.call_tool("cancel_task", {"task_id": tid}))
     assert res["status"] == "cancelled" and res["exit_code"] is not None
@@ -114,9 +160,16 @@ async def test_cancel_leaves_no_process(client, manager, workdir):
 
 
 async def test_client_cancelling_execute_stops_the_task(client, manager, workdir):
-    call = asyncio.create_task(client.call_tool("execute_cc_task", {
-        "prompt": mock_prompt([{"bash": SLEEPER}, {"text": "never"}]), "cwd": str(workdir),
-        "allowed_tools": ["Bash"]}))
+    call = asyncio.create_task(
+        client.call_tool(
+            "execute_cc_task",
+            {
+                "prompt": mock_prompt([{"bash": SLEEPER}, {"text": "never"}]),
+                "cwd": str(workdir),
+                "allowed_tools": ["Bash"],
+            },
+        )
+    )
     await asyncio.to_thread(wait_until, lambda: (workdir / "sleep.pid").exists())
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -129,8 +182,9 @@ async def test_client_cancelling_execute_stops_the_task(client, manager, workdir
 
 async def test_twenty_megabytes_of_output_stay_bounded_and_page(client, manager, workdir):
     size = 20_000_000
-    res = await client.call_tool("execute_cc_task", {"prompt": mock_prompt([{"big": size}]), "cwd": str(workdir),
-                                                     "timeout_seconds": 110})
+    res = await client.call_tool(
+        "execute_cc_task", {"prompt": mock_prompt([{"big": size}]), "cwd": str(workdir), "timeout_seconds": 110}
+    )
     d = data(res)
     assert d["status"] == "completed" and d["result_truncated"] and d["result_chars"] == size
     assert sum(len(c.text) for c in res.content) < 25_000
@@ -140,8 +194,9 @@ async def test_twenty_megabytes_of_output_stay_bounded_and_page(client, manager,
     assert first["total_bytes"] == size and len(first["text"]) == 20_000 and not first["eof"]
     last = data(await client.call_tool("get_task_output", {"task_id": d["task_id"], "offset": size - 100}))
     assert last["eof"] and len(last["text"]) == 100
-    transcript = data(await client.call_tool("get_task_output", {"task_id": d["task_id"], "source": "transcript",
-                                                                "limit": 1000}))
+    transcript = data(
+        await client.call_tool("get_task_output", {"task_id": d["task_id"], "source": "transcript", "limit": 1000})
+    )
     assert transcript["total_bytes"] > size and len(transcript["text"]) <= 1000
     # every byte is reachable by following next_offset
     offset, total = 0, 0
@@ -157,8 +212,13 @@ async def test_twenty_megabytes_of_output_stay_bounded_and_page(client, manager,
 @pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a\x00b", "", "20260101-000000-000-1a2b3c4d/../.."])
 async def test_hostile_task_ids_are_rejected(client, manager, bad):
     before = sorted(p.name for p in manager.store.root.rglob("*"))
-    for tool, extra in (("check_task_status", {}), ("cancel_task", {}), ("cleanup_task", {}),
-                        ("get_task_output", {}), ("wait_for_tasks", None)):
+    for tool, extra in (
+        ("check_task_status", {}),
+        ("cancel_task", {}),
+        ("cleanup_task", {}),
+        ("get_task_output", {}),
+        ("wait_for_tasks", None),
+    ):
         args = {"task_ids": [bad]} if extra is None else {"task_id": bad}
         with pytest.raises(ToolError, match="invalid task id"):
             await client.call_tool(tool, args)
@@ -185,9 +245,16 @@ async def test_missing_claude_binary_is_a_tool_error(cc_env, tmp_path, monkeypat
 
 
 async def test_status_answers_fast_while_a_sync_execution_runs(client, manager, workdir):
-    call = asyncio.create_task(client.call_tool("execute_cc_task", {
-        "prompt": mock_prompt([{"bash": "sleep 3; echo ok"}, {"text": "done"}]), "cwd": str(workdir),
-        "allowed_tools": ["Bash"]}))
+    call = asyncio.create_task(
+        client.call_tool(
+            "execute_cc_task",
+            {
+                "prompt": mock_prompt([{"bash": "sleep 3; echo ok"}, {"text": "done"}]),
+                "cwd": str(workdir),
+                "allowed_tools": ["Bash"],
+            },
+        )
+    )
     tid = await asyncio.to_thread(wait_until, lambda: (t := manager.list().tasks) and t[0].task_id)
     worst = 0.0
     for _ in range(20):

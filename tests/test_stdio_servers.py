@@ -17,13 +17,19 @@ from .test_manager import wait_until
 def server(tag: str) -> Client:
     """A client driving a fresh `python main.py` process; ``tag`` marks its command line."""
     env = dict(os.environ)
-    return Client(StdioTransport(command=sys.executable, args=[str(ROOT / "main.py"), "serve"],
-                                 env={**env, "CC_TASKS_TEST_TAG": tag}, cwd=str(ROOT), keep_alive=False))
+    return Client(
+        StdioTransport(
+            command=sys.executable,
+            args=[str(ROOT / "main.py"), "serve"],
+            env={**env, "CC_TASKS_TEST_TAG": tag},
+            cwd=str(ROOT),
+            keep_alive=False,
+        )
+    )
 
 
 def server_pids() -> list[int]:
-    return [p.pid for p in psutil.Process().children(recursive=True)
-            if any(a.endswith("main.py") for a in p.cmdline())]
+    return [p.pid for p in psutil.Process().children(recursive=True) if any(a.endswith("main.py") for a in p.cmdline())]
 
 
 def data(res) -> dict:
@@ -34,9 +40,16 @@ async def test_task_survives_a_sigkilled_server(cc_env, workdir):
     first = server("a")
     await first.__aenter__()
     try:
-        started = data(await first.call_tool("start_cc_task_async", {
-            "prompt": mock_prompt([{"bash": "sleep 2; echo survived"}, {"text": "result: {last_result}"}]),
-            "cwd": str(workdir), "allowed_tools": ["Bash"]}))
+        started = data(
+            await first.call_tool(
+                "start_cc_task_async",
+                {
+                    "prompt": mock_prompt([{"bash": "sleep 2; echo survived"}, {"text": "result: {last_result}"}]),
+                    "cwd": str(workdir),
+                    "allowed_tools": ["Bash"],
+                },
+            )
+        )
         pids = server_pids()
         assert len(pids) == 1
         os.kill(pids[0], signal.SIGKILL)
@@ -55,9 +68,17 @@ async def test_task_survives_a_sigkilled_server(cc_env, workdir):
 
 async def test_two_servers_see_cancel_and_clean_up_each_others_tasks(cc_env, workdir):
     async with server("a") as a, server("b") as b:
-        long = data(await a.call_tool("start_cc_task_async", {
-            "prompt": mock_prompt([{"bash": "sleep 300"}, {"text": "never"}]), "cwd": str(workdir),
-            "allowed_tools": ["Bash"], "name": "long one"}))["task_id"]
+        long = data(
+            await a.call_tool(
+                "start_cc_task_async",
+                {
+                    "prompt": mock_prompt([{"bash": "sleep 300"}, {"text": "never"}]),
+                    "cwd": str(workdir),
+                    "allowed_tools": ["Bash"],
+                    "name": "long one",
+                },
+            )
+        )["task_id"]
         listed = data(await b.call_tool("list_active_tasks", {}))
         assert [t["task_id"] for t in listed["tasks"]] == [long] and listed["tasks"][0]["name"] == "long one"
         cancelled = data(await b.call_tool("cancel_task", {"task_id": long}))
@@ -77,38 +98,65 @@ async def test_two_servers_see_cancel_and_clean_up_each_others_tasks(cc_env, wor
 
 
 async def test_python_m_entry_point_serves(cc_env):
-    client = Client(StdioTransport(command=sys.executable, args=["-m", "cc_tasks"], env=dict(os.environ),
-                                   cwd=str(ROOT), keep_alive=False))
+    client = Client(
+        StdioTransport(
+            command=sys.executable, args=["-m", "cc_tasks"], env=dict(os.environ), cwd=str(ROOT), keep_alive=False
+        )
+    )
     async with client:
         names = {t.name for t in await client.list_tools()}
-    assert names == {"execute_cc_task", "start_cc_task_async", "start_cc_tasks_batch", "continue_task",
-                     "check_task_status", "get_task_events", "list_active_tasks", "cancel_task", "cleanup_task",
-                     "get_task_output", "wait_for_tasks", "get_server_info"}
+    assert names == {
+        "execute_cc_task",
+        "start_cc_task_async",
+        "start_cc_tasks_batch",
+        "continue_task",
+        "check_task_status",
+        "get_task_events",
+        "list_active_tasks",
+        "cancel_task",
+        "cleanup_task",
+        "get_task_output",
+        "wait_for_tasks",
+        "get_server_info",
+    }
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"CC_TASKS_MAX_DEPTH": "lots"}, "CC_TASKS_MAX_DEPTH='lots' is not a number"),
-    ({"CC_TASKS_DEFAULT_TIMEOUT": "0"}, "CC_TASKS_DEFAULT_TIMEOUT='0' must be at least 1"),
-    ({"CC_TASKS_DIR": "LOOSE"}, "is group- or world-writable"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"CC_TASKS_MAX_DEPTH": "lots"}, "CC_TASKS_MAX_DEPTH='lots' is not a number"),
+        ({"CC_TASKS_DEFAULT_TIMEOUT": "0"}, "CC_TASKS_DEFAULT_TIMEOUT='0' must be at least 1"),
+        ({"CC_TASKS_DIR": "LOOSE"}, "is group- or world-writable"),
+    ],
+)
 def test_server_refuses_bad_configuration_clearly(cc_env, tmp_path, change, message):
     import subprocess
+
     if change.get("CC_TASKS_DIR") == "LOOSE":
         loose = tmp_path / "loose"
         loose.mkdir()
         loose.chmod(0o777)
         change = {"CC_TASKS_DIR": str(loose)}
-    r = subprocess.run([sys.executable, str(ROOT / "main.py")], env={**os.environ, **change}, capture_output=True,
-                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "main.py")],
+        env={**os.environ, **change},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_version_and_help(cc_env):
     import subprocess
-    r = subprocess.run([sys.executable, "-m", "cc_tasks", "--version"], capture_output=True, text=True, timeout=60,
-                       cwd=str(ROOT))
+
+    r = subprocess.run(
+        [sys.executable, "-m", "cc_tasks", "--version"], capture_output=True, text=True, timeout=60, cwd=str(ROOT)
+    )
     assert r.returncode == 0 and r.stdout.startswith("cc-tasks ")
-    r = subprocess.run([sys.executable, "-m", "cc_tasks", "--help"], capture_output=True, text=True, timeout=60,
-                       cwd=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, "-m", "cc_tasks", "--help"], capture_output=True, text=True, timeout=60, cwd=str(ROOT)
+    )
     assert r.returncode == 0 and "serve" in r.stdout

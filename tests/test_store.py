@@ -9,8 +9,18 @@ from cc_tasks.errors import InvalidTaskIdError, TaskNotFoundError, UnsafeStoreEr
 from cc_tasks.models import TaskRecord, TaskStatus
 from cc_tasks.store import TaskStore, new_task_id, validate_task_id
 
-HOSTILE_IDS = ["../x", "/etc/passwd", "a\x00b", "", "..", ".", "20260101-000000-000-1a2b3c4d/../../x",
-               "20260101-000000-000-1A2B3C4D", "x" * 5000, "20260101-000000-000-1a2b3c4d\n"]
+HOSTILE_IDS = [
+    "../x",
+    "/etc/passwd",
+    "a\x00b",
+    "",
+    "..",
+    ".",
+    "20260101-000000-000-1a2b3c4d/../../x",
+    "20260101-000000-000-1A2B3C4D",
+    "x" * 5000,
+    "20260101-000000-000-1a2b3c4d\n",
+]
 
 
 def test_store_is_created_private(tmp_path):
@@ -93,8 +103,13 @@ def test_updates_from_many_threads_are_serialised(tmp_path):
 
     def bump():
         for _ in range(25):
-            s.update(r.task_id, lambda rec: rec.model_copy(update={"progress": rec.progress.model_copy(
-                update={"turns": rec.progress.turns + 1})}))
+            s.update(
+                r.task_id,
+                lambda rec: rec.model_copy(
+                    update={"progress": rec.progress.model_copy(update={"turns": rec.progress.turns + 1})}
+                ),
+            )
+
     threads = [threading.Thread(target=bump) for _ in range(4)]
     for t in threads:
         t.start()
