@@ -142,7 +142,7 @@ class Bench:
             "CC_TASKS_DIR": str(store or self.tmp / f"store-{self.stores}"),
             "CC_TASKS_CLAUDE_BIN": str(claude),
             "CC_TASKS_MAX_CONCURRENT": str(cap),
-            "CC_TASKS_LAUNCHER_IDLE": "30",
+            "CC_TASKS_WORKER_IDLE": "30",
         }
 
     @contextlib.asynccontextmanager
@@ -163,8 +163,8 @@ class Bench:
                         sys.executable,
                         "-c",
                         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
-                        "from cc_tasks import launcher; from cc_tasks.store import TaskStore;"
-                        "launcher.stop(TaskStore(Path(sys.argv[2])))",
+                        "from cc_tasks.store import TaskStore;"
+                        "TaskStore(Path(sys.argv[2])).stop_worker()",
                         str(ROOT),
                         env["CC_TASKS_DIR"],
                     ],
@@ -199,7 +199,7 @@ class Bench:
         raw = RawStdio(self.env(FAKE, cap=8))
         try:
             raw.timed("get_server_info", {}, 20)
-            warm = raw.call("start_cc_task_async", {"prompt": "sleep=0\n", "cwd": str(self.work)})  # starts a launcher
+            warm = raw.call("start_cc_task_async", {"prompt": "sleep=0\n", "cwd": str(self.work)})  # starts the worker
             raw.call("wait_for_tasks", {"task_ids": [warm["task_id"]]})
             raw_noop = raw.timed("get_server_info", {}, n)
             raw_starts = raw.timed("start_cc_task_async", {"prompt": "sleep=0\n", "cwd": str(self.work)}, n)
@@ -320,7 +320,7 @@ class Bench:
         prompts = [f"parallel benchmark task {i}" for i in range(n)]
         direct, ours = [], []
         async with self.server(env) as (c, _):
-            await self.via_server(c, prompts[:2])  # warm-up: launcher, caches
+            await self.via_server(c, prompts[:2])  # warm-up: worker, caches
             await self.direct_parallel(env, prompts[:2])
             for r in range(rounds):
                 if r % 2 == 0:
@@ -350,7 +350,7 @@ class Bench:
         tasks = [{"prompt": "sleep=0.05\n", "cwd": str(self.work)} for _ in range(n)]
         raw = RawStdio(self.env(FAKE, cap=8))  # the server's own time
         try:
-            raw.call("execute_cc_task", {"prompt": "sleep=0\n", "cwd": str(self.work)})  # warm launcher
+            raw.call("execute_cc_task", {"prompt": "sleep=0\n", "cwd": str(self.work)})  # warm worker
             t0 = time.perf_counter()
             ids = [t["task_id"] for t in raw.call("start_cc_tasks_batch", {"tasks": tasks})["tasks"]]
             for i in range(0, n, 200):

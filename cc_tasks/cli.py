@@ -179,6 +179,10 @@ def show(ctx, task_id, as_json):
         ("cost", r.total_cost_usd),
         ("session", r.session_id),
         ("attempts", len(r.attempts) or None),
+        (
+            "worker",
+            f"{r.lease.worker} (pid {r.lease.pid} on {r.lease.host}, claim {r.lease.epoch})" if r.lease else None,
+        ),
         ("depends on", ", ".join(r.depends_on) or None),
         ("parent", r.parent_task_id),
         ("queue position", r.queue_position),
@@ -203,14 +207,11 @@ def show(ctx, task_id, as_json):
 @click.pass_context
 def logs(ctx, task_id, follow):
     """Print a task's transcript readably: assistant text, tool calls and their results."""
-    from .transcript import read_entries
-
     mgr = _manager(ctx)
     record = mgr.get(task_id)
-    path = mgr.store.path(task_id, "stdout.jsonl")
     offset = 0
     while True:
-        entries, offset = read_entries(path, offset)
+        entries, offset = mgr.transcript(task_id, offset)
         for e in entries:
             style = ENTRY_STYLE.get(e.kind, "white")
             console.print(f"[{style}]{e.kind:>11}[/] ", end="")
@@ -352,7 +353,7 @@ def cleanup(ctx, task_id, older_than, status):
         if status:
             raise click.UsageError("--status goes with --older-than")
         res = mgr.cleanup(task_id)
-        console.print(f"deleted {task_id} (was {res.was_status.value})")
+        console.print(f"deleted {task_id} (was {res.was_status.value if res.was_status else 'unreadable'})")
         return
     from .models import TaskStatus, utcnow
 
@@ -374,6 +375,42 @@ def cleanup(ctx, task_id, older_than, status):
     console.print(
         f"deleted {deleted} finished task(s) older than {older_than}" + (f" with status {status}" if status else "")
     )
+
+
+@main_group.command()
+@click.option(
+    "--slots", type=click.IntRange(1, 256), help="Tasks this worker runs at once (default: CC_TASKS_MAX_CONCURRENT)."
+)
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    help="A label this worker advertises (repeat); it runs only tasks whose labels it has.",
+)
+@click.option(
+    "--cancel-on-exit", is_flag=True, help="SIGTERM cancels running tasks (default: the first SIGTERM drains)."
+)
+@click.pass_context
+def worker(ctx, slots, labels, cancel_on_exit):
+    """Run a worker: claim queued tasks and supervise them, until SIGTERM (drain) or a second SIGTERM (cancel).
+
+    Workers pull: every worker of a store shares its queue and its global cap. Servers start one on demand,
+    so this is for running more (other labels, more slots) or for running one in the foreground."""
+    import logging
+
+    from .worker import Worker
+
+    mgr = _manager(ctx)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
+    w = Worker(
+        mgr.store,
+        slots=slots or mgr.settings.max_concurrent,
+        labels=list(labels),
+        listen=True,
+        cancel_on_term=cancel_on_exit,
+    )
+    err_console.print(f"worker {w.info.worker_id} on {mgr.store.address}: {w.slots} slots, labels {list(labels)}")
+    sys.exit(w.run())
 
 
 @main_group.command()
@@ -434,6 +471,19 @@ def doctor(ctx):
     )
     if os.environ.get("ANTHROPIC_BASE_URL"):
         line(True, "API endpoint", os.environ["ANTHROPIC_BASE_URL"], essential=False)
+    try:
+        from .store import TaskStore
+
+        workers = TaskStore(settings.store_dir).workers()
+        line(
+            True,
+            "workers",
+            ", ".join(f"{w.worker_id} (pid {w.proc.pid}, {w.slots} slots)" for w in workers)
+            or "none running (a server starts one when a task is submitted)",
+            essential=False,
+        )
+    except CCTasksError as e:
+        line(False, "workers", str(e), essential=False)
     line(
         True,
         "limits",

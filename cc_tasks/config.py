@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import psutil
 from pydantic import BaseModel, Field
 
 from .errors import ClaudeNotFoundError, ConfigError
@@ -18,12 +19,43 @@ def default_store_dir() -> Path:
 
 
 def default_max_concurrent() -> int:
-    """Twice the CPU count, at most one per GiB of memory, between 2 and 16."""
-    import psutil
-
+    """CC_TASKS_MAX_CONCURRENT, else twice the CPU count, at most one per GiB of memory, between 2 and 16."""
+    raw = os.environ.get("CC_TASKS_MAX_CONCURRENT")
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"CC_TASKS_MAX_CONCURRENT={raw!r} must be a whole number of at least 1")
+        return value
     cpus = os.cpu_count() or 2
     gib = psutil.virtual_memory().total // (1 << 30)
     return max(2, min(16, 2 * cpus, gib))
+
+
+def _env_float(name: str, default: float, lo: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number; unset it or give a number of seconds") from None
+    if value < lo:
+        raise ConfigError(f"{name}={raw!r} must be at least {lo:g}")
+    return value
+
+
+def default_lease_seconds() -> float:
+    """How long a worker that stops renewing (hung, or on a host where its pid cannot be checked) keeps its
+    leases: CC_TASKS_LEASE_SECONDS, default 10 s."""
+    return _env_float("CC_TASKS_LEASE_SECONDS", 10.0, 1.0)
+
+
+def default_worker_idle() -> float:
+    """Seconds the store's on-demand worker waits with nothing to do before it exits (CC_TASKS_WORKER_IDLE)."""
+    return _env_float("CC_TASKS_WORKER_IDLE", 600.0, 1.0)
 
 
 class Settings(BaseModel):
@@ -33,6 +65,7 @@ class Settings(BaseModel):
     max_depth: int = 2
     depth: int = 0
     max_concurrent: int = Field(default_factory=default_max_concurrent)
+    lease_seconds: float = Field(default_factory=default_lease_seconds)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:

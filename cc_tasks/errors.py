@@ -37,3 +37,15 @@ class DepthLimitError(CCTasksError):
 
 class InvalidTransitionError(CCTasksError):
     """A status change that the task lifecycle does not allow."""
+
+
+class CorruptRecordError(CCTasksError):
+    """A task's record file cannot be read (cut short, hand-edited); only that task is affected."""
+
+
+class LeaseLostError(CCTasksError):
+    """A worker's lease on a task expired or was taken over: it may not change the task any more."""
+
+
+class WorkerUnavailableError(CCTasksError):
+    """No worker could be started or reached for the store."""

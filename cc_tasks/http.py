@@ -19,7 +19,6 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from .errors import CCTasksError, ConfigError, TaskNotFoundError
 from .manager import TaskManager
 from .server import create_server
-from .transcript import read_entries
 
 log = logging.getLogger("cc_tasks")
 COOKIE = "cc_tasks_token"
@@ -153,7 +152,7 @@ def create_http_app(manager: TaskManager, token: str | None, path: str = "/mcp")
         offset = _int(request, "offset", 0)
         record = await anyio.to_thread.run_sync(manager.get, task_id)
         entries, nxt = await anyio.to_thread.run_sync(
-            functools.partial(read_entries, manager.store.path(task_id, "stdout.jsonl"), offset, max_bytes=256 * 1024)
+            functools.partial(manager.transcript, task_id, offset, max_bytes=256 * 1024)
         )
         return JSONResponse({"entries": [e.model_dump() for e in entries], "next": nxt, "status": record.status.value})
 

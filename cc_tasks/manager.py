@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
 import logging.handlers
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,10 +16,17 @@ from typing import Literal
 
 import anyio
 
-from . import launcher, procs, scheduler
-from .command import STRIP_ENV, build_argv
+from . import procs
+from .command import STRIP_ENV
 from .config import Settings
-from .errors import CCTasksError, DepthLimitError, InvalidOptionsError, TaskNotFoundError
+from .errors import (
+    CCTasksError,
+    CorruptRecordError,
+    DepthLimitError,
+    InvalidOptionsError,
+    TaskNotFoundError,
+    WorkerUnavailableError,
+)
 from .models import (
     REPLY_TEXT_BUDGET,
     BatchItem,
@@ -33,11 +38,13 @@ from .models import (
     TaskList,
     TaskOptions,
     TaskRecord,
+    TaskRequest,
     TaskStatus,
     TaskSummary,
     WaitResult,
 )
 from .store import TaskStore, new_task_id, validate_task_id
+from .transcript import Entry, parse_entries
 
 log = logging.getLogger("cc_tasks")
 ProgressFn = Callable[[float, str], Awaitable[None]]
@@ -89,35 +96,29 @@ def setup_logging(store: TaskStore) -> None:
 
 
 class TaskManager:
+    """What the tools do. It submits, reads, cancels and nudges; workers (worker.py) pull and run the tasks."""
+
     def __init__(self, settings: Settings | None = None, env: Mapping[str, str] | None = None):
         self.settings = settings or Settings.from_env()
-        self.store = TaskStore(self.settings.store_dir)
+        self.store = TaskStore(
+            self.settings.store_dir,
+            max_concurrent=self.settings.max_concurrent,
+            lease_seconds=self.settings.lease_seconds,
+        )
         self._env = env
-        self._children: dict[int, subprocess.Popen] = {}
-        self._children_lock = threading.Lock()
-        #: set by the server: wakes its pump loop (so that tool calls do not wait for a pump)
-        self.pump_soon: Callable[[], None] | None = None
         setup_logging(self.store)
 
     # -- child processes -----------------------------------------------------
     def install_sigchld_handler(self) -> bool:
-        """Reap this manager's supervisors as they exit. Only pids we spawned are ever waited for."""
+        """Reap the workers this process started as they exit (only those: never waitpid(-1))."""
         if threading.current_thread() is not threading.main_thread():
             return False
         signal.signal(signal.SIGCHLD, lambda signum, frame: self.reap())
         return True
 
     def reap(self, wait: float = 0.0) -> None:
-        """Collect exited supervisors; with ``wait``, give running ones that long to exit first."""
-        deadline = time.monotonic() + wait
-        for pid, p in list(self._children.items()):
-            try:
-                if wait > 0:
-                    p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            if p.poll() is not None:
-                self._children.pop(pid, None)
+        """Collect exited workers this process started; with ``wait``, give running ones that long to exit."""
+        self.store.reap(wait)
 
     # -- start ---------------------------------------------------------------
     def _check_start(self, opts: TaskOptions) -> tuple[str, str]:
@@ -143,13 +144,13 @@ class TaskManager:
             raise InvalidOptionsError(f"mcp_config {opts.mcp_config!r} is neither a JSON object nor an existing file")
         return cwd, s.resolve_claude()
 
-    def start(self, opts: TaskOptions, pump: bool = True) -> TaskRecord:
-        """Submit one task; it starts at once when a slot is free, else it is queued (or waits for its
-        dependencies). With ``pump=False`` the caller starts it later (the server's pump loop does)."""
-        return self.submit([BatchItem(**opts.model_dump())], pump=pump)[0]
+    def start(self, opts: TaskOptions, nudge: bool = True) -> TaskRecord:
+        """Submit one task: queued (or waiting for its dependencies) until a worker claims it. With
+        ``nudge=False`` the caller nudges the worker itself (the server does, without blocking its loop)."""
+        return self.submit([BatchItem(**opts.model_dump())], nudge=nudge)[0]
 
-    def start_batch(self, items: list[BatchItem], pump: bool = True) -> BatchResult:
-        records = self.submit(items, pump=pump, early_kick=not pump)
+    def start_batch(self, items: list[BatchItem], nudge: bool = True) -> BatchResult:
+        records = self.submit(items, nudge=nudge, early_nudge=not nudge)
         return BatchResult(
             tasks=[
                 BatchStarted(key=item.key, task_id=r.task_id, status=r.status, name=r.name)
@@ -158,10 +159,14 @@ class TaskManager:
         )
 
     def submit(
-        self, items: list[BatchItem], parent_task_id: str | None = None, pump: bool = True, early_kick: bool = False
+        self,
+        items: list[BatchItem],
+        parent_task_id: str | None = None,
+        nudge: bool = True,
+        early_nudge: bool = False,
     ) -> list[TaskRecord]:
-        """Validate every item (nothing is written if one is bad), create them, then pump. With
-        ``early_kick``, the queue is kicked once the first ``max_concurrent`` of a long batch exist."""
+        """Validate every item (nothing is written if one is bad), submit them, then nudge the worker. With
+        ``early_nudge``, the worker is nudged once the first ``max_concurrent`` of a long batch exist."""
         if not items:
             raise InvalidOptionsError("no tasks given: pass at least one")
         keys = [it.key for it in items if it.key is not None]
@@ -170,7 +175,7 @@ class TaskManager:
         order = _topological(items)
         ids: dict[int, str] = {}
         key_index = {it.key: n for n, it in enumerate(items) if it.key is not None}
-        prepared: list[tuple[int, TaskRecord, dict[str, bytes]]] = []
+        prepared: list[tuple[int, TaskRecord, TaskRequest]] = []
         base_env = {k: v for k, v in (os.environ if self._env is None else self._env).items() if k not in STRIP_ENV}
         for n in order:
             item = items[n]
@@ -182,7 +187,7 @@ class TaskManager:
                     deps.append(ids[key_index[d]])
                     continue
                 try:
-                    self.store.read(validate_task_id(d))
+                    self.store.load(validate_task_id(d))
                 except CCTasksError:
                     raise InvalidOptionsError(
                         f"depends_on: {d!r} is neither a task of this store nor a key of this batch"
@@ -199,39 +204,29 @@ class TaskManager:
                 depth=self.settings.depth + 1,
                 metadata=opts.metadata,
                 priority=opts.priority,
+                labels=opts.labels or [],
                 depends_on=list(dict.fromkeys(deps)),
                 max_attempts=opts.max_attempts,
                 parent_task_id=parent_task_id,
                 status=TaskStatus.WAITING if deps else TaskStatus.QUEUED,
             )
             stored_opts = opts.model_copy(update={"depends_on": record.depends_on or None, "cwd": cwd})
-            # one file for all a supervisor needs: options, argv, cwd, and the submitter's environment
-            request = json.dumps(
-                {
-                    "options": stored_opts.model_dump(mode="json"),
-                    "argv": build_argv(opts, claude),
-                    "cwd": cwd,
-                    "env": base_env,
-                }
-            )
-            files = {"request.json": request.encode("utf-8", "surrogatepass")}
-            prepared.append((n, record, files))
-        # Created in dependency order, so a pump in between sees no task whose dependencies are missing;
-        # the first ones may start while the rest are written (a kick after as many as slots).
-        first = self.settings.max_concurrent if early_kick else len(prepared)
-        for i, (_, record, files) in enumerate(prepared):
+            request = TaskRequest(options=stored_opts, cwd=cwd, claude_bin=claude, env=base_env)
+            prepared.append((n, record, request))
+        # Submitted in dependency order, so a claim in between sees no task whose dependencies are missing;
+        # the first ones may start while the rest are written (a nudge after as many as slots).
+        first = self.settings.max_concurrent if early_nudge else len(prepared)
+        for i, (_, record, request) in enumerate(prepared):
             if i == first:
-                self.kick()
-            self.store.create(record, files)
+                self.nudge()
+            self.store.submit(record, request)
         for _, r, _ in prepared:
             log.info("submitted task %s (%s)", r.task_id, r.status.value)
-        if not pump:
-            return [r for _, r, _ in sorted(prepared, key=lambda p: p[0])]
-        self.pump()
-        out = {n: self.store.read(r.task_id) for n, r, _ in prepared}
-        return [out[n] for n in range(len(items))]
+        if nudge:
+            self.nudge()
+        return [r for _, r, _ in sorted(prepared, key=lambda p: p[0])]
 
-    def continue_task(self, task_id: str, prompt: str, pump: bool = True, **overrides) -> TaskRecord:
+    def continue_task(self, task_id: str, prompt: str, nudge: bool = True, **overrides) -> TaskRecord:
         """A new task that resumes a finished task's claude session, in the same cwd, linked to it."""
         parent = self.get(task_id)
         if not parent.status.terminal:
@@ -241,8 +236,8 @@ class TaskManager:
         if not parent.session_id:
             raise InvalidOptionsError(f"task {task_id} has no claude session to resume (it never started a session)")
         try:
-            base = json.loads(self.store.path(task_id, "request.json").read_text())["options"]
-        except FileNotFoundError:
+            base = self.store.request(task_id).options.model_dump()
+        except CCTasksError:
             base = {}
         for k in ("prompt", "name", "metadata", "depends_on", "include_dependency_results", "resume_session_id"):
             base.pop(k, None)
@@ -250,83 +245,69 @@ class TaskManager:
         opts = TaskOptions(
             **{**base, **given, "prompt": prompt, "cwd": parent.cwd, "resume_session_id": parent.session_id}
         )
-        return self.submit([BatchItem(**opts.model_dump())], parent_task_id=task_id, pump=pump)[0]
+        return self.submit([BatchItem(**opts.model_dump())], parent_task_id=task_id, nudge=nudge)[0]
 
-    def pump(self) -> list[str]:
-        """Start what the shared queue allows now."""
-        return scheduler.pump(self.store, self.settings.max_concurrent, on_spawn=self._adopt)
+    # -- the worker ------------------------------------------------------------
+    def nudge(self) -> None:
+        """Tell the store's worker to look at the queue now (starting one if none runs). If none can be
+        started, the tasks stay queued and the error is logged; the server's next look tries again."""
+        try:
+            self.store.nudge()
+        except WorkerUnavailableError as e:
+            log.error("%s", e)
 
-    def _kick_known_launcher(self) -> bool:
-        """Kick the store's launcher if this process already found it listening (no start, no wait)."""
-        return scheduler.use_launcher() and launcher.is_known_good(self.store) and launcher.kick(self.store)
+    async def anudge(self) -> None:
+        """``nudge`` for the event loop: inline when a worker is known to listen (one datagram-sized write),
+        else in a thread (starting a worker takes a moment and must not block other tool calls)."""
+        if self.store.worker_known():
+            self.nudge()
+        else:
+            await anyio.to_thread.run_sync(self.nudge)
 
     def tend(self) -> None:
-        """The server's periodic look at the queue: the launcher's, where one is known to run (it pumps
-        itself and reads fewer records); else a pump here."""
-        if not self._kick_known_launcher():
-            self.pump()
-
-    async def akick(self) -> None:
-        """``kick`` for the event loop: inline when a launcher is known to listen, else in a worker thread
-        (starting a launcher takes a moment and must not block other tool calls)."""
-        if not self._kick_known_launcher():
-            await anyio.to_thread.run_sync(self.kick)
-
-    def kick(self) -> None:
-        """Have the queue looked at now, without waiting for supervisors to start: the store's launcher
-        pumps (it outlives this process); without one, the server's pump loop or a direct pump does."""
-        if scheduler.use_launcher() and launcher.ensure_running(self.store, self._adopt) and launcher.kick(self.store):
-            return
-        if self.pump_soon is not None:
-            self.pump_soon()
-        else:
-            self.pump()
-
-    def _adopt(self, p: subprocess.Popen) -> None:
-        with self._children_lock:
-            self._children[p.pid] = p
+        """The server's periodic look: while tasks are unfinished, make sure a worker runs (one that was
+        SIGKILLed is replaced; the tasks it held are handed to worker_lost when read or claimed)."""
+        if self.store.has_active():
+            self.nudge()
 
     # -- read ----------------------------------------------------------------
-    def reconcile(self, record: TaskRecord, position: bool = False, alive_max_age: float = 0.0) -> TaskRecord:
-        """Fail an unfinished task whose supervisor is gone; with ``position``, tell a queued task its place."""
-        if record.status.terminal:
-            self.store.unmark_if_finished(record)
-            return record
-        record = scheduler.fail_if_supervisor_died(self.store, record, alive_max_age)
-        if position and record.status == TaskStatus.QUEUED and record.supervisor is None:
-            record.queue_position = scheduler.queue_position(self.store, record.task_id)
+    def get(self, task_id: str) -> TaskRecord:
+        """The task's record (a lost worker's task is requeued or failed first); a queued task learns its place."""
+        record = self.store.read(validate_task_id(task_id))
+        if record.status == TaskStatus.QUEUED:
+            record = record.model_copy(update={"queue_position": self.store.queue_position(task_id)})
         return record
 
-    def get(self, task_id: str) -> TaskRecord:
-        return self.reconcile(self.store.read(validate_task_id(task_id)), position=True)
-
     def get_quick(self, task_id: str) -> TaskRecord | None:
-        """``get`` when it needs no slow work (a finished task, or a running one whose supervisor lives);
-        None when the caller should use ``get`` off the event loop (a dead supervisor's tree to stop, a
-        queue position to compute)."""
-        r = self.store.read(validate_task_id(task_id))
+        """``get`` when it needs no slow work (a finished task, or a running one whose worker lives); None when
+        the caller should use ``get`` off the event loop (a lost worker's tree to stop, a queue position)."""
+        r = self.store.load(validate_task_id(task_id))
         if r.status.terminal:
             return r
-        if r.status == TaskStatus.RUNNING and procs.alive(r.supervisor):
+        if r.status == TaskStatus.RUNNING and r.lease is not None and self.store.lease_alive(r.lease):
             return r
         return None
 
     def _peek(self, task_id: str, copy: bool = True) -> TaskRecord:
-        """``get`` for pollers: from the cache of records (with ``copy=False`` not to be changed), and a
-        supervisor seen alive in the last 0.2 s (polling many tasks of one launcher) not looked at again."""
-        return self.reconcile(self.store.read_cached(validate_task_id(task_id), copy=copy), alive_max_age=0.2)
+        """``get`` for pollers: from the cache of records (with ``copy=False`` not to be changed)."""
+        r = self.store.read(validate_task_id(task_id), cached=True)
+        return r.model_copy() if copy else r
 
     def list(self, include_finished: bool = False, limit: int = 50, status: TaskStatus | None = None) -> TaskList:
         limit = max(1, min(int(limit), 500))
         records: list[TaskRecord] = []
+        unreadable: list[str] = []
         more = False
         ids = (
             self.store.all_ids() if include_finished or (status and status.terminal) else iter(self.store.active_ids())
         )
         for task_id in ids:
             try:
-                r = self.reconcile(self.store.read(task_id))
+                r = self.store.read(task_id)
             except TaskNotFoundError:
+                continue
+            except CorruptRecordError:
+                unreadable.append(task_id)
                 continue
             if not include_finished and r.status.terminal:
                 continue
@@ -337,7 +318,9 @@ class TaskManager:
                 break
             records.append(r)
         records.sort(key=lambda r: r.created_at, reverse=True)
-        return TaskList(tasks=[TaskSummary.of(r) for r in records], count=len(records), more=more)
+        return TaskList(
+            tasks=[TaskSummary.of(r) for r in records], count=len(records), more=more, unreadable=unreadable[:50]
+        )
 
     def events(self, task_id: str, since: int = 0, limit: int = 200) -> EventPage:
         """The task's event log from position ``since`` (a cursor: pass ``next`` of the previous page)."""
@@ -412,63 +395,42 @@ class TaskManager:
             status=record.status,
         )
 
+    def transcript(self, task_id: str, offset: int = 0, max_bytes: int = 1 << 20) -> tuple[list[Entry], int]:
+        """Readable entries of the task's transcript from byte ``offset``, and the offset to follow on from."""
+        data, _ = self.store.read_output(validate_task_id(task_id), "transcript", max(0, offset), max_bytes)
+        return parse_entries(data, offset, max_bytes)
+
     # -- stop ----------------------------------------------------------------
     def cancel(self, task_id: str) -> TaskRecord:
-        """Stop the task's whole process tree; the record stays with status ``cancelled``."""
-        record = self.get(task_id)
+        """Stop the task's whole process tree; the record stays with status ``cancelled``. A task that has not
+        started is cancelled at once; a running one by its worker's supervisor (nudged; it also looks every
+        0.25 s), or, if that worker does not end it within CANCEL_WAIT, here."""
+        record = self.store.request_cancel(validate_task_id(task_id))
         if record.status.terminal:
             return record
-        self.store.update(
-            task_id, lambda r: None if r.status.terminal else r.model_copy(update={"cancel_requested": True})
+        self.nudge()
+        deadline = time.monotonic() + CANCEL_WAIT
+        while time.monotonic() < deadline:
+            record = self.store.read(task_id)  # (a lost worker's task ends cancelled here)
+            if record.status.terminal:
+                return record
+            time.sleep(0.005)
+        return self.store.force_cancel(
+            task_id, f"cancelled: its worker did not stop it within {CANCEL_WAIT:g}s; its process tree was stopped"
         )
-        (self.store.task_dir(task_id) / "cancel").touch()  # a supervisor yet to start sees it too
-        self.store.append_event(task_id, "cancel_requested", by_pid=os.getpid())
-        record = self.store.read(task_id)  # (a launcher may have claimed it meanwhile)
-        sup = procs.process_of(record.supervisor)
-        shared = record.supervisor is not None and record.supervisor.shared
-        if sup is not None:
-            if shared:  # the launcher supervises other tasks too: ask it, never signal it
-                launcher.cancel(self.store, task_id)
-            else:
-                with contextlib.suppress(Exception):
-                    sup.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + CANCEL_WAIT
-            while time.monotonic() < deadline:
-                self.reap()
-                if procs.process_of(record.supervisor) is None:  # (a process of the task's own exits after)
-                    break
-                if shared and self.store.read(task_id).status.terminal:
-                    break
-                time.sleep(0.005 if shared else 0.02)
-        record = self.store.read(task_id)
-        if record.status.terminal:
-            return record
-        # The supervisor is gone or unresponsive: stop the tree ourselves (never a live launcher, only the task's claude).
-        claude = procs.process_of(record.claude)
-        others = [] if record.claude else procs.task_processes(task_id)  # (its pid not recorded yet)
-        if shared and procs.alive(record.supervisor):
-            procs.stop_tree(claude, others=others, reap=self.reap, grace_int=0.5)
-        else:
-            procs.stop_tree(
-                procs.process_of(record.supervisor),
-                others=[claude] if claude else others,
-                reap=self.reap,
-                grace_int=0.5,
-            )
-        self.reap()
-        record = self.store.transition(
-            task_id, TaskStatus.CANCELLED, error="cancelled: the task's process tree was stopped"
-        )
-        self.pump()  # dependents of this task are skipped now
-        return record
 
     def cleanup(self, task_id: str) -> CleanupResult:
-        record = self.get(task_id)
-        was = record.status
-        if not record.status.terminal:
+        """Stop the task if it still runs, then delete it. A task whose record is unreadable is deleted too
+        (its processes, found by the task id in their environment, are stopped first)."""
+        try:
+            was: TaskStatus | None = self.get(task_id).status
+        except CorruptRecordError:
+            was = None
+            procs.stop_tree(None, others=procs.task_processes(task_id))
+        if was is not None and not was.terminal:
             self.cancel(task_id)
         self.store.delete(task_id)
-        log.info("cleaned up task %s (was %s)", task_id, was.value)
+        log.info("cleaned up task %s (was %s)", task_id, was.value if was else "unreadable")
         return CleanupResult(task_id=task_id, deleted=True, was_status=was)
 
     # -- wait ----------------------------------------------------------------
@@ -533,15 +495,14 @@ class TaskManager:
             if time.monotonic() >= until or self._active_stamp() != stamp:
                 return
 
-    def _active_stamp(self) -> tuple[int, int]:
-        st = os.stat(self.store.active_dir)
-        return st.st_mtime_ns, st.st_ino
+    def _active_stamp(self) -> object:
+        return self.store.activity_stamp()
 
     async def execute(self, opts: TaskOptions, progress: ProgressFn | None = None) -> TaskRecord:
         """Run one task to its end. If the caller is cancelled, the task's process tree is stopped."""
         stamp = self._active_stamp()
-        record = await anyio.to_thread.run_sync(functools.partial(self.start, opts, pump=False))
-        await self.akick()
+        record = await anyio.to_thread.run_sync(functools.partial(self.start, opts, nudge=False))
+        await self.anudge()
         task_id = record.task_id
         t0 = time.monotonic()
         next_progress = t0

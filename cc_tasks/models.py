@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timezone
-from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import InvalidTransitionError
+from .states import ACTIVE_STATUSES, DEP_FAILED, TRANSITIONS, TaskStatus, check_transition
+
+__all__ = ["ACTIVE_STATUSES", "DEP_FAILED", "TRANSITIONS", "TaskStatus", "check_transition"]
 
 #: Most characters of task text (results, transcripts) that one reply carries.
 REPLY_TEXT_BUDGET = 20_000
@@ -20,47 +21,13 @@ RESULT_PREVIEW_CHARS = 16_000
 PROGRESS_TEXT_CHARS = 500
 
 
-class TaskStatus(str, Enum):
-    WAITING = "waiting"
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    TIMEOUT = "timeout"
-    CANCELLED = "cancelled"
-    SKIPPED = "skipped"
-
-    @property
-    def terminal(self) -> bool:
-        return not TRANSITIONS[self]
-
-
-#: The task lifecycle: every allowed status change, in one place.
-TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
-    # waiting: its dependencies have not all completed yet; skipped: one of them did not complete
-    TaskStatus.WAITING: frozenset({TaskStatus.QUEUED, TaskStatus.SKIPPED, TaskStatus.FAILED, TaskStatus.CANCELLED}),
-    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.CANCELLED}),
-    TaskStatus.RUNNING: frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED}),
-    TaskStatus.COMPLETED: frozenset(),
-    TaskStatus.FAILED: frozenset(),
-    TaskStatus.TIMEOUT: frozenset(),
-    TaskStatus.CANCELLED: frozenset(),
-    TaskStatus.SKIPPED: frozenset(),
-}
-ACTIVE_STATUSES = frozenset(s for s in TaskStatus if not s.terminal)
-
-
-def check_transition(old: TaskStatus, new: TaskStatus) -> None:
-    if new not in TRANSITIONS[old]:
-        raise InvalidTransitionError(f"a task cannot go from {old.value} to {new.value}")
-
-
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
 PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "manual", "dontAsk", "plan"]
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _SESSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Variables a task may not set through ``env``: they are how nesting is bounded.
 RESERVED_ENV = frozenset({"CC_TASKS_DEPTH", "CC_TASKS_MAX_DEPTH", "CC_TASKS_TASK_ID"})
@@ -130,6 +97,11 @@ class TaskOptions(BaseModel):
     retry_backoff_seconds: float = Field(
         2.0, ge=0, le=600, description="Wait before the 2nd attempt; doubles for each later one (at most 10 min)."
     )
+    labels: list[str] | None = Field(
+        None,
+        max_length=20,
+        description="Only a worker advertising all of these labels may run the task (e.g. ['repo-a']).",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -155,6 +127,14 @@ class TaskOptions(BaseModel):
             if not item.strip():
                 raise ValueError(f"{info.field_name} has an empty entry")
         return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str] | None) -> list[str] | None:
+        for label in v or []:
+            if not _LABEL.fullmatch(label):
+                raise ValueError(f"label {label[:80]!r} is not 1-64 letters, digits, '.', '_', ':' or '-'")
+        return sorted(set(v)) if v else v
 
     @field_validator("resume_session_id")
     @classmethod
@@ -214,14 +194,49 @@ class ProcRef(BaseModel):
     pid: int
     create_time: float
     start_ticks: int | None = Field(None, description="Start time in clock ticks since boot; compared exactly.")
-    shared: bool = Field(
-        False,
-        description="A process supervising several tasks (the store's launcher): "
-        "ask it to cancel one; never signal it.",
-    )
 
     def same_process(self, other: ProcRef) -> bool:
         return (self.pid, self.start_ticks) == (other.pid, other.start_ticks)
+
+
+class Lease(BaseModel):
+    """A worker's claim on a task. Every write the worker makes is fenced by it: once the task's record holds
+    another lease (a higher epoch) or none, the worker's writes are refused (LeaseLostError)."""
+
+    task_id: str
+    worker: str = Field(description="The worker's id.")
+    epoch: int = Field(description="The task's claim count when this lease was granted.")
+    host: str = ""
+    pid: int | None = None
+    acquired_at: datetime = Field(default_factory=lambda: utcnow())
+
+    def same(self, other: Lease | None) -> bool:
+        return other is not None and (self.task_id, self.worker, self.epoch) == (
+            other.task_id,
+            other.worker,
+            other.epoch,
+        )
+
+
+class WorkerInfo(BaseModel):
+    """A worker as it registers itself with the backend; its heartbeat keeps its leases alive."""
+
+    worker_id: str
+    host: str
+    proc: ProcRef
+    labels: list[str] = Field(default_factory=list)
+    slots: int
+    version: str
+    started_at: datetime = Field(default_factory=lambda: utcnow())
+
+
+class TaskRequest(BaseModel):
+    """What a worker needs to run a task (request.json): its options, where, which claude, which environment."""
+
+    options: TaskOptions
+    cwd: str
+    claude_bin: str
+    env: dict[str, str] = Field(default_factory=dict, description="The submitter's environment (local store).")
 
 
 class Progress(BaseModel):
@@ -269,7 +284,9 @@ class TaskRecord(BaseModel):
     max_attempts: int = 1
     attempts: list[Attempt] = Field(default_factory=list)
     queue_position: int | None = Field(None, description="1 = next to start; only for queued tasks, at read time.")
-    supervisor: ProcRef | None = None
+    labels: list[str] = Field(default_factory=list, description="Only a worker with all these labels may claim it.")
+    epoch: int = Field(0, description="How many times a worker claimed the task; the fence of its lease.")
+    lease: Lease | None = Field(None, description="The worker running the task, while it runs.")
     claude: ProcRef | None = None
     metadata: dict[str, Any] | None = None
 
@@ -366,6 +383,10 @@ class TaskList(BaseModel):
     tasks: list[TaskSummary]
     count: int
     more: bool = Field(description="True when more tasks matched than `limit` allowed.")
+    unreadable: list[str] = Field(
+        default_factory=list,
+        description="Tasks whose record is unreadable (check_task_status says why; cleanup_task deletes them).",
+    )
 
 
 class OutputPage(BaseModel):
@@ -400,4 +421,4 @@ class ServerInfo(BaseModel):
 class CleanupResult(BaseModel):
     task_id: str
     deleted: bool
-    was_status: TaskStatus
+    was_status: TaskStatus | None = Field(description="The status it had; null if its record was unreadable.")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
@@ -38,8 +37,8 @@ from .models import (
 )
 
 log = logging.getLogger("cc_tasks")
-#: Seconds between two looks at the shared queue (tasks whose dependencies finished, freed slots, dead supervisors).
-PUMP_EVERY = 1.0
+#: Seconds between two looks at whether the store's worker runs while tasks are unfinished.
+TEND_EVERY = 1.0
 
 INSTRUCTIONS = """Run Claude Code sub-agents in parallel. start_cc_task_async starts a sub-agent and returns its
 task_id at once (start_cc_tasks_batch starts many, with dependencies between them); wait_for_tasks waits
@@ -129,31 +128,21 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
 
     @asynccontextmanager
     async def lifespan(server):
-        wake = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        async def pump_forever():
+        async def tend_forever():
             while True:
-                wake.clear()
                 try:
                     await anyio.to_thread.run_sync(mgr.tend)
                 except Exception:
-                    log.exception("pump failed")
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wake.wait(), PUMP_EVERY)
+                    log.exception("looking after the worker failed")
+                await asyncio.sleep(TEND_EVERY)
 
-        def pump_soon():
-            loop.call_soon_threadsafe(wake.set)
-
-        pumper = loop.create_task(pump_forever())
-        mgr.pump_soon = pump_soon
+        tender = asyncio.get_running_loop().create_task(tend_forever())
         try:
             yield {}
         finally:
-            mgr.pump_soon = None
-            pumper.cancel()
+            tender.cancel()
 
-    mcp = FastMCP("cc-tasks", instructions=INSTRUCTIONS, lifespan=lifespan)
+    mcp = FastMCP("cc-tasks", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
     mcp.manager = mgr  # type: ignore[attr-defined]
 
     @with_task_options
@@ -165,8 +154,8 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
     @with_task_options
     async def start_cc_task_async(**options: Any) -> StartResult:
         """Start a Claude Code sub-agent in the background and return its task_id at once."""
-        r = mgr.start(TaskOptions(**options), pump=False)  # a few small file writes: fine on the loop
-        await mgr.akick()
+        r = mgr.start(TaskOptions(**options), nudge=False)  # a few small file writes: fine on the loop
+        await mgr.anudge()
         return StartResult(task_id=r.task_id, status=r.status, name=r.name)
 
     async def start_cc_tasks_batch(
@@ -183,8 +172,8 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         ],
     ) -> BatchResult:
         """Submit many tasks in one call (one lock round-trip); returns every task_id, in the order given."""
-        res = await anyio.to_thread.run_sync(functools.partial(mgr.start_batch, tasks, pump=False))
-        await mgr.akick()
+        res = await anyio.to_thread.run_sync(functools.partial(mgr.start_batch, tasks, nudge=False))
+        await mgr.anudge()
         return res
 
     @with_task_options(
@@ -196,8 +185,10 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         """Ask a finished sub-agent a follow-up: a new task that resumes its claude session (same cwd, same
         options unless given), linked to it by parent_task_id. Returns at once, like start_cc_task_async."""
         task_id, prompt = options.pop("task_id"), options.pop("prompt")
-        r = await anyio.to_thread.run_sync(functools.partial(mgr.continue_task, task_id, prompt, pump=False, **options))
-        await mgr.akick()
+        r = await anyio.to_thread.run_sync(
+            functools.partial(mgr.continue_task, task_id, prompt, nudge=False, **options)
+        )
+        await mgr.anudge()
         return StartResult(task_id=r.task_id, status=r.status, name=r.name)
 
     async def get_task_events(

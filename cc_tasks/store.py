@@ -1,41 +1,78 @@
-"""The task store: one folder per task under a private directory, shared by every process of the user.
+"""The local task store: the file backend. One folder per task under a private directory, shared by every
+process of the user, and the claim-and-lease primitive that workers pull tasks with.
 
 Layout::
 
     <root>/tasks/<task_id>/record.json   the TaskRecord, replaced atomically
-                           request.json  options, claude argv and cwd, the submitter's environment
+                           request.json  the TaskRequest: options, cwd, claude binary, the submitter's environment
                            prompt.txt    claude's standard input (written by the supervisor)
                            stdout.jsonl  claude's stream-json transcript
                            stderr.log    claude's standard error
                            result.txt    the whole final result text
                            events.jsonl  append-only event log
+                           cancel        marker: a cancel was asked for (the running supervisor stops)
                            lock          filelock serialising updates of record.json
     <root>/active/<task_id>              marker of a task that is not finished (cheap listing)
-    <root>/cc_tasks.log                  rotating log
+    <root>/waiting/<task_id>             marker of a task waiting for its dependencies
+    <root>/workers/<worker_id>.json      a registered worker (WorkerInfo); its mtime is the worker's heartbeat
+    <root>/worker.sock                   the control socket of the store's worker (control.py)
+    <root>/queue.lock                    serialises claims
+    <root>/cc_tasks.log, worker.log      logs
+
+Leases: a worker claims a task (queued -> running) under the queue lock, and the record then holds its
+lease: the worker's id and the task's claim count (``epoch``). Every write the worker makes for the task
+is checked against that lease under the task's lock (``LeaseLostError`` otherwise). On one machine a
+worker's leases live as long as its heartbeat: the mtime of its registration file, refreshed every second,
+and its pid (with its start ticks) on this host. ``worker_lost`` is the one place that ends a lease whose
+worker is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
+import socket
 import stat
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from .errors import InvalidTaskIdError, TaskNotFoundError, UnsafeStoreError
-from .models import TRANSITIONS, TaskRecord, TaskStatus, check_transition, utcnow
+from . import control, procs
+from .config import default_lease_seconds, default_max_concurrent
+from .errors import (
+    CorruptRecordError,
+    InvalidTaskIdError,
+    LeaseLostError,
+    TaskNotFoundError,
+    UnsafeStoreError,
+    WorkerUnavailableError,
+)
+from .models import Attempt, Lease, Progress, TaskRecord, TaskRequest, WorkerInfo, utcnow
+from .queue import QueueView, ready
+from .states import DEP_FAILED, TRANSITIONS, TaskStatus, check_transition
 
+log = logging.getLogger("cc_tasks")
 TASK_ID_RE = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9]{3}-[0-9a-f]{8}")
+WORKER_ID_RE = re.compile(r"w-[0-9]+-[0-9a-f]{6}")
 LOCK_TIMEOUT = 30.0
 POLL = 0.002
+HOST = socket.gethostname()
+#: A worker found alive this recently is not looked at again (pollers reading many of its tasks).
+ALIVE_CACHE = 0.2
+#: How long a server waits for a worker it started to answer.
+WORKER_START_WAIT = 10.0
+OUTPUT_FILES = {"result": "result.txt", "transcript": "stdout.jsonl", "stderr": "stderr.log"}
 
 
 def new_task_id(now: datetime | None = None) -> str:
@@ -114,20 +151,46 @@ def _event_line(kind: str, **data) -> bytes:
     ).encode()
 
 
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class TaskStore:
-    def __init__(self, root: Path):
-        self.root = ensure_private_dir(root)
+    """The local backend (see backend.Backend). ``max_concurrent`` (the global cap on running tasks) and
+    ``lease_seconds`` (how long a silent worker keeps its leases) default to the environment's settings."""
+
+    kind = "local"
+
+    def __init__(self, root: Path | str, *, max_concurrent: int | None = None, lease_seconds: float | None = None):
+        self.root = ensure_private_dir(Path(root))
         self.tasks_dir = ensure_private_dir(self.root / "tasks")
         self.active_dir = ensure_private_dir(self.root / "active")
+        self.waiting_dir = ensure_private_dir(self.root / "waiting")
+        self.workers_dir = ensure_private_dir(self.root / "workers")
+        self.max_concurrent = max_concurrent or default_max_concurrent()
+        self.lease_seconds = lease_seconds or default_lease_seconds()
         self._cache: dict[str, tuple[bytes, TaskRecord]] = {}
         self._locks: dict[str, FileLock] = {}
-        self._queue_lock_path = self.root / "scheduler.lock"
+        self._queue_lock_path = self.root / "queue.lock"
         self._queue_lock_path.touch(0o600)
+        self._view: QueueView | None = None
+        self._workers: dict[str, WorkerInfo] = {}
+        self._seen_alive: dict[str, float] = {}
+        self._known_worker: int | None = None  # inode of a worker socket found to be of this code's identity
+        self._spawned: list[subprocess.Popen] = []
+        self._spawn_lock = threading.Lock()
 
-    def queue_lock(self) -> FileLock:
-        """The store-wide lock of the shared queue (see scheduler.pump)."""
-        return self._lock_for(str(self._queue_lock_path), 60.0)
+    def __repr__(self) -> str:
+        return f"TaskStore({str(self.root)!r})"
 
+    @property
+    def address(self) -> str:
+        return str(self.root)
+
+    # -- locks ---------------------------------------------------------------
     def _lock_for(self, path: str, timeout: float) -> FileLock:
         """One FileLock object per lock file and process (making one costs more than using it; its state
         is per thread, so threads still exclude each other)."""
@@ -147,6 +210,9 @@ class TaskStore:
         finally:
             lock.release()
 
+    def queue_lock(self) -> FileLock:
+        return self._lock_for(str(self._queue_lock_path), 60.0)
+
     # -- paths ---------------------------------------------------------------
     def task_dir(self, task_id: str) -> Path:
         return self.tasks_dir / validate_task_id(task_id)
@@ -157,94 +223,113 @@ class TaskStore:
     def lock(self, task_id: str) -> FileLock:
         return self._lock_for(str(self.path(task_id, "lock")), LOCK_TIMEOUT)
 
-    # -- create / read -------------------------------------------------------
-    def create(self, record: TaskRecord, files: dict[str, bytes]) -> None:
-        """Write a new task's folder completely, then make it appear at once (rename)."""
+    # -- submit --------------------------------------------------------------
+    def submit(self, record: TaskRecord, request: TaskRequest) -> None:
+        """Write a new task's folder completely, then make it appear at once (rename). Tasks of a batch are
+        submitted in dependency order, so nobody sees a task whose dependencies are missing."""
         final = self.task_dir(record.task_id)
         tmp = self.tasks_dir / f".new-{record.task_id}"
         os.mkdir(tmp, 0o700)
-        try:
-            # nothing in tmp is visible before the rename, so plain writes are enough here
-            first_event = _event_line("status", status=record.status.value)
-            for name, data in {
-                **files,
-                "record.json": record.model_dump_json().encode(),
-                "events.jsonl": first_event,
-            }.items():
+        files = {
+            "request.json": request.model_dump_json().encode("utf-8", "surrogatepass"),
+            "record.json": record.model_dump_json().encode(),
+            "events.jsonl": _event_line("status", status=record.status.value),
+        }
+        try:  # nothing in tmp is visible before the rename, so plain writes are enough here
+            for name, data in files.items():
                 fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     _write_all(fd, data)
                 finally:
                     os.close(fd)
             (self.active_dir / record.task_id).touch(0o600)
+            if record.status == TaskStatus.WAITING:
+                (self.waiting_dir / record.task_id).touch(0o600)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                os.unlink(self.active_dir / record.task_id)
-            except FileNotFoundError:
-                pass
+            _unlink(self.active_dir / record.task_id)
+            _unlink(self.waiting_dir / record.task_id)
             raise
 
+    # -- read ----------------------------------------------------------------
     def exists(self, task_id: str) -> bool:
         return (self.task_dir(task_id) / "record.json").is_file()
 
-    def read(self, task_id: str) -> TaskRecord:
+    def _bytes(self, task_id: str) -> bytes:
         try:
-            data = (self.task_dir(task_id) / "record.json").read_bytes()
+            return (self.task_dir(task_id) / "record.json").read_bytes()
         except (FileNotFoundError, NotADirectoryError):
+            self._cache.pop(task_id, None)
             raise TaskNotFoundError(
                 f"no task {task_id} in this store ({self.root}); list_active_tasks shows the known ones"
             ) from None
-        return TaskRecord.model_validate_json(data)
+
+    def _parse(self, task_id: str, data: bytes) -> TaskRecord:
+        try:
+            return TaskRecord.model_validate_json(data)
+        except ValueError as e:
+            first = str(e).strip().splitlines()
+            raise CorruptRecordError(
+                f"task {task_id}: its record {self.task_dir(task_id) / 'record.json'} is unreadable "
+                f"({first[0] if first else 'invalid'}); cleanup_task deletes the task"
+            ) from None
+
+    def load(self, task_id: str) -> TaskRecord:
+        """The record as it is on disk (no lease check)."""
+        return self._parse(task_id, self._bytes(task_id))
 
     def read_cached(self, task_id: str, copy: bool = True) -> TaskRecord:
-        """Like ``read``, but a record whose bytes have not changed since the last call is not parsed and
-        validated again. Returns a copy the caller may change, or with ``copy=False`` the cached record
-        itself, which must not be changed."""
-        try:
-            data = (self.task_dir(task_id) / "record.json").read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            self._cache.pop(task_id, None)
-            raise TaskNotFoundError(f"no task {task_id} in this store ({self.root})") from None
+        """``load``, but a record whose bytes have not changed since the last call is not parsed again. A copy
+        the caller may change, or with ``copy=False`` the cached record itself, which must not be changed."""
+        data = self._bytes(task_id)
         hit = self._cache.get(task_id)
         if hit is None or hit[0] != data:
             if len(self._cache) > 50_000:
                 self._cache.clear()
-            self._cache[task_id] = hit = (data, TaskRecord.model_validate_json(data))
+            self._cache[task_id] = hit = (data, self._parse(task_id, data))
         return hit[1].model_copy() if copy else hit[1]
 
-    def peek_cached(self, task_id: str) -> TaskRecord | None:
-        """The cached record (not to be changed), without looking at the file; None if not cached."""
-        hit = self._cache.get(task_id)
-        return hit[1] if hit else None
+    def read(self, task_id: str, cached: bool = False) -> TaskRecord:
+        """The task's record; a running task whose worker is gone is handed to ``worker_lost`` first."""
+        if cached:  # (a poller: a worker found alive in the last ALIVE_CACHE seconds is not looked at again)
+            return self.check_lease(self.read_cached(validate_task_id(task_id), copy=False), ALIVE_CACHE)
+        return self.check_lease(self.load(validate_task_id(task_id)))
 
-    def keep_cached(self, task_ids: list[str]) -> None:
-        """Forget cached records other than these (a long-lived pumper would otherwise keep every task)."""
-        if len(self._cache) > len(task_ids):
-            keep = set(task_ids)
-            for t in [t for t in list(self._cache) if t not in keep]:  # (supervisor threads write to it)
-                self._cache.pop(t, None)
+    def request(self, task_id: str) -> TaskRequest:
+        try:
+            return TaskRequest.model_validate_json(self.path(task_id, "request.json").read_bytes())
+        except FileNotFoundError:
+            raise TaskNotFoundError(f"task {task_id} has no request.json (deleted, or not a task)") from None
+        except ValueError as e:
+            raise CorruptRecordError(f"task {task_id}: its request.json is unreadable ({e})") from None
 
+    def queue_position(self, task_id: str) -> int | None:
+        """1 = the next queued task to be claimed; None if it is not queued."""
+        records = self._read_all(self.active_ids())
+        order = QueueView(records)
+        return order.position(task_id)
+
+    # -- write ---------------------------------------------------------------
     def write(self, record: TaskRecord, *, fsync: bool = True) -> None:
         data = record.model_dump_json().encode()
         atomic_write(self.task_dir(record.task_id) / "record.json", data, fsync=fsync)
-        if record.task_id in self._cache:  # a pumper's cache stays true to its own writes
+        if record.task_id in self._cache:  # a claimer's cache stays true to its own writes
             self._cache[record.task_id] = (data, record.model_copy())
 
-    # -- update --------------------------------------------------------------
     def update(self, task_id: str, fn: Callable[[TaskRecord], TaskRecord | None], *, fsync: bool = False) -> TaskRecord:
-        """Read, change and write the record under the task's lock. ``fn`` returns None for no change."""
+        """Read, change and write the record under the task's lock. ``fn`` returns None for no change (and may
+        raise to refuse the change). Every status change goes through here and the TRANSITIONS table."""
         if not self.exists(task_id):
             raise TaskNotFoundError(f"no task {task_id} in this store ({self.root})")
         try:
             with self.locked(self.lock(task_id)):
                 try:
-                    current = self.read(task_id)
+                    current = self.load(task_id)
                 except TaskNotFoundError:  # deleted while we waited: filelock re-made the folder; undo that
                     self._remove_husk(task_id)
                     raise
-                new = fn(current)  # fn returns a changed copy (model_copy(update=...)) or None
+                new = fn(current)  # a changed copy (model_copy(update=...)) or None
                 if new is None:
                     return current
                 if new.status != current.status:
@@ -256,9 +341,12 @@ class TaskStore:
         except FileNotFoundError:
             raise TaskNotFoundError(f"task {task_id} was deleted") from None
         if new.status != current.status:
+            if current.status == TaskStatus.WAITING:
+                _unlink(self.waiting_dir / task_id)
             if new.status.terminal:
-                self._unmark_active(task_id)
-            self.append_event(task_id, "status", status=new.status.value, error=new.error)
+                _unlink(self.active_dir / task_id)
+            worker = new.lease.worker if new.status == TaskStatus.RUNNING and new.lease else None
+            self.append_event(task_id, "status", status=new.status.value, error=new.error, worker=worker)
         return new
 
     def transition(self, task_id: str, status: TaskStatus, **fields) -> TaskRecord:
@@ -279,12 +367,6 @@ class TaskStore:
         except OSError:
             pass
 
-    def _unmark_active(self, task_id: str) -> None:
-        try:
-            os.unlink(self.active_dir / task_id)
-        except FileNotFoundError:
-            pass
-
     # -- events --------------------------------------------------------------
     def append_event(self, task_id: str, kind: str, **data) -> None:
         line = _event_line(kind, **data)
@@ -297,11 +379,55 @@ class TaskStore:
         finally:
             os.close(fd)
 
+    def read_events(self, task_id: str, since: int, limit: int, budget: int) -> tuple[list[dict], int, bool]:
+        """Events from position ``since``: (events with ``seq``, the next cursor, whether more are there). At
+        most ``limit`` events and ``budget`` bytes of them."""
+        events: list[dict] = []
+        size, n, more = 0, since, False
+        try:
+            with open(self.path(task_id, "events.jsonl"), "rb") as f:
+                for i, line in enumerate(f):
+                    if i < since:
+                        continue
+                    if len(events) >= limit or size + len(line) > budget:
+                        more = True
+                        break
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:
+                        ev = {"kind": "unreadable"}
+                    ev["seq"] = i
+                    events.append(ev)
+                    size += len(line)
+                    n = i + 1
+        except FileNotFoundError:
+            pass
+        return events, n, more
+
+    def read_output(self, task_id: str, source: str, offset: int, limit: int) -> tuple[bytes, int]:
+        """Up to ``limit`` bytes of a task's output from ``offset``, and the output's current size."""
+        try:
+            with open(self.path(task_id, OUTPUT_FILES[source]), "rb") as f:
+                total = os.fstat(f.fileno()).st_size
+                f.seek(min(offset, total))
+                return f.read(limit), total
+        except FileNotFoundError:
+            return b"", 0
+
+    def workspace(self, task_id: str) -> Path:
+        """The folder the supervisor keeps a task's prompt, transcript and stderr in."""
+        return self.task_dir(task_id)
+
     # -- listing -------------------------------------------------------------
+    def usable(self) -> bool:
+        """False once the store was deleted (its workers then cancel their tasks and exit)."""
+        return self.active_dir.is_dir() and self.tasks_dir.is_dir()
+
     def has_active(self) -> bool:
         return any(TASK_ID_RE.fullmatch(e.name) for e in os.scandir(self.active_dir))
 
     def active_ids(self) -> list[str]:
+        """Unfinished tasks, newest first."""
         return sorted((e.name for e in os.scandir(self.active_dir) if TASK_ID_RE.fullmatch(e.name)), reverse=True)
 
     def all_ids(self) -> Iterator[str]:
@@ -310,17 +436,494 @@ class TaskStore:
         names.sort(reverse=True)
         return iter(names)
 
-    def unmark_if_finished(self, record: TaskRecord) -> None:
-        if record.status.terminal:
-            self._unmark_active(record.task_id)
+    def list_ids(self, include_finished: bool) -> Iterator[str]:
+        return self.all_ids() if include_finished else iter(self.active_ids())
+
+    def activity_stamp(self) -> tuple[int, int]:
+        """Changes whenever a task starts or ends (cheap: one stat); waits look at it between reads."""
+        st = os.stat(self.active_dir)
+        return st.st_mtime_ns, st.st_ino
+
+    def _read_all(self, ids: list[str]) -> dict[str, TaskRecord]:
+        """The records (shared, read-only); unreadable ones are left out (they only affect their own task)."""
+        out = {}
+        for t in ids:
+            try:
+                out[t] = self.read_cached(t, copy=False)
+            except (TaskNotFoundError, CorruptRecordError):
+                continue
+        return out
 
     # -- delete --------------------------------------------------------------
     def delete(self, task_id: str) -> None:
         d = self.task_dir(task_id)
         if not d.exists():
             raise TaskNotFoundError(f"no task {task_id} in this store ({self.root})")
-        self._unmark_active(task_id)
+        _unlink(self.active_dir / task_id)
+        _unlink(self.waiting_dir / task_id)
         self._locks.pop(str(d / "lock"), None)
+        self._cache.pop(task_id, None)
         trash = self.tasks_dir / f".del-{task_id}-{secrets.token_hex(3)}"
         os.rename(d, trash)  # disappears at once for every reader
         shutil.rmtree(trash, ignore_errors=True)
+
+    # -- cancel (client side) ------------------------------------------------
+    def request_cancel(self, task_id: str) -> TaskRecord:
+        """A task that has not started is cancelled at once; a running one is marked, and its worker's
+        supervisor stops it (``cancel_requested``)."""
+
+        def fn(r: TaskRecord) -> TaskRecord | None:
+            if r.status.terminal or r.cancel_requested:
+                return None
+            if r.status in (TaskStatus.WAITING, TaskStatus.QUEUED):
+                return r.model_copy(
+                    update={
+                        "status": TaskStatus.CANCELLED,
+                        "cancel_requested": True,
+                        "error": "cancelled before it started",
+                    }
+                )
+            return r.model_copy(update={"cancel_requested": True})
+
+        r = self.update(validate_task_id(task_id), fn)
+        if r.status == TaskStatus.RUNNING:
+            (self.task_dir(task_id) / "cancel").touch()
+            self.append_event(task_id, "cancel_requested", by_pid=os.getpid())
+        elif r.status.terminal:
+            self.resolve_waiting()
+        return r
+
+    def cancel_requested(self, task_id: str) -> bool:
+        return (self.task_dir(task_id) / "cancel").exists()
+
+    def force_cancel(self, task_id: str, error: str) -> TaskRecord:
+        """End a running task whose worker did not stop it in time: its claude tree is stopped here (this
+        host's), its lease is dropped (the worker's later writes are refused), and it ends cancelled."""
+        r = self.load(task_id)
+        if r.status.terminal:
+            return r
+        self._stop_claude(r)
+        r = self.update(
+            task_id,
+            lambda cur: (
+                None
+                if cur.status.terminal
+                else cur.model_copy(update={"status": TaskStatus.CANCELLED, "error": error, "lease": None})
+            ),
+        )
+        self.resolve_waiting()
+        return r
+
+    # -- workers -------------------------------------------------------------
+    def _worker_file(self, worker_id: str) -> Path:
+        if not WORKER_ID_RE.fullmatch(worker_id):
+            raise ValueError(f"invalid worker id {worker_id[:80]!r}")
+        return self.workers_dir / f"{worker_id}.json"
+
+    def register(self, info: WorkerInfo) -> None:
+        atomic_write(self._worker_file(info.worker_id), info.model_dump_json().encode(), fsync=False)
+
+    def heartbeat(self, worker_id: str) -> None:
+        """Keep the worker's leases alive (one utime: no new file, no record write per task)."""
+        try:
+            os.utime(self._worker_file(worker_id))
+        except FileNotFoundError:  # removed by hand or by cleanup: register again
+            pass
+
+    def unregister(self, worker_id: str) -> None:
+        _unlink(self._worker_file(worker_id))
+
+    def worker_info(self, worker_id: str) -> WorkerInfo | None:
+        info = self._workers.get(worker_id)
+        if info is None:
+            try:
+                info = WorkerInfo.model_validate_json(self._worker_file(worker_id).read_bytes())
+            except (OSError, ValueError):
+                return None
+            self._workers[worker_id] = info
+        return info
+
+    def workers(self) -> list[WorkerInfo]:
+        """Registered workers whose heartbeat is fresh."""
+        out = []
+        for e in os.scandir(self.workers_dir):
+            wid = e.name.removesuffix(".json")
+            if e.name.endswith(".json") and WORKER_ID_RE.fullmatch(wid) and self._worker_alive(wid):
+                info = self.worker_info(wid)
+                if info is not None:
+                    out.append(info)
+        return out
+
+    def _worker_alive(self, worker_id: str, max_age: float = 0.0) -> bool:
+        now = time.monotonic()
+        if now - self._seen_alive.get(worker_id, -1e9) < max_age:
+            return True
+        info = self.worker_info(worker_id)
+        try:
+            beat = os.stat(self._worker_file(worker_id)).st_mtime
+        except (OSError, ValueError):
+            beat = None
+        alive = (
+            info is not None
+            and beat is not None
+            and time.time() - beat <= self.lease_seconds
+            and (info.host != HOST or procs.alive(info.proc))
+        )
+        if alive:
+            if len(self._seen_alive) > 1000:
+                self._seen_alive.clear()
+            self._seen_alive[worker_id] = now
+        else:
+            self._seen_alive.pop(worker_id, None)
+        return alive
+
+    def lease_alive(self, lease: Lease, max_age: float = 0.0) -> bool:
+        """Whether the lease's worker lives (its heartbeat is fresh, and its pid, on this host); with ``max_age``,
+        a worker found alive that recently counts as alive without looking again."""
+        return self._worker_alive(lease.worker, max_age)
+
+    # -- the worker is gone ----------------------------------------------------
+    def check_lease(self, r: TaskRecord, max_age: float = 0.0) -> TaskRecord:
+        """``r``, or what ``worker_lost`` made of it if it runs under the lease of a worker that is gone."""
+        if r.status != TaskStatus.RUNNING or (r.lease is not None and self.lease_alive(r.lease, max_age)):
+            return r
+        if r.lease is None:
+            return self.worker_lost(r, "the task ran under no lease")
+        info = self.worker_info(r.lease.worker)
+        who = f"worker {r.lease.worker} (pid {info.proc.pid} on {info.host})" if info else f"worker {r.lease.worker}"
+        return self.worker_lost(r, f"{who} stopped renewing its lease (exited, killed, or hung)")
+
+    def _stop_claude(self, r: TaskRecord) -> None:
+        """Stop the task's claude tree where this host can see it."""
+        if r.lease is not None and r.lease.host not in ("", HOST):
+            return
+        if r.claude is not None:
+            procs.stop_tree(procs.process_of(r.claude), grace_int=1.0)
+        else:  # its pid was not recorded yet: find its processes by the task id in their environment
+            procs.stop_tree(None, others=procs.task_processes(r.task_id))
+
+    def worker_lost(self, r: TaskRecord, reason: str) -> TaskRecord:
+        """The one place for "the worker is gone": its claude tree is stopped (on this host), its slot freed,
+        and the task goes back to the queue as a new attempt when that attempt used no tool and attempts
+        remain; else it ends ``failed`` ("worker lost"), or ``cancelled`` if a cancel was asked for."""
+        lease = r.lease
+        self._stop_claude(r)
+
+        def fn(cur: TaskRecord) -> TaskRecord | None:
+            if cur.status != TaskStatus.RUNNING or (lease is not None and not lease.same(cur.lease)):
+                return None  # someone else dealt with it
+            now = utcnow()
+            n = len(cur.attempts) + 1
+            requeue = not cur.cancel_requested and cur.progress.tool_calls == 0 and n < cur.max_attempts
+            attempt = Attempt(
+                attempt=n,
+                started_at=cur.started_at or now,
+                finished_at=now,
+                status=TaskStatus.FAILED,
+                reason=f"worker lost: {reason}",
+                retried=requeue,
+            )
+            fields: dict = {"attempts": [*cur.attempts, attempt], "lease": None if requeue else cur.lease}
+            if cur.cancel_requested:
+                fields.update(status=TaskStatus.CANCELLED, error=f"cancelled; worker lost: {reason}")
+            elif requeue:
+                fields.update(status=TaskStatus.QUEUED, started_at=None, claude=None, progress=Progress())
+            else:
+                used = "it had used tools, so it is not run again" if cur.progress.tool_calls else "no attempts left"
+                fields.update(
+                    status=TaskStatus.FAILED,
+                    error=f"worker lost: {reason}; its claude process tree was stopped ({used})",
+                )
+            return cur.model_copy(update=fields)
+
+        try:
+            new = self.update(r.task_id, fn)
+        except TaskNotFoundError:
+            return r
+        if new.status == TaskStatus.QUEUED:
+            _unlink(self.task_dir(r.task_id) / "cancel")
+            self.append_event(r.task_id, "requeued", reason=reason, attempt=len(new.attempts) + 1)
+        elif new.status.terminal:
+            self.resolve_waiting()
+        return new
+
+    # -- claim (worker side) -----------------------------------------------------
+    def claim(self, worker: WorkerInfo, free_slots: int, fresh: bool = True) -> list[TaskRecord]:
+        """Lease up to ``free_slots`` ready tasks to ``worker``: highest priority, then oldest first, only tasks
+        whose labels the worker has, and never more running in the store than ``max_concurrent``. Each
+        returned record holds the worker's lease. Claims are serialised by the queue lock, and each is a
+        compare-and-set on the record (queued and unleased), so exactly one worker gets a task.
+        ``fresh=False`` trusts this process's view of the queued tasks (see QueueView)."""
+        if free_slots <= 0:
+            return []
+        out: list[TaskRecord] = []
+        with self.locked(self.queue_lock()):
+            ids = self.active_ids()
+            self._keep_cached(ids)
+            view = None if fresh else self._view
+            if view is None:
+                records = self._read_all(ids)
+            else:
+                view.keep(set(ids))
+                records = self._read_all([t for t in ids if t not in view.queued])
+            for t, r in list(records.items()):
+                records[t] = self.check_lease(r)
+                if records[t].status.terminal:  # (a marker left by a crash between write and unlink)
+                    _unlink(self.active_dir / t)
+            records.update(self.resolve_waiting(records))
+            if view is None:
+                view = self._view = QueueView(records)
+            else:
+                for r in records.values():
+                    view.note(r)
+            running = sum(r.status == TaskStatus.RUNNING for r in records.values())
+            free = min(free_slots, self.max_concurrent - running)
+            tried: set[str] = set()
+            labels = set(worker.labels)
+            while free > 0:
+                batch = view.first(free, skip=tried)
+                if not batch:
+                    break
+                for t in batch:
+                    tried.add(t)
+                    r = self._peek(t)
+                    if r is None or not set(r.labels) <= labels:
+                        continue
+                    rec = self._take(t, worker)
+                    if rec is not None:
+                        out.append(rec)
+                        view.taken(t)
+                        free -= 1
+                        continue
+                    r = self._peek(t)  # refused: cancelled, or taken by a claimer that skipped the lock
+                    if r is None:
+                        view.queued.discard(t)
+                        continue
+                    view.note(r)
+                    if r.status == TaskStatus.RUNNING:
+                        free -= 1
+        return out
+
+    def _peek(self, task_id: str) -> TaskRecord | None:
+        try:
+            return self.read_cached(task_id, copy=False)
+        except (TaskNotFoundError, CorruptRecordError):
+            return None
+
+    def _keep_cached(self, task_ids: list[str]) -> None:
+        """Forget cached records other than these (a long-lived claimer would otherwise keep every task)."""
+        if len(self._cache) > len(task_ids):
+            keep = set(task_ids)
+            for t in [t for t in list(self._cache) if t not in keep]:  # (supervisor threads write to it)
+                self._cache.pop(t, None)
+
+    def _take(self, task_id: str, worker: WorkerInfo) -> TaskRecord | None:
+        taken: list[TaskRecord] = []
+
+        def fn(r: TaskRecord) -> TaskRecord | None:
+            if not ready(r):
+                return None
+            epoch = r.epoch + 1
+            lease = Lease(task_id=task_id, worker=worker.worker_id, epoch=epoch, host=worker.host, pid=worker.proc.pid)
+            taken.append(
+                r.model_copy(
+                    update={"status": TaskStatus.RUNNING, "started_at": utcnow(), "epoch": epoch, "lease": lease}
+                )
+            )
+            return taken[0]
+
+        try:
+            self.update(task_id, fn)
+        except (TaskNotFoundError, CorruptRecordError):
+            return None
+        return taken[0] if taken else None
+
+    def resolve_waiting(self, records: dict[str, TaskRecord] | None = None) -> dict[str, TaskRecord]:
+        """Move waiting tasks whose dependencies all completed to queued; skip those with one that did not
+        (cascading). Runs when a task ends (and in every claim); returns the records it changed."""
+        ids = [e.name for e in os.scandir(self.waiting_dir) if TASK_ID_RE.fullmatch(e.name)]
+        if not ids:
+            return {}
+        known = dict(records or {})
+        changed: dict[str, TaskRecord] = {}
+        again = True
+        while again:
+            again = False
+            for t in ids:
+                r = known.get(t) or self._peek(t)
+                if r is None or r.status != TaskStatus.WAITING:
+                    if r is not None and r.status != TaskStatus.WAITING:
+                        _unlink(self.waiting_dir / t)
+                    continue
+                verdict, reason = TaskStatus.QUEUED, None
+                for dep in r.depends_on:
+                    d = known.get(dep) or self._peek(dep)
+                    if d is None:
+                        verdict, reason = TaskStatus.SKIPPED, f"dependency {dep} was deleted or is unreadable"
+                        break
+                    if d.status in DEP_FAILED:
+                        verdict, reason = TaskStatus.SKIPPED, f"dependency {dep} ended {d.status.value}"
+                        break
+                    if d.status != TaskStatus.COMPLETED:
+                        verdict = None
+                if verdict is None:
+                    continue
+                try:
+                    new = self.transition(t, verdict, **({"error": reason} if reason else {}))
+                except (TaskNotFoundError, CorruptRecordError):
+                    continue
+                known[t] = changed[t] = new
+                again = again or new.status != r.status
+        return changed
+
+    # -- fenced writes (worker side) --------------------------------------------
+    def _fenced(self, lease: Lease, changes: Callable[[TaskRecord], dict], *, fsync: bool = False) -> TaskRecord:
+        def fn(r: TaskRecord) -> TaskRecord:
+            if r.status != TaskStatus.RUNNING or not lease.same(r.lease):
+                raise LeaseLostError(self._lost_message(lease, r))
+            return r.model_copy(update=changes(r))
+
+        try:
+            return self.update(lease.task_id, fn, fsync=fsync)
+        except (TaskNotFoundError, CorruptRecordError) as e:
+            raise LeaseLostError(f"task {lease.task_id}: {e}") from None
+
+    @staticmethod
+    def _lost_message(lease: Lease, r: TaskRecord) -> str:
+        holder = f"held by worker {r.lease.worker} (epoch {r.lease.epoch})" if r.lease else "held by no worker"
+        return (
+            f"task {lease.task_id}: the lease of worker {lease.worker} (epoch {lease.epoch}) is no longer valid: "
+            f"the task is {r.status.value}, {holder}"
+        )
+
+    def holds(self, lease: Lease) -> bool:
+        """Whether ``lease`` is still the task's lease (a cheap read, no lock)."""
+        r = self._peek(lease.task_id)
+        return r is not None and r.status == TaskStatus.RUNNING and lease.same(r.lease)
+
+    def renew(self, lease: Lease) -> None:
+        """The heartbeat for one lease: raises LeaseLostError if it is no longer the task's."""
+        self.heartbeat(lease.worker)
+        if not self.holds(lease):
+            r = self._peek(lease.task_id)
+            raise LeaseLostError(self._lost_message(lease, r) if r else f"task {lease.task_id} is gone")
+
+    def event(self, lease: Lease, kind: str, **data) -> None:
+        """Append to the task's event log, if ``lease`` still holds it."""
+        if not self.holds(lease):
+            raise LeaseLostError(f"task {lease.task_id}: the lease of worker {lease.worker} is no longer valid")
+        self.append_event(lease.task_id, kind, **data)
+
+    def progress(self, lease: Lease, **fields) -> TaskRecord:
+        """Record live progress (and claude's pid, the session id) under ``lease``."""
+        return self._fenced(lease, lambda r: fields)
+
+    def finish(self, lease: Lease, status: TaskStatus, result_text: str | None = None, **fields) -> TaskRecord:
+        """End the task under ``lease``: its result text (whole, in result.txt) and final fields; then release
+        or skip the tasks that wait for it."""
+
+        def changes(r: TaskRecord) -> dict:
+            if result_text is not None:  # under the task's lock, after the fence: a stale worker never writes it
+                atomic_write(self.path(lease.task_id, "result.txt"), result_text.encode("utf-8", "surrogatepass"))
+            return {"status": status, **fields}
+
+        new = self._fenced(lease, changes, fsync=True)
+        self.resolve_waiting()
+        return new
+
+    # -- the store's worker (started on demand) --------------------------------
+    @property
+    def socket_path(self) -> Path:
+        return self.root / "worker.sock"
+
+    def worker_known(self) -> bool:
+        """True if this process already found a worker of its own identity behind the store's socket."""
+        try:
+            return self._known_worker == os.stat(self.socket_path).st_ino
+        except OSError:
+            return False
+
+    def nudge(self) -> None:
+        """Have the store's worker look at the queue now; start one if none of this code's identity listens.
+        Raises WorkerUnavailableError if none could be started (queued tasks stay queued)."""
+        if self.worker_known() and control.send(self.socket_path, {"op": "nudge"}):
+            return
+        self._known_worker = None
+        self.ensure_worker()
+        if not control.send(self.socket_path, {"op": "nudge"}):
+            self._known_worker = None
+
+    def ensure_worker(self) -> None:
+        with self._spawn_lock:
+            if self.worker_known():
+                return
+            try:
+                with self.locked(FileLock(str(self.root / "worker.lock")), timeout=30):
+                    self._ensure_worker_locked()
+            except Timeout:
+                raise WorkerUnavailableError(
+                    f"could not start the store's worker: {self.root / 'worker.lock'} stayed locked for 30 s"
+                ) from None
+
+    def _ensure_worker_locked(self) -> None:
+        try:
+            hello = control.request(self.socket_path, {"op": "hello"})
+            if hello.get("identity") == control.IDENTITY:
+                self._known_worker = os.stat(self.socket_path).st_ino
+                return
+            control.request(self.socket_path, {"op": "quit"})  # another version of cc-tasks: replace it
+        except (OSError, ValueError):
+            pass
+        _unlink(self.socket_path)
+        self.reap()
+        # not part of any task: a server inside a task must not pass the task's id on (see procs.task_orphans)
+        env = {k: v for k, v in os.environ.items() if k != "CC_TASKS_TASK_ID"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (control.PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        argv = [sys.executable, "-m", "cc_tasks.worker", "--store", str(self.root), "--on-demand"]
+        try:
+            with open(self.root / "worker.log", "ab") as out:
+                p = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                    cwd=str(self.root), close_fds=True, start_new_session=True,
+                )  # fmt: skip
+        except OSError as e:
+            raise WorkerUnavailableError(f"could not start the store's worker ({' '.join(argv)}): {e}") from None
+        self._spawned.append(p)
+        deadline = time.monotonic() + WORKER_START_WAIT
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                break
+            try:
+                if control.request(self.socket_path, {"op": "hello"}).get("identity") == control.IDENTITY:
+                    self._known_worker = os.stat(self.socket_path).st_ino
+                    return
+                break
+            except (OSError, ValueError):
+                time.sleep(0.01)
+        raise WorkerUnavailableError(
+            f"the store's worker did not start (exit code {p.poll()}); see {self.root / 'worker.log'}"
+        )
+
+    def worker_hello(self) -> dict | None:
+        try:
+            return control.request(self.socket_path, {"op": "hello"})
+        except (OSError, ValueError):
+            return None
+
+    def stop_worker(self) -> bool:
+        """Ask the store's worker to take no more work and exit once its tasks have ended. True if one ran."""
+        try:
+            control.request(self.socket_path, {"op": "quit"})
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def reap(self, wait: float = 0.0) -> None:
+        """Collect workers this process started that have exited (only those: never waitpid(-1))."""
+        deadline = time.monotonic() + wait
+        for p in list(self._spawned):
+            if wait > 0:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(max(0.0, deadline - time.monotonic()))
+        # (one assignment: a SIGCHLD handler may run this in the middle of another call)
+        self._spawned = [p for p in self._spawned if p.poll() is None]

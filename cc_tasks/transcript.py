@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -60,15 +59,9 @@ def entries_of(ev: dict[str, Any]) -> list[Entry]:
     return out
 
 
-def read_entries(path: Path, offset: int = 0, max_bytes: int = 1 << 20) -> tuple[list[Entry], int]:
-    """Entries from complete lines of the transcript file at ``path`` from byte ``offset``; and the offset
-    after the last complete line read (pass it back to follow the file)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(max_bytes)
-    except FileNotFoundError:
-        return [], offset
+def parse_entries(data: bytes, offset: int = 0, max_bytes: int = 1 << 20) -> tuple[list[Entry], int]:
+    """Entries from the complete lines of ``data``, the transcript's bytes from ``offset`` (at most
+    ``max_bytes`` of them); and the offset after the last complete line (pass it back to follow the task)."""
     end = data.rfind(b"\n")
     if end < 0:
         if len(data) >= max_bytes:  # one huge line: skip it whole

@@ -12,7 +12,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cc_tasks import launcher
 from cc_tasks.config import Settings
 from cc_tasks.manager import TaskManager
 
@@ -66,7 +65,7 @@ def cc_env(tmp_path, monkeypatch, mock_api, real_claude) -> dict[str, str]:
         "CC_TASKS_DIR": str(tmp_path / "store"),
         "CC_TASKS_CLAUDE_BIN": real_claude,
         "CC_TASKS_DEFAULT_TIMEOUT": "120",
-        "CC_TASKS_LAUNCHER_IDLE": "20",
+        "CC_TASKS_WORKER_IDLE": "20",
     }
     for k in ("CC_TASKS_DEPTH", "CC_TASKS_MAX_DEPTH", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT"):
         monkeypatch.delenv(k, raising=False)
@@ -86,7 +85,7 @@ def running_manager():
     finally:
         for s in m.list().tasks:
             m.cancel(s.task_id)
-        launcher.stop(m.store)
+        m.store.stop_worker()
         m.reap(wait=15)
         signal.signal(signal.SIGCHLD, old)
 
@@ -104,14 +103,6 @@ def fake_manager(cc_env, fake_claude, monkeypatch):
     monkeypatch.setenv("CC_TASKS_CLAUDE_BIN", fake_claude)
     with running_manager() as m:
         yield m
-
-
-@pytest.fixture(params=["launcher", "process"])
-def hosting(request, monkeypatch):
-    """Run the test both ways a task can be supervised: by the store's launcher (a thread there, the
-    default) and by a supervisor process of its own (CC_TASKS_LAUNCHER=0)."""
-    monkeypatch.setenv("CC_TASKS_LAUNCHER", "1" if request.param == "launcher" else "0")
-    return request.param
 
 
 def mock_prompt(steps: list[dict], text: str = "task") -> str:
@@ -141,14 +132,14 @@ def processes_with(marker: str) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_stray_launchers(tmp_path_factory):
-    """At the end, stop launchers that tests' servers started on their stores (they would idle-exit anyway)."""
+def no_stray_workers(tmp_path_factory):
+    """At the end, stop workers that tests' servers started on their stores (they would idle-exit anyway)."""
     yield
     base = str(tmp_path_factory.getbasetemp())
     strays = [
         p
         for p in psutil.process_iter(["cmdline"])
-        if "cc_tasks.launcher" in (p.info["cmdline"] or []) and any(base in a for a in p.info["cmdline"] or [])
+        if "cc_tasks.worker" in (p.info["cmdline"] or []) and any(base in a for a in p.info["cmdline"] or [])
     ]
     for p in strays:
         p.terminate()

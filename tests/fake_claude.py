@@ -6,7 +6,8 @@ prompt changes what it does: ``sleep`` (seconds before answering), ``exit`` (exi
 ``ignore_signals`` (ignore SIGINT and SIGTERM), ``grandchild`` (start ``sleep 300`` in a new session
 and write its pid to grandchild.pid), ``argv`` (write argv and selected env to argv.json), ``track`` (a
 directory: count how many copies run at once there, and log this run's task id and that count),
-``log`` (a file: append "start NAME" and "end NAME" lines), ``wait_file`` (wait until that file exists).
+``log`` (a file: append "start NAME" and "end NAME" lines), ``wait_file`` (wait until that file exists),
+``no_tools`` (no tool_use event: a run that used no tool).
 """
 
 import fcntl
@@ -73,14 +74,15 @@ if cfg.get("wait_file"):
     while not os.path.exists(cfg["wait_file"]) and time.time() < deadline:
         time.sleep(0.02)
 emit({"type": "system", "subtype": "init", "session_id": sid, "model": "fake", "cwd": os.getcwd()})
-emit(
-    {
-        "type": "assistant",
-        "session_id": sid,
-        "parent_tool_use_id": None,
-        "message": {"content": [{"type": "tool_use", "name": "Bash", "id": "t1", "input": {}}]},
-    }
-)
+if not cfg.get("no_tools"):
+    emit(
+        {
+            "type": "assistant",
+            "session_id": sid,
+            "parent_tool_use_id": None,
+            "message": {"content": [{"type": "tool_use", "name": "Bash", "id": "t1", "input": {}}]},
+        }
+    )
 if cfg.get("sleep"):
     time.sleep(float(cfg["sleep"]))
 text = cfg.get("result", "fake result: " + prompt[:100])

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from cc_tasks import launcher
 from cc_tasks.models import TaskStatus
 from cc_tasks.store import TaskStore
 
@@ -35,7 +34,7 @@ def cli(cc_env, fake_claude, monkeypatch):
     yield call
     for t in store.active_ids():
         call("cancel", t)
-    launcher.stop(store)
+    store.stop_worker()
 
 
 def test_every_subcommand_has_help(cli):

@@ -86,31 +86,31 @@ async def test_queue_drains_after_the_server_that_queued_it_is_killed(cc_env, fa
         except Exception:
             pass
     store = TaskStore(cc_env["CC_TASKS_DIR"])
-    # no server is left: the supervisors of finishing tasks start the next ones
+    # no server is left: the store's worker goes on claiming the queued tasks
     wait_until(lambda: all(store.read(t).status == TaskStatus.COMPLETED for t in ids), timeout=60)
     starts = sorted(store.read(t).started_at for t in ids)
     assert starts == [store.read(t).started_at for t in ids]  # oldest first at equal priority
 
 
 def cap(manager, monkeypatch, n: int) -> None:
-    """Set the cap for this manager and for the supervisors of tasks it submits (they inherit its environment)."""
+    """Set the cap for this manager and for the worker it starts (which inherits its environment)."""
     monkeypatch.setenv("CC_TASKS_MAX_CONCURRENT", str(n))
-    manager.settings.max_concurrent = n
+    manager.settings.max_concurrent = manager.store.max_concurrent = n
 
 
-async def test_killed_supervisor_gives_its_slot_back(cc_env, fake_manager, workdir, monkeypatch):
+async def test_killed_worker_gives_its_slot_back(cc_env, fake_manager, workdir, monkeypatch):
     cap(fake_manager, monkeypatch, 1)
     blocker = fake_manager.start(TaskOptions(prompt=fake({"sleep": 300}), cwd=str(workdir)))
     waiting = fake_manager.start(TaskOptions(prompt=fake({"result": "second"}), cwd=str(workdir)))
     rec = wait_until(lambda: (r := fake_manager.get(blocker.task_id)).status == TaskStatus.RUNNING and r.claude and r)
     queued = fake_manager.get(waiting.task_id)
     assert queued.status == TaskStatus.QUEUED and queued.queue_position == 1
-    os.kill(rec.supervisor.pid, signal.SIGKILL)
-    async with Client(create_server(fake_manager)) as c:  # its pump loop notices the dead supervisor
+    os.kill(rec.lease.pid, signal.SIGKILL)
+    async with Client(create_server(fake_manager)) as c:  # it starts a new worker, which reclaims the slot
         res = await c.call_tool("wait_for_tasks", {"task_ids": [waiting.task_id], "timeout_seconds": 60})
     assert res.structured_content["tasks"][0]["result"] == "second"
     dead = fake_manager.get(blocker.task_id)
-    assert dead.status == TaskStatus.FAILED and "supervisor" in dead.error
+    assert dead.status == TaskStatus.FAILED and "worker lost" in dead.error
     assert not pid_alive(rec.claude.pid)
 
 
@@ -133,7 +133,7 @@ async def test_diamond_runs_in_order(fake_manager, workdir, tmp_path):
     res = fake_manager.start_batch(items)
     assert [t.key for t in res.tasks] == ["d", "b", "c", "a"]
     by_key = {t.key: t for t in res.tasks}
-    # "a" has been started (the launcher claims a task as it takes it); "d" waits for "b" and "c"
+    # "a" has been started (a worker claims a task as it takes it); "d" waits for "b" and "c"
     assert by_key["a"].status in (TaskStatus.QUEUED, TaskStatus.RUNNING) and by_key["d"].status == TaskStatus.WAITING
     assert fake_manager.get(by_key["d"].task_id).depends_on == [by_key["b"].task_id, by_key["c"].task_id]
     done = await fake_manager.wait([t.task_id for t in res.tasks], timeout=60)

@@ -13,7 +13,6 @@ import pytest
 from fastmcp import Client
 from fastmcp.client.transports import StreamableHttpTransport
 
-from cc_tasks import launcher
 from cc_tasks.store import TaskStore
 
 from .conftest import ROOT, mock_prompt
@@ -65,7 +64,7 @@ def http_server(cc_env, fake_claude, tmp_path):
         p.wait(20)
     for t in p.store.active_ids():
         subprocess.run([sys.executable, "-m", "cc_tasks", "cancel", t], env=env, cwd=str(ROOT), timeout=60)
-    launcher.stop(p.store)
+    p.store.stop_worker()
 
 
 def _up(port: int) -> bool:

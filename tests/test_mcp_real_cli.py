@@ -120,8 +120,8 @@ async def _assert_tree_gone(manager, task_id, workdir):
     # claude and its tools are stopped before the final record is written ...
     for pid in (sleeper, rec.claude.pid):
         assert not pid_alive(pid), pid
-    # ... by the store's launcher, which goes on serving (a supervisor process of the task's own would exit)
-    assert rec.supervisor.shared and pid_alive(rec.supervisor.pid)
+    # ... by the store's worker, which goes on serving
+    assert rec.lease is not None and pid_alive(rec.lease.pid)
     wait_until(lambda: not zombies_of_this_process())
 
 

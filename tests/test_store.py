@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from cc_tasks.errors import InvalidTaskIdError, TaskNotFoundError, UnsafeStoreError
-from cc_tasks.models import TaskRecord, TaskStatus
+from cc_tasks.models import TaskOptions, TaskRecord, TaskRequest, TaskStatus
 from cc_tasks.store import TaskStore, new_task_id, validate_task_id
 
 HOSTILE_IDS = [
@@ -73,19 +73,20 @@ def test_hostile_ids_touch_no_file(tmp_path):
 
 def _record(s: TaskStore) -> TaskRecord:
     r = TaskRecord(task_id=new_task_id(), cwd="/", timeout_seconds=10)
-    s.create(r, {"prompt.txt": b"hi"})
+    s.submit(r, TaskRequest(options=TaskOptions(prompt="hi"), cwd="/", claude_bin="/bin/true"))
     return r
 
 
 def test_create_read_update_delete(tmp_path):
     s = TaskStore(tmp_path / "store")
     r = _record(s)
-    assert s.read(r.task_id) == r
+    assert s.load(r.task_id) == r
+    assert s.request(r.task_id).options.prompt == "hi"
     assert s.active_ids() == [r.task_id]
     r2 = s.transition(r.task_id, TaskStatus.RUNNING)
     assert r2.status == TaskStatus.RUNNING
     # a transition the lifecycle forbids leaves the record alone
-    assert s.transition(r.task_id, TaskStatus.QUEUED).status == TaskStatus.RUNNING
+    assert s.transition(r.task_id, TaskStatus.WAITING).status == TaskStatus.RUNNING
     r3 = s.transition(r.task_id, TaskStatus.COMPLETED)
     assert r3.finished_at is not None and s.active_ids() == []
     events = (s.task_dir(r.task_id) / "events.jsonl").read_text().splitlines()

@@ -18,6 +18,7 @@ def test_lifecycle_is_written_in_one_place():
     }
     assert TRANSITIONS[TaskStatus.QUEUED] == {TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.CANCELLED}
     assert TRANSITIONS[TaskStatus.RUNNING] == {
+        TaskStatus.QUEUED,  # its worker was lost before the attempt used a tool: a new attempt
         TaskStatus.COMPLETED,
         TaskStatus.FAILED,
         TaskStatus.TIMEOUT,

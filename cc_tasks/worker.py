@@ -1,0 +1,298 @@
+"""The worker: pulls tasks from the backend and supervises each in a thread of its own.
+
+This is the only place tasks get started. A worker registers with the backend, then loops: it claims up to
+its free slots (``backend.claim``: leases on the highest-priority, oldest ready tasks within the global
+cap), runs a ``Supervisor`` thread for each, renews its leases with one heartbeat a second, and looks at the
+queue again whenever one of its tasks ends, when it is nudged, and once a second. Nothing pushes work into
+it: servers and the CLI only submit, read, cancel and nudge.
+
+It is a child subreaper: what claude's tools leave behind is re-parented to it and stopped with its task
+(found by the task id in its environment); it reaps only children no Popen of its own owns. The local
+store starts one on demand (``python -m cc_tasks.worker --store DIR --on-demand``): it listens on the
+store's control socket, exits after ``CC_TASKS_WORKER_IDLE`` seconds with nothing to do, and SIGTERM makes
+it cancel its tasks. ``cc-tasks worker`` runs one by hand: SIGTERM drains (no new claims, running tasks
+finish), a second SIGTERM (or ``--cancel-on-exit``) cancels them. A ``quit`` request always drains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import secrets
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from filelock import Timeout
+
+from . import __version__, control, procs
+from .backend import Backend
+from .config import default_worker_idle
+from .errors import CCTasksError
+from .models import TaskRecord, WorkerInfo
+from .states import TaskStatus
+from .store import HOST, TaskStore
+from .supervisor import Supervisor
+
+log = logging.getLogger("cc_tasks")
+#: Seconds between heartbeats, and between two full looks at the queue.
+HEARTBEAT = 1.0
+
+
+class Worker:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        slots: int,
+        labels: tuple[str, ...] | list[str] = (),
+        idle_exit: float | None = None,
+        listen: bool = False,
+        cancel_on_term: bool = True,
+    ):
+        if slots < 1:
+            raise ValueError("a worker needs at least one slot")
+        self.backend = backend
+        self.slots = slots
+        self.info = WorkerInfo(
+            worker_id=f"w-{os.getpid()}-{secrets.token_hex(3)}",
+            host=HOST,
+            proc=procs.ref_of(os.getpid()),
+            labels=sorted(set(labels)),
+            slots=slots,
+            version=__version__,
+        )
+        self.idle_exit = idle_exit
+        self.listen = listen
+        self.cancel_on_term = cancel_on_term
+        self.supervising: dict[str, Supervisor] = {}
+        self._lock = threading.Lock()
+        self.draining = False  # take no more work; exit once the running tasks have ended
+        self.cancel_all = False  # ... and cancel them first
+        self._cancelled = False
+        self.nudged = True
+        self.last_claim = self.last_beat = 0.0
+        self.last_activity = time.monotonic()
+        self.inbox: control.Inbox | None = None
+        self._wake_r = self._wake_w = -1
+
+    # -- lifecycle -----------------------------------------------------------
+    def stop(self, cancel: bool = False) -> None:
+        """Drain (no new claims; exit once running tasks end); with ``cancel``, cancel them first."""
+        self.cancel_all = self.cancel_all or cancel
+        self.draining = True
+        self.wake()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop(cancel=self.cancel_on_term or self.draining)  # a second SIGTERM cancels
+
+    def wake(self) -> None:
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"w")
+            except OSError:
+                pass
+
+    def run(self) -> int:
+        procs.become_subreaper()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        if threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(self._wake_w)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.backend.register(self.info)
+        if self.listen:
+            self._bind()
+        log.info("worker %s started: %d slots, labels %s", self.info.worker_id, self.slots, self.info.labels)
+        try:
+            while True:
+                try:
+                    if self.serve_once():
+                        break
+                except Exception:  # one bad pass (EMFILE, a store hiccup) must not end every task's supervision
+                    traceback.print_exc()
+                    if not self.backend.usable():
+                        self.stop(cancel=True)  # the store was deleted: nothing is left to serve
+                    time.sleep(0.1)
+        finally:
+            if self.inbox is not None:
+                self.inbox.close()
+            self.backend.unregister(self.info.worker_id)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = -1
+        log.info("worker %s exits", self.info.worker_id)
+        return 0
+
+    def _bind(self) -> None:
+        path = getattr(self.backend, "socket_path", None)
+        if path is None:
+            return
+        hello = None
+        try:
+            hello = control.request(path, {"op": "hello"})
+        except (OSError, ValueError):
+            pass
+        if hello and hello.get("pid") != os.getpid():
+            return  # another worker answers nudges here; this one looks at the queue every second
+        self.inbox = control.Inbox(path)
+
+    # -- the loop --------------------------------------------------------------
+    def serve_once(self) -> bool:
+        """Wait for a request, a task's end or the next tick, and do what is due. True when it is time to exit."""
+        poller = select.poll()  # (not select: fds may go beyond 1024 with many tasks)
+        poller.register(self._wake_r, select.POLLIN)
+        if self.inbox is not None:
+            poller.register(self.inbox.fileno(), select.POLLIN)
+        ready = {fd for fd, _ in poller.poll((0.005 if self.nudged else HEARTBEAT) * 1000)}
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        now = time.monotonic()
+        if now - self.last_beat >= HEARTBEAT:
+            self.last_beat = now
+            self.backend.heartbeat(self.info.worker_id)
+            procs.reap_children()  # orphans adopted from tasks' trees
+            self._look_for_cancels()
+        if self.inbox is not None and self.inbox.fileno() in ready:
+            self.inbox.serve(self.handle)
+        if self.draining:
+            if self.inbox is not None:  # a successor may bind the socket now
+                self.inbox.close()
+                self.inbox = None
+            if self.cancel_all and not self._cancelled:
+                self._cancelled = True
+                with self._lock:
+                    for sup in self.supervising.values():
+                        sup.request_stop()
+            return not self.supervising
+        free = self.slots - len(self.supervising)
+        due = now - self.last_claim >= HEARTBEAT
+        if free > 0 and (self.nudged or due):
+            self.nudged = False  # (a task ending meanwhile sets it again)
+            self.claim(free, fresh=due)
+        elif free <= 0:
+            self.nudged = False  # a task's end sets it again
+        if self.supervising:
+            self.last_activity = now
+        return (
+            self.idle_exit is not None
+            and not self.supervising
+            and now - self.last_activity > self.idle_exit
+            and not self.backend.has_active()
+        )
+
+    def handle(self, msg: dict) -> dict:
+        op = msg.get("op")
+        if op == "hello":
+            return {
+                "identity": control.IDENTITY,
+                "pid": os.getpid(),
+                "worker": self.info.worker_id,
+                "tasks": len(self.supervising),
+                "draining": self.draining,
+            }
+        if op == "nudge":
+            self.nudged = True
+            self.last_activity = time.monotonic()
+            self._look_for_cancels()
+            return {"ok": True}
+        if op == "quit":
+            self.stop()
+            return {"ok": True}
+        return {"error": f"unknown op {op!r}"}
+
+    def _look_for_cancels(self) -> None:
+        with self._lock:
+            for task_id, sup in self.supervising.items():
+                if self.backend.cancel_requested(task_id):
+                    sup.request_stop()
+
+    # -- claiming and supervising ------------------------------------------------
+    def claim(self, free: int, fresh: bool) -> None:
+        if fresh:
+            self.last_claim = time.monotonic()
+        try:
+            records = self.backend.claim(self.info, free, fresh=fresh)
+        except Timeout:  # another claimer holds the queue for long: try again soon
+            self.nudged = True
+            return
+        for rec in records:
+            self.supervise(rec)
+
+    def supervise(self, rec: TaskRecord) -> None:
+        sup = None
+        try:
+            sup = Supervisor(self.backend, rec)
+            with self._lock:
+                self.supervising[rec.task_id] = sup
+            threading.Thread(target=self._run, args=(sup,), name=f"task-{rec.task_id}", daemon=True).start()
+        except Exception as e:
+            with self._lock:
+                self.supervising.pop(rec.task_id, None)
+            if sup is not None:
+                sup.close()
+            if rec.lease is not None:
+                try:
+                    self.backend.finish(rec.lease, TaskStatus.FAILED, error=f"could not supervise the task: {e}")
+                except CCTasksError:
+                    pass
+
+    def _run(self, sup: Supervisor) -> None:
+        try:
+            sup.run()
+        finally:
+            with self._lock:
+                self.supervising.pop(sup.task_id, None)
+                sup.close()
+            try:  # a supervisor always ends its task; if it could not, do it here
+                if self.backend.holds(sup.lease):
+                    self.backend.finish(
+                        sup.lease,
+                        TaskStatus.FAILED,
+                        error=f"its supervisor ended without a final record; see the worker's log ({self.info.worker_id})",
+                    )
+            except CCTasksError:
+                pass
+            self.last_activity = time.monotonic()
+            self.nudged = True  # its slot is free
+            self.wake()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cc_tasks.worker --store DIR``: a worker on the local store (see ``cc-tasks worker``)."""
+    parser = argparse.ArgumentParser(prog="python -m cc_tasks.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True, help="the task store directory")
+    parser.add_argument("--slots", type=int, default=None, help="tasks at once (default: the global cap)")
+    parser.add_argument("--label", action="append", default=[], help="a label this worker advertises")
+    parser.add_argument("--on-demand", action="store_true", help="started by a server: idle exit, SIGTERM cancels")
+    parser.add_argument("--cancel-on-exit", action="store_true", help="SIGTERM cancels running tasks")
+    args = parser.parse_args(argv)
+    backend = TaskStore(Path(args.store))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    gc.freeze()  # the imported modules live as long as the process: keep the collector off them
+    worker = Worker(
+        backend,
+        slots=args.slots or backend.max_concurrent,
+        labels=args.label,
+        idle_exit=default_worker_idle() if args.on_demand else None,
+        listen=True,
+        cancel_on_term=args.on_demand or args.cancel_on_exit,
+    )
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Backends under test: how the contract suite opens one, makes a worker, and expires a worker's leases."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+
+from cc_tasks import __version__, procs
+from cc_tasks.models import WorkerInfo
+from cc_tasks.store import HOST, TaskStore
+
+KINDS = ["local"]
+
+
+def open_backend(kind: str, address: str, **settings):
+    if kind == "local":
+        return TaskStore(address, **settings)
+    raise ValueError(f"unknown backend kind {kind!r}")
+
+
+def worker_info(labels: tuple[str, ...] = (), slots: int = 4) -> WorkerInfo:
+    """A worker identity for this process (several may share a process: the id differs)."""
+    return WorkerInfo(
+        worker_id=f"w-{os.getpid()}-{secrets.token_hex(3)}",
+        host=HOST,
+        proc=procs.ref_of(os.getpid()),
+        labels=sorted(labels),
+        slots=slots,
+        version=__version__,
+    )
+
+
+def expire(backend, worker: WorkerInfo) -> None:
+    """Make ``worker`` look gone (its heartbeat stopped long ago), as a SIGKILL, a reboot or a hang would."""
+    if backend.kind == "local":
+        path = backend.workers_dir / f"{worker.worker_id}.json"
+        past = time.time() - 10 * backend.lease_seconds
+        os.utime(path, (past, past))
+        backend._seen_alive.clear()
+        return
+    raise ValueError(backend.kind)

@@ -1,0 +1,265 @@
+"""The backend contract: what every backend must do, run against each one (tests/backends.py KINDS).
+
+Claims exactly once with concurrent claimers in several processes, the global cap, priority then age,
+labels, dependencies, fencing, lease expiry and requeue, cancel while queued and while running, and
+reading records, listings, events and output.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from cc_tasks.backend import Backend
+from cc_tasks.errors import LeaseLostError, TaskNotFoundError
+from cc_tasks.models import Progress, TaskOptions, TaskRecord, TaskRequest
+from cc_tasks.states import TaskStatus
+from cc_tasks.store import new_task_id
+
+from .backends import KINDS, expire, open_backend, worker_info
+from .conftest import ROOT
+
+
+@pytest.fixture(params=KINDS)
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def address(kind, tmp_path) -> str:
+    return str(tmp_path / "store")
+
+
+@pytest.fixture
+def backend(kind, address) -> Backend:
+    return open_backend(kind, address, max_concurrent=4, lease_seconds=5)
+
+
+def submit(
+    b: Backend,
+    prompt: str = "p",
+    *,
+    priority: int = 0,
+    depends_on: list[str] | None = None,
+    labels: list[str] | None = None,
+    max_attempts: int = 3,
+) -> TaskRecord:
+    r = TaskRecord(
+        task_id=new_task_id(),
+        cwd="/",
+        prompt_preview=prompt,
+        timeout_seconds=60,
+        priority=priority,
+        depends_on=depends_on or [],
+        labels=labels or [],
+        max_attempts=max_attempts,
+        status=TaskStatus.WAITING if depends_on else TaskStatus.QUEUED,
+    )
+    b.submit(r, TaskRequest(options=TaskOptions(prompt=prompt), cwd="/", claude_bin="/bin/true"))
+    return r
+
+
+def registered(b: Backend, labels: tuple[str, ...] = ()):
+    w = worker_info(labels)
+    b.register(w)
+    return w
+
+
+def test_the_backend_implements_the_interface(backend):
+    assert isinstance(backend, Backend)
+
+
+def test_claims_are_exactly_once_across_processes(kind, address):
+    b = open_backend(kind, address, max_concurrent=100)
+    ids = [submit(b).task_id for _ in range(80)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.contract_claimer", kind, address, "3"],
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=90)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
+    claimed = Counter(t for out in outs for t in out.split())
+    assert sorted(claimed) == sorted(ids) and set(claimed.values()) == {1}
+    assert sum(bool(out.split()) for out in outs) >= 2  # several claimers got work
+    for t in ids:
+        r = b.read(t)
+        assert r.status == TaskStatus.COMPLETED and r.epoch == 1
+
+
+def test_the_global_cap_holds_across_workers(backend):
+    for _ in range(6):
+        submit(backend)
+    w1, w2 = registered(backend), registered(backend)
+    first = backend.claim(w1, 3)
+    second = backend.claim(w2, 3)
+    assert len(first) == 3 and len(second) == 1  # cap 4
+    assert backend.claim(w1, 1) == []
+    backend.finish(first[0].lease, TaskStatus.COMPLETED)
+    assert len(backend.claim(w2, 5)) == 1
+
+
+def test_priority_first_then_oldest(backend):
+    low = submit(backend, priority=-1)
+    a = submit(backend)
+    high = submit(backend, priority=5)
+    b2 = submit(backend)
+    w = registered(backend)
+    got = [r.task_id for r in backend.claim(w, 4)]
+    assert got == [high.task_id, a.task_id, b2.task_id, low.task_id]
+    assert backend.claim(w, 1) == []
+
+
+def test_only_a_worker_with_every_label_claims_a_task(backend):
+    gpu = submit(backend, labels=["gpu", "repo-a"])
+    plain = submit(backend)
+    none = registered(backend)
+    some = registered(backend, ("gpu",))
+    both = registered(backend, ("gpu", "repo-a", "x"))
+    assert [r.task_id for r in backend.claim(none, 4)] == [plain.task_id]
+    assert backend.claim(some, 4) == []
+    assert [r.task_id for r in backend.claim(both, 4)] == [gpu.task_id]
+
+
+def test_dependencies_are_resolved_when_a_task_ends(backend):
+    a = submit(backend, "a")
+    b = submit(backend, "b", depends_on=[a.task_id])
+    c = submit(backend, "c", depends_on=[b.task_id])
+    d = submit(backend, "d", depends_on=[a.task_id])
+    w = registered(backend)
+    (ra,) = backend.claim(w, 4)
+    assert ra.task_id == a.task_id
+    assert backend.read(b.task_id).status == TaskStatus.WAITING
+    backend.finish(ra.lease, TaskStatus.COMPLETED, result_text="A")
+    assert backend.read(b.task_id).status == TaskStatus.QUEUED  # at once, before any claim
+    assert backend.read(d.task_id).status == TaskStatus.QUEUED
+    got = {r.task_id: r for r in backend.claim(w, 4)}
+    assert set(got) == {b.task_id, d.task_id}
+    backend.finish(got[b.task_id].lease, TaskStatus.FAILED, error="no")
+    rc = backend.read(c.task_id)
+    assert rc.status == TaskStatus.SKIPPED and b.task_id in rc.error and "failed" in rc.error
+
+
+def test_a_lost_lease_fences_every_write_of_its_worker(backend):
+    t = submit(backend)
+    w1, w2 = registered(backend), registered(backend)
+    (r1,) = backend.claim(w1, 1)
+    backend.progress(r1.lease, progress=Progress(turns=1))
+    backend.event(r1.lease, "note", text="from w1")
+    expire(backend, w1)
+    requeued = backend.read(t.task_id)  # no tool used, attempts left: back in the queue
+    assert requeued.status == TaskStatus.QUEUED and requeued.lease is None
+    assert requeued.attempts[0].retried and "worker lost" in requeued.attempts[0].reason
+    (r2,) = backend.claim(w2, 1)
+    assert r2.epoch == r1.epoch + 1
+    before = backend.read(t.task_id)
+    for write in (
+        lambda: backend.progress(r1.lease, progress=Progress(turns=9)),
+        lambda: backend.event(r1.lease, "note", text="stale"),
+        lambda: backend.finish(r1.lease, TaskStatus.COMPLETED, result_text="stale result"),
+        lambda: backend.renew(r1.lease),
+    ):
+        with pytest.raises(LeaseLostError, match="no longer valid"):
+            write()
+    after = backend.read(t.task_id)
+    assert after == before and after.lease.worker == w2.worker_id
+    assert backend.read_output(t.task_id, "result", 0, 100) == (b"", 0)
+    events, _, _ = backend.read_events(t.task_id, 0, 100, 100_000)
+    assert "stale" not in str(events)
+    backend.renew(r2.lease)
+    done = backend.finish(r2.lease, TaskStatus.COMPLETED, result_text="fresh")
+    assert done.status == TaskStatus.COMPLETED and backend.read_output(t.task_id, "result", 0, 100)[0] == b"fresh"
+
+
+def test_lease_expiry_requeues_until_attempts_run_out(backend):
+    t = submit(backend, max_attempts=2)
+    w1, w2 = registered(backend), registered(backend)
+    backend.claim(w1, 1)
+    expire(backend, w1)
+    assert backend.read(t.task_id).status == TaskStatus.QUEUED
+    backend.claim(w2, 1)
+    expire(backend, w2)
+    r = backend.read(t.task_id)
+    assert r.status == TaskStatus.FAILED and "worker lost" in r.error and len(r.attempts) == 2
+
+
+def test_a_lost_attempt_that_used_a_tool_is_not_run_again(backend):
+    t = submit(backend)
+    dep = submit(backend, depends_on=[t.task_id])
+    w = registered(backend)
+    (r,) = backend.claim(w, 1)
+    backend.progress(r.lease, progress=Progress(turns=1, tool_calls=1))
+    expire(backend, w)
+    lost = backend.read(t.task_id)
+    assert lost.status == TaskStatus.FAILED and "worker lost" in lost.error and "used tools" in lost.error
+    assert backend.read(dep.task_id).status == TaskStatus.SKIPPED  # its dependents are skipped
+    assert backend.claim(registered(backend), 4) == []
+
+
+def test_cancel_while_queued_and_while_running(backend):
+    queued = submit(backend)
+    dependent = submit(backend, depends_on=[queued.task_id])
+    c = backend.request_cancel(queued.task_id)
+    assert c.status == TaskStatus.CANCELLED and c.cancel_requested
+    assert backend.read(dependent.task_id).status == TaskStatus.SKIPPED
+    running = submit(backend)
+    w = registered(backend)
+    assert [r.task_id for r in backend.claim(w, 4)] == [running.task_id]  # never the cancelled one
+    assert not backend.cancel_requested(running.task_id)
+    r = backend.request_cancel(running.task_id)
+    assert r.status == TaskStatus.RUNNING and r.cancel_requested and backend.cancel_requested(running.task_id)
+    (lease,) = [backend.read(running.task_id).lease]
+    done = backend.finish(lease, TaskStatus.CANCELLED, error="cancelled: stopped")
+    assert done.status == TaskStatus.CANCELLED
+    # cancelling a finished task changes nothing
+    assert backend.request_cancel(running.task_id) == backend.read(running.task_id)
+
+
+def test_a_running_task_whose_worker_does_not_stop_it_is_cancelled_by_force(backend):
+    t = submit(backend)
+    w = registered(backend)
+    (r,) = backend.claim(w, 1)
+    backend.request_cancel(t.task_id)
+    forced = backend.force_cancel(t.task_id, "cancelled by force")
+    assert forced.status == TaskStatus.CANCELLED and forced.error == "cancelled by force"
+    with pytest.raises(LeaseLostError):
+        backend.finish(r.lease, TaskStatus.COMPLETED)
+
+
+def test_read_list_events_output_and_delete(backend):
+    old = submit(backend, "old")
+    new = submit(backend, "new")
+    listed = list(backend.list_ids(include_finished=False))
+    assert set(listed) == {new.task_id, old.task_id} and listed == sorted(listed, reverse=True)  # newest first
+    w = registered(backend)
+    claimed = {r.task_id: r for r in backend.claim(w, 2)}
+    lease = claimed[old.task_id].lease
+    for i in range(30):
+        backend.event(lease, "tick", i=i)
+    text = "é" * 50_000
+    backend.finish(lease, TaskStatus.COMPLETED, result_text=text, result=text[:10], result_chars=len(text))
+    assert list(backend.list_ids(include_finished=False)) == [new.task_id]
+    assert set(backend.list_ids(include_finished=True)) == {new.task_id, old.task_id}
+    r = backend.read(old.task_id)
+    assert r.status == TaskStatus.COMPLETED and r.result_chars == 50_000 and r.finished_at is not None
+    events, nxt, more = backend.read_events(old.task_id, 0, 10, 100_000)
+    assert len(events) == 10 and more and [e["seq"] for e in events] == list(range(10))
+    rest, end, more = backend.read_events(old.task_id, nxt, 1000, 100_000)
+    assert not more and [e["kind"] for e in events + rest].count("tick") == 30 and rest[-1]["kind"] == "status"
+    data, total = backend.read_output(old.task_id, "result", 0, 1000)
+    assert total == 100_000 and len(data) == 1000
+    data, total = backend.read_output(old.task_id, "result", 99_000, 5000)
+    assert len(data) == 1000
+    assert backend.read_output(new.task_id, "transcript", 0, 10) == (b"", 0)
+    assert backend.request(old.task_id).options.prompt == "old"
+    backend.delete(old.task_id)
+    with pytest.raises(TaskNotFoundError):
+        backend.read(old.task_id)
+    assert list(backend.list_ids(include_finished=True)) == [new.task_id]
