@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cc_tasks import __version__  # noqa: E402
-from cc_tasks.models import TaskRecord, TaskStatus  # noqa: E402
+from cc_tasks.models import TaskOptions, TaskRecord, TaskRequest, TaskStatus  # noqa: E402
 from cc_tasks.store import TaskStore, new_task_id  # noqa: E402
 
 REAL_CLAUDE = ROOT / "tools" / "claude-cli" / "node_modules" / ".bin" / "claude"
@@ -398,7 +398,7 @@ class Bench:
                 exit_code=0,
                 is_error=False,
             )
-            store.create(r, {"prompt.txt": b"x"})
+            store.submit(r, TaskRequest(options=TaskOptions(prompt="x"), cwd=str(self.work), claude_bin=str(FAKE)))
             store.transition(r.task_id, TaskStatus.RUNNING)
             store.transition(r.task_id, TaskStatus.COMPLETED)
             last = r.task_id

@@ -118,3 +118,20 @@ def test_updates_from_many_threads_are_serialised(tmp_path):
         t.join(30)
     assert s.read(r.task_id).progress.turns == 100
     assert not [p for p in s.task_dir(r.task_id).iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_torn_record_is_a_clear_error_and_claims_pass_it_by(tmp_path):
+    from cc_tasks.errors import CorruptRecordError
+
+    from .backends import worker_info
+
+    s = TaskStore(tmp_path / "store")
+    torn, fine = _record(s), _record(s)
+    (s.task_dir(torn.task_id) / "record.json").write_bytes(b'{"task_id": "')
+    with pytest.raises(CorruptRecordError, match=f"task {torn.task_id}: its record .*record.json is unreadable"):
+        s.read(torn.task_id)
+    w = worker_info()
+    s.register(w)
+    assert [r.task_id for r in s.claim(w, 4)] == [fine.task_id]
+    s.delete(torn.task_id)
+    assert s.active_ids() == [fine.task_id]

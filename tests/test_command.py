@@ -1,0 +1,60 @@
+"""The claude command line and environment: pure functions."""
+
+from cc_tasks.command import STRIP_ENV, build_argv, build_env
+from cc_tasks.models import TaskOptions
+
+
+def test_argv_maps_every_option_and_keeps_values_out_of_flag_position():
+    opts = TaskOptions(
+        prompt="--dangerously-skip-permissions do evil",
+        model="-m",
+        fallback_model="haiku",
+        allowed_tools=["Bash(git *)", "Edit"],
+        disallowed_tools=["WebFetch"],
+        permission_mode="acceptEdits",
+        max_turns=3,
+        max_budget_usd=1.5,
+        system_prompt="--help",
+        append_system_prompt="be brief",
+        resume_session_id="abc-123",
+        add_dirs=["/tmp"],
+        mcp_config={"mcpServers": {}},
+    )
+    argv = build_argv(opts, "/bin/claude")
+    assert argv[:4] == ["/bin/claude", "-p", "--output-format=stream-json", "--verbose"]
+    assert argv[4:] == [
+        "--model=-m",
+        "--fallback-model=haiku",
+        "--allowedTools=Bash(git *)",
+        "--allowedTools=Edit",
+        "--disallowedTools=WebFetch",
+        "--permission-mode=acceptEdits",
+        "--max-turns=3",
+        "--max-budget-usd=1.5",
+        "--system-prompt=--help",
+        "--append-system-prompt=be brief",
+        "--resume=abc-123",
+        "--add-dir=/tmp",
+        '--mcp-config={"mcpServers": {}}',
+    ]
+    # the prompt never appears on the command line: it goes to stdin
+    assert not any("evil" in a for a in argv)
+    # every element after the binary is a flag in --name[=value] form
+    assert all(a.startswith("-") for a in argv[1:])
+
+
+def test_argv_minimal():
+    assert build_argv(TaskOptions(prompt="hi"), "claude") == [
+        "claude",
+        "-p",
+        "--output-format=stream-json",
+        "--verbose",
+    ]
+
+
+def test_env_strips_nesting_variables_and_bumps_depth():
+    base = {"PATH": "/bin", "ANTHROPIC_BASE_URL": "http://x", **{k: "1" for k in STRIP_ENV}}
+    env = build_env(base, TaskOptions(prompt="x", env={"FOO": "bar"}), depth=1, task_id="t", store_dir="/s")
+    assert env["PATH"] == "/bin" and env["ANTHROPIC_BASE_URL"] == "http://x" and env["FOO"] == "bar"
+    assert not set(STRIP_ENV) & set(env)
+    assert env["CC_TASKS_DEPTH"] == "2" and env["CC_TASKS_TASK_ID"] == "t" and env["CC_TASKS_DIR"] == "/s"

@@ -1,0 +1,68 @@
+"""The supervisor of one task, run directly against a store with the fake claude."""
+
+import threading
+
+from cc_tasks.models import TaskOptions, TaskRecord, TaskRequest
+from cc_tasks.states import TaskStatus
+from cc_tasks.store import TaskStore, new_task_id
+from cc_tasks.supervisor import Supervisor, dependency_preamble
+
+from .backends import expire, worker_info
+from .conftest import pid_alive
+from .test_manager import fake, wait_until
+
+
+def submit(store: TaskStore, claude: str, prompt: str, **fields) -> TaskRecord:
+    r = TaskRecord(task_id=new_task_id(), cwd="/tmp", timeout_seconds=60, max_attempts=3, **fields)
+    store.submit(r, TaskRequest(options=TaskOptions(prompt=prompt), cwd="/tmp", claude_bin=claude))
+    return r
+
+
+def test_a_supervisor_that_loses_its_lease_stops_claude_and_writes_nothing(tmp_path, fake_claude):
+    store = TaskStore(tmp_path / "store", max_concurrent=4, lease_seconds=5)
+    t = submit(store, fake_claude, fake({"sleep": 300, "no_tools": True}))
+    w1, w2 = worker_info(), worker_info()
+    store.register(w1)
+    store.register(w2)
+    (claimed,) = store.claim(w1, 1)
+    sup = Supervisor(store, claimed)
+    thread = threading.Thread(target=sup.run, daemon=True)
+    thread.start()
+    running = wait_until(lambda: (r := store.load(t.task_id)).claude and r)
+    expire(store, w1)  # w1 looks gone: its task is requeued and taken over by w2
+    assert store.read(t.task_id).status == TaskStatus.QUEUED
+    (taken,) = store.claim(w2, 1)
+    thread.join(20)  # its next write (a progress flush) is refused: it stops claude and gives up
+    assert not thread.is_alive()
+    assert not pid_alive(running.claude.pid)
+    after = store.load(t.task_id)
+    assert after.status == TaskStatus.RUNNING and after.lease == taken.lease and after.claude is None
+    assert not store.path(t.task_id, "result.txt").exists()
+
+
+def test_a_supervisor_runs_a_task_to_its_end(tmp_path, fake_claude):
+    store = TaskStore(tmp_path / "store")
+    t = submit(store, fake_claude, fake({"result": "fine"}))
+    w = worker_info()
+    store.register(w)
+    (claimed,) = store.claim(w, 1)
+    Supervisor(store, claimed).run()
+    done = store.load(t.task_id)
+    assert done.status == TaskStatus.COMPLETED and done.result == "fine" and done.exit_code == 0
+    assert store.read_output(t.task_id, "result", 0, 100) == (b"fine", 4)
+    assert done.progress.tool_calls == 1 and done.attempts[0].status == TaskStatus.COMPLETED
+
+
+def test_dependency_results_are_bounded_and_point_to_the_rest(tmp_path, fake_claude):
+    store = TaskStore(tmp_path / "store")
+    w = worker_info()
+    store.register(w)
+    deps = []
+    for text in ("short", "y" * 20_000):
+        r = submit(store, fake_claude, "p", name="dep")
+        (c,) = store.claim(w, 1)
+        store.finish(c.lease, TaskStatus.COMPLETED, result_text=text, result=text[:100])
+        deps.append(r.task_id)
+    pre = dependency_preamble(store, deps)
+    assert "short" in pre and pre.count("y") <= 8_000 + 10
+    assert f"get_task_output(task_id={deps[1]!r})" in pre and f"get_task_output(task_id={deps[0]!r})" not in pre
