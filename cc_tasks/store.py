@@ -523,12 +523,14 @@ class TaskStore:
     def register(self, info: WorkerInfo) -> None:
         atomic_write(self._worker_file(info.worker_id), info.model_dump_json().encode(), fsync=False)
 
-    def heartbeat(self, worker_id: str) -> None:
-        """Keep the worker's leases alive (one utime: no new file, no record write per task)."""
+    def heartbeat(self, worker_id: str) -> bool:
+        """Keep the worker's leases alive (one utime: no new file, no record write per task). False if the
+        worker is not registered (its file was removed): it registers again."""
         try:
             os.utime(self._worker_file(worker_id))
-        except FileNotFoundError:  # removed by hand or by cleanup: register again
-            pass
+            return True
+        except FileNotFoundError:
+            return False
 
     def unregister(self, worker_id: str) -> None:
         _unlink(self._worker_file(worker_id))

@@ -163,7 +163,8 @@ class Worker:
         now = time.monotonic()
         if now - self.last_beat >= HEARTBEAT:
             self.last_beat = now
-            self.backend.heartbeat(self.info.worker_id)
+            if not self.backend.heartbeat(self.info.worker_id):
+                self.backend.register(self.info)
             procs.reap_children()  # orphans adopted from tasks' trees
             self._look_for_cancels()
         if self.inbox is not None and self.inbox.fileno() in ready:
