@@ -21,8 +21,14 @@ from . import __version__
 
 CONNECT_TIMEOUT = 2.0
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
-#: A worker of another identity (version, checkout, interpreter) is replaced, not reused.
+#: Who a worker is. A worker of another cc-tasks version is replaced; workers of the same version from other
+#: checkouts or interpreters share the queue (workers pull: they coexist).
 IDENTITY = {"version": __version__, "package": PACKAGE_PARENT, "python": sys.executable}
+
+
+def same_version(hello: dict) -> bool:
+    identity = hello.get("identity")
+    return isinstance(identity, dict) and identity.get("version") == __version__
 
 
 def _recv_line(s: socket.socket) -> bytes:

@@ -16,7 +16,6 @@ from typing import Literal
 
 import anyio
 
-from . import procs
 from .command import STRIP_ENV
 from .config import Settings
 from .errors import (
@@ -425,9 +424,10 @@ class TaskManager:
         try:
             was: TaskStatus | None = self.get(task_id).status
         except CorruptRecordError:
-            was = None
-            procs.stop_tree(None, others=procs.task_processes(task_id))
-        if was is not None and not was.terminal:
+            self.store.purge(task_id)
+            log.info("cleaned up task %s (its record was unreadable)", task_id)
+            return CleanupResult(task_id=task_id, deleted=True, was_status=None)
+        if not was.terminal:
             self.cancel(task_id)
         self.store.delete(task_id)
         log.info("cleaned up task %s (was %s)", task_id, was.value if was else "unreadable")

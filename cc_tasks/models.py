@@ -7,7 +7,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .states import ACTIVE_STATUSES, DEP_FAILED, TRANSITIONS, TaskStatus, check_transition
 
@@ -209,6 +209,7 @@ class Lease(BaseModel):
     host: str = ""
     pid: int | None = None
     acquired_at: datetime = Field(default_factory=lambda: utcnow())
+    transcript_offset: int = Field(0, description="Size of the task's transcript when the lease was granted.")
 
     def same(self, other: Lease | None) -> bool:
         return other is not None and (self.task_id, self.worker, self.epoch) == (
@@ -237,6 +238,14 @@ class TaskRequest(BaseModel):
     cwd: str
     claude_bin: str
     env: dict[str, str] = Field(default_factory=dict, description="The submitter's environment (local store).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_0_2(cls, data: Any) -> Any:
+        """request.json of cc-tasks 0.2 had the claude argv instead of the binary."""
+        if isinstance(data, dict) and "claude_bin" not in data and data.get("argv"):
+            data = {**data, "claude_bin": data["argv"][0]}
+        return data
 
 
 class Progress(BaseModel):
@@ -287,6 +296,7 @@ class TaskRecord(BaseModel):
     labels: list[str] = Field(default_factory=list, description="Only a worker with all these labels may claim it.")
     epoch: int = Field(0, description="How many times a worker claimed the task; the fence of its lease.")
     lease: Lease | None = Field(None, description="The worker running the task, while it runs.")
+    supervisor: ProcRef | None = Field(None, description="Records of cc-tasks 0.2 only: the process supervising it.")
     claude: ProcRef | None = None
     metadata: dict[str, Any] | None = None
 

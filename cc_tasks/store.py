@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
 from filelock import FileLock, Timeout
 
 from . import control, procs
@@ -58,9 +59,10 @@ from .errors import (
     UnsafeStoreError,
     WorkerUnavailableError,
 )
-from .models import Attempt, Lease, Progress, TaskRecord, TaskRequest, WorkerInfo, utcnow
+from .models import Attempt, Lease, ProcRef, Progress, TaskRecord, TaskRequest, WorkerInfo, utcnow
 from .queue import QueueView, ready
 from .states import DEP_FAILED, TRANSITIONS, TaskStatus, check_transition
+from .stream import apply_event, split_lines
 
 log = logging.getLogger("cc_tasks")
 TASK_ID_RE = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9]{3}-[0-9a-f]{8}")
@@ -179,9 +181,11 @@ class TaskStore:
         self._view: QueueView | None = None
         self._workers: dict[str, WorkerInfo] = {}
         self._seen_alive: dict[str, float] = {}
-        self._known_worker: int | None = None  # inode of a worker socket found to be of this code's identity
+        #: the socket's inode and the process of a worker found to be of this code's version
+        self._known_worker: tuple[int, ProcRef] | None = None
         self._spawned: list[subprocess.Popen] = []
         self._spawn_lock = threading.Lock()
+        self._spawned_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"TaskStore({str(self.root)!r})"
@@ -497,22 +501,26 @@ class TaskStore:
         return (self.task_dir(task_id) / "cancel").exists()
 
     def force_cancel(self, task_id: str, error: str) -> TaskRecord:
-        """End a running task whose worker did not stop it in time: its claude tree is stopped here (this
-        host's), its lease is dropped (the worker's later writes are refused), and it ends cancelled."""
-        r = self.load(task_id)
-        if r.status.terminal:
-            return r
-        self._stop_claude(r)
-        r = self.update(
-            task_id,
-            lambda cur: (
-                None
-                if cur.status.terminal
-                else cur.model_copy(update={"status": TaskStatus.CANCELLED, "error": error, "lease": None})
-            ),
-        )
-        self.resolve_waiting()
+        """End a running task whose worker did not stop it in time: first its record (cancelled, lease dropped:
+        the worker's later writes are refused), then its processes on this host."""
+        doomed: list = []
+
+        def fn(cur: TaskRecord) -> TaskRecord | None:
+            if cur.status.terminal:
+                return None
+            doomed.append(self._doomed(cur))
+            return cur.model_copy(update={"status": TaskStatus.CANCELLED, "error": error, "lease": None})
+
+        r = self.update(validate_task_id(task_id), fn)
+        if doomed:
+            self._stop(doomed[0], wait=True)
+            self.resolve_waiting()
         return r
+
+    def purge(self, task_id: str) -> None:
+        """Delete a task whose record cannot be read, after stopping the processes that carry its id here."""
+        procs.stop_tree(None, others=procs.task_processes(validate_task_id(task_id)))
+        self.delete(task_id)
 
     # -- workers -------------------------------------------------------------
     def _worker_file(self, worker_id: str) -> Path:
@@ -522,18 +530,25 @@ class TaskStore:
 
     def register(self, info: WorkerInfo) -> None:
         atomic_write(self._worker_file(info.worker_id), info.model_dump_json().encode(), fsync=False)
+        self.heartbeat(info.worker_id)
 
     def heartbeat(self, worker_id: str) -> bool:
-        """Keep the worker's leases alive (one utime: no new file, no record write per task). False if the
-        worker is not registered (its file was removed): it registers again."""
-        try:
-            os.utime(self._worker_file(worker_id))
-            return True
-        except FileNotFoundError:
+        """Keep the worker's leases alive: this host's monotonic clock, written in place into its beat file
+        (no new file, no record write per task; a stepped wall clock or a suspend changes nothing). False if
+        the worker is not registered (its file was removed): it registers again."""
+        path = self._worker_file(worker_id)
+        if not path.exists():
             return False
+        fd = os.open(path.with_suffix(".beat"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, f"{time.monotonic():20.3f}".encode(), 0)
+        finally:
+            os.close(fd)
+        return True
 
     def unregister(self, worker_id: str) -> None:
         _unlink(self._worker_file(worker_id))
+        _unlink(self._worker_file(worker_id).with_suffix(".beat"))
 
     def worker_info(self, worker_id: str) -> WorkerInfo | None:
         info = self._workers.get(worker_id)
@@ -561,15 +576,11 @@ class TaskStore:
         if now - self._seen_alive.get(worker_id, -1e9) < max_age:
             return True
         info = self.worker_info(worker_id)
-        try:
-            beat = os.stat(self._worker_file(worker_id)).st_mtime
-        except (OSError, ValueError):
-            beat = None
         alive = (
             info is not None
-            and beat is not None
-            and time.time() - beat <= self.lease_seconds
-            and (info.host != HOST or procs.alive(info.proc))
+            and info.host == HOST  # (a local store is one host's: a worker elsewhere cannot be checked)
+            and self._beat_age(worker_id) <= self.lease_seconds
+            and procs.alive(info.proc)
         )
         if alive:
             if len(self._seen_alive) > 1000:
@@ -578,6 +589,14 @@ class TaskStore:
         else:
             self._seen_alive.pop(worker_id, None)
         return alive
+
+    def _beat_age(self, worker_id: str) -> float:
+        """Seconds since the worker's last heartbeat (on this host's monotonic clock); infinite if none."""
+        try:
+            with open(self._worker_file(worker_id).with_suffix(".beat"), "rb") as f:
+                return time.monotonic() - float(f.read(64))
+        except (OSError, ValueError):
+            return float("inf")
 
     def lease_alive(self, lease: Lease, max_age: float = 0.0) -> bool:
         """Whether the lease's worker lives (its heartbeat is fresh, and its pid, on this host); with ``max_age``,
@@ -590,33 +609,75 @@ class TaskStore:
         if r.status != TaskStatus.RUNNING or (r.lease is not None and self.lease_alive(r.lease, max_age)):
             return r
         if r.lease is None:
-            return self.worker_lost(r, "the task ran under no lease")
+            if r.supervisor is not None and procs.alive(r.supervisor):
+                return r  # a task of cc-tasks 0.2, still under its supervisor: left to it
+            return self.worker_lost(r, "its supervisor is gone (a task of an earlier cc-tasks version)")
         info = self.worker_info(r.lease.worker)
         who = f"worker {r.lease.worker} (pid {info.proc.pid} on {info.host})" if info else f"worker {r.lease.worker}"
         return self.worker_lost(r, f"{who} stopped renewing its lease (exited, killed, or hung)")
 
-    def _stop_claude(self, r: TaskRecord) -> None:
-        """Stop the task's claude tree where this host can see it."""
+    def _doomed(self, r: TaskRecord) -> tuple[psutil.Process | None, list[psutil.Process]]:
+        """The processes of ``r``'s run that this host can see: its claude, and every process carrying the task's
+        id in its environment (its tools, also those a lost worker had adopted). Taken before the task can be
+        claimed again, since a new attempt's processes carry the same id."""
         if r.lease is not None and r.lease.host not in ("", HOST):
-            return
-        if r.claude is not None:
-            procs.stop_tree(procs.process_of(r.claude), grace_int=1.0)
-        else:  # its pid was not recorded yet: find its processes by the task id in their environment
-            procs.stop_tree(None, others=procs.task_processes(r.task_id))
+            return None, []
+        root = procs.process_of(r.claude) if r.claude is not None else None
+        others = [p for p in procs.task_processes(r.task_id) if root is None or p.pid != root.pid]
+        return root, others
 
-    def worker_lost(self, r: TaskRecord, reason: str) -> TaskRecord:
-        """The one place for "the worker is gone": its claude tree is stopped (on this host), its slot freed,
-        and the task goes back to the queue as a new attempt when that attempt used no tool and attempts
-        remain; else it ends ``failed`` ("worker lost"), or ``cancelled`` if a cancel was asked for."""
+    @staticmethod
+    def _stop(doomed: tuple[psutil.Process | None, list[psutil.Process]], wait: bool) -> None:
+        """Stop what ``_doomed`` found; with ``wait=False`` in a thread of its own (a reader or a claim must not
+        wait seconds for a stubborn tree; not a daemon, so a short-lived CLI process still sees it through)."""
+        root, others = doomed
+        if root is None and not others:
+            return
+        if wait:
+            procs.stop_tree(root, others=others, grace_int=1.0)
+        else:
+            threading.Thread(
+                target=procs.stop_tree, args=(root,), kwargs={"others": others, "grace_int": 1.0}, name="stop-lost"
+            ).start()
+
+    def _acted(self, r: TaskRecord) -> bool:
+        """Whether the run under ``r``'s lease may have had effects: a tool call in the record, or a tool call or
+        a final result in its transcript since the lease was granted (the record's progress lags it by up to
+        a flush)."""
+        if r.progress.tool_calls:
+            return True
+        seen = Progress()
+        buf = b""
+        try:
+            with open(self.path(r.task_id, "stdout.jsonl"), "rb") as f:
+                f.seek(r.lease.transcript_offset if r.lease else 0)
+                while chunk := f.read(1 << 20):
+                    events, buf = split_lines(buf + chunk)
+                    for ev in events:
+                        apply_event(seen, ev)
+                        if seen.tool_calls or ev.get("type") == "result":
+                            return True
+        except FileNotFoundError:
+            pass
+        return False
+
+    def worker_lost(self, r: TaskRecord, reason: str, *, wait: bool = False) -> TaskRecord:
+        """The one place for "the worker is gone". First the record (under the task's lock): the lease is
+        dropped, so the lost worker's writes are refused from here on, and the task goes back to the queue as
+        a new attempt when its run had no effect (no tool call, no result) and attempts remain; else it ends
+        ``failed`` ("worker lost"), or ``cancelled`` if a cancel was asked for. Then its processes (on this
+        host) are stopped, as found before the task could be claimed again."""
         lease = r.lease
-        self._stop_claude(r)
+        doomed: list = []
 
         def fn(cur: TaskRecord) -> TaskRecord | None:
             if cur.status != TaskStatus.RUNNING or (lease is not None and not lease.same(cur.lease)):
                 return None  # someone else dealt with it
+            doomed.append(self._doomed(cur))
             now = utcnow()
             n = len(cur.attempts) + 1
-            requeue = not cur.cancel_requested and cur.progress.tool_calls == 0 and n < cur.max_attempts
+            acted = self._acted(cur)
+            requeue = not cur.cancel_requested and not acted and n < cur.max_attempts
             attempt = Attempt(
                 attempt=n,
                 started_at=cur.started_at or now,
@@ -625,27 +686,29 @@ class TaskStore:
                 reason=f"worker lost: {reason}",
                 retried=requeue,
             )
-            fields: dict = {"attempts": [*cur.attempts, attempt], "lease": None if requeue else cur.lease}
+            fields: dict = {"attempts": [*cur.attempts, attempt], "lease": None, "claude": None}
             if cur.cancel_requested:
                 fields.update(status=TaskStatus.CANCELLED, error=f"cancelled; worker lost: {reason}")
             elif requeue:
-                fields.update(status=TaskStatus.QUEUED, started_at=None, claude=None, progress=Progress())
+                fields.update(status=TaskStatus.QUEUED, started_at=None, progress=Progress())
             else:
-                used = "it had used tools, so it is not run again" if cur.progress.tool_calls else "no attempts left"
+                why = "its run had used tools or ended, so it is not run again" if acted else "no attempts left"
                 fields.update(
-                    status=TaskStatus.FAILED,
-                    error=f"worker lost: {reason}; its claude process tree was stopped ({used})",
+                    status=TaskStatus.FAILED, error=f"worker lost: {reason}; its process tree was stopped ({why})"
                 )
             return cur.model_copy(update=fields)
 
         try:
             new = self.update(r.task_id, fn)
-        except TaskNotFoundError:
+        except (TaskNotFoundError, CorruptRecordError):
             return r
+        if not doomed:
+            return new
         if new.status == TaskStatus.QUEUED:
             _unlink(self.task_dir(r.task_id) / "cancel")
             self.append_event(r.task_id, "requeued", reason=reason, attempt=len(new.attempts) + 1)
-        elif new.status.terminal:
+        self._stop(doomed[0], wait)
+        if new.status.terminal:
             self.resolve_waiting()
         return new
 
@@ -726,7 +789,18 @@ class TaskStore:
             if not ready(r):
                 return None
             epoch = r.epoch + 1
-            lease = Lease(task_id=task_id, worker=worker.worker_id, epoch=epoch, host=worker.host, pid=worker.proc.pid)
+            try:
+                offset = os.stat(self.path(task_id, "stdout.jsonl")).st_size
+            except FileNotFoundError:
+                offset = 0
+            lease = Lease(
+                task_id=task_id,
+                worker=worker.worker_id,
+                epoch=epoch,
+                host=worker.host,
+                pid=worker.proc.pid,
+                transcript_offset=offset,
+            )
             taken.append(
                 r.model_copy(
                     update={"status": TaskStatus.RUNNING, "started_at": utcnow(), "epoch": epoch, "lease": lease}
@@ -811,10 +885,11 @@ class TaskStore:
             raise LeaseLostError(self._lost_message(lease, r) if r else f"task {lease.task_id} is gone")
 
     def event(self, lease: Lease, kind: str, **data) -> None:
-        """Append to the task's event log, if ``lease`` still holds it."""
+        """Append to the task's event log, if ``lease`` still holds it. Each line carries the lease's epoch (a
+        check without the task's lock: a line may slip in as a lease is lost; its epoch tells it apart)."""
         if not self.holds(lease):
             raise LeaseLostError(f"task {lease.task_id}: the lease of worker {lease.worker} is no longer valid")
-        self.append_event(lease.task_id, kind, **data)
+        self.append_event(lease.task_id, kind, epoch=lease.epoch, **data)
 
     def progress(self, lease: Lease, **fields) -> TaskRecord:
         """Record live progress (and claude's pid, the session id) under ``lease``."""
@@ -839,11 +914,19 @@ class TaskStore:
         return self.root / "worker.sock"
 
     def worker_known(self) -> bool:
-        """True if this process already found a worker of its own identity behind the store's socket."""
+        """True if this process already found a worker of its own version behind the store's socket, and that
+        worker still lives (a dying one may still take a connection, and the nudge would be lost)."""
+        known = self._known_worker
         try:
-            return self._known_worker == os.stat(self.socket_path).st_ino
+            return known is not None and known[0] == os.stat(self.socket_path).st_ino and procs.alive(known[1])
         except OSError:
             return False
+
+    def _remember_worker(self, hello: dict) -> None:
+        try:
+            self._known_worker = (os.stat(self.socket_path).st_ino, procs.ref_of(int(hello["pid"])))
+        except (OSError, KeyError, ValueError, psutil.Error):
+            self._known_worker = None
 
     def nudge(self) -> None:
         """Have the store's worker look at the queue now; start one if none of this code's identity listens.
@@ -868,11 +951,13 @@ class TaskStore:
                 ) from None
 
     def _ensure_worker_locked(self) -> None:
+        control.send(self.root / "launcher.sock", {"op": "quit"})  # cc-tasks 0.2's launcher: drain and go
         try:
             hello = control.request(self.socket_path, {"op": "hello"})
-            if hello.get("identity") == control.IDENTITY:
-                self._known_worker = os.stat(self.socket_path).st_ino
-                return
+            if control.same_version(hello):
+                self._remember_worker(hello)
+                if self._known_worker is not None:
+                    return
             control.request(self.socket_path, {"op": "quit"})  # another version of cc-tasks: replace it
         except (OSError, ValueError):
             pass
@@ -890,14 +975,16 @@ class TaskStore:
                 )  # fmt: skip
         except OSError as e:
             raise WorkerUnavailableError(f"could not start the store's worker ({' '.join(argv)}): {e}") from None
-        self._spawned.append(p)
+        with self._spawned_lock:
+            self._spawned.append(p)
         deadline = time.monotonic() + WORKER_START_WAIT
         while time.monotonic() < deadline:
             if p.poll() is not None:
                 break
             try:
-                if control.request(self.socket_path, {"op": "hello"}).get("identity") == control.IDENTITY:
-                    self._known_worker = os.stat(self.socket_path).st_ino
+                hello = control.request(self.socket_path, {"op": "hello"})
+                if control.same_version(hello):
+                    self._remember_worker(hello)
                     return
                 break
             except (OSError, ValueError):
@@ -927,5 +1014,10 @@ class TaskStore:
             if wait > 0:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(max(0.0, deadline - time.monotonic()))
-        # (one assignment: a SIGCHLD handler may run this in the middle of another call)
-        self._spawned = [p for p in self._spawned if p.poll() is None]
+        # a SIGCHLD handler may run this in the middle of another call: never wait for the lock, the next
+        # call collects what this one skips
+        if self._spawned_lock.acquire(blocking=False):
+            try:
+                self._spawned = [p for p in self._spawned if p.poll() is None]
+            finally:
+                self._spawned_lock.release()

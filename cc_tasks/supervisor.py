@@ -27,6 +27,7 @@ from .command import build_argv, build_env
 from .errors import CCTasksError, LeaseLostError
 from .models import RESULT_PREVIEW_CHARS, Attempt, Progress, TaskRecord, utcnow
 from .states import TaskStatus
+from .store import atomic_write
 from .stream import Outcome, apply_event, is_transient, outcome, split_lines
 
 log = logging.getLogger("cc_tasks")
@@ -152,8 +153,9 @@ class Supervisor:
         prompt = opts.prompt
         if opts.include_dependency_results and record.depends_on:
             prompt = dependency_preamble(self.backend, record.depends_on) + prompt
-        stdin_path = self.dir / "prompt.txt"  # claude's standard input; only this supervisor reads it
-        stdin_path.write_bytes(prompt.encode("utf-8", "surrogatepass"))
+        stdin_path = self.dir / "prompt.txt"  # claude's standard input (replaced whole: a claude of a lost
+        # lease that still reads the old one is not cut short)
+        atomic_write(stdin_path, prompt.encode("utf-8", "surrogatepass"), fsync=False)
         deadline = time.monotonic() + record.timeout_seconds
         attempts: list[Attempt] = list(record.attempts)  # (earlier attempts: a lost worker's)
         while True:
@@ -181,7 +183,8 @@ class Supervisor:
                     attempt.retried = True
                     attempts.append(attempt)
                     self.backend.event(self.lease, "retry", attempt=n, delay=delay, reason=out.error)
-                    self.backend.progress(self.lease, attempts=list(attempts))
+                    self.backend.progress(self.lease, attempts=list(attempts), claude=None)
+                    self.claude_ref = None
                     until = time.monotonic() + delay
                     while time.monotonic() < until and not self.cancelled():
                         self._sleep(until - time.monotonic())
@@ -204,6 +207,7 @@ class Supervisor:
         self.result_event, self._buf = None, b""
         out_path = self.dir / "stdout.jsonl"
         start_offset = out_path.stat().st_size if out_path.exists() else 0  # earlier attempts stay in front
+        self.backend.renew(self.lease)  # (never start claude under a lease that is gone)
         try:
             with (
                 open(stdin_path, "rb") as stdin,

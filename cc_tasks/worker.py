@@ -71,7 +71,8 @@ class Worker:
         self.idle_exit = idle_exit
         self.listen = listen
         self.cancel_on_term = cancel_on_term
-        self.supervising: dict[str, Supervisor] = {}
+        self.supervising: dict[tuple[str, int], Supervisor] = {}  # (task id, epoch): a lost lease's thread may
+        # still be ending when the same task is claimed again
         self._lock = threading.Lock()
         self.draining = False  # take no more work; exit once the running tasks have ended
         self.cancel_all = False  # ... and cancel them first
@@ -81,6 +82,17 @@ class Worker:
         self.last_activity = time.monotonic()
         self.inbox: control.Inbox | None = None
         self._wake_r = self._wake_w = -1
+        self._stopped = threading.Event()
+
+    def _beat(self) -> None:
+        """The heartbeat, in a thread of its own: nothing the loop waits for (a claim behind another worker's,
+        a slow client) may let the worker's leases lapse."""
+        while not self._stopped.wait(HEARTBEAT):
+            try:
+                if not self.backend.heartbeat(self.info.worker_id):
+                    self.backend.register(self.info)
+            except Exception:
+                traceback.print_exc()
 
     # -- lifecycle -----------------------------------------------------------
     def stop(self, cancel: bool = False) -> None:
@@ -110,6 +122,8 @@ class Worker:
                 signal.signal(sig, self._on_signal)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.backend.register(self.info)
+        beating = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        beating.start()
         if self.listen:
             self._bind()
         log.info("worker %s started: %d slots, labels %s", self.info.worker_id, self.slots, self.info.labels)
@@ -124,8 +138,10 @@ class Worker:
                         self.stop(cancel=True)  # the store was deleted: nothing is left to serve
                     time.sleep(0.1)
         finally:
+            self._stopped.set()
             if self.inbox is not None:
                 self.inbox.close()
+            beating.join(5)
             self.backend.unregister(self.info.worker_id)
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
@@ -163,8 +179,6 @@ class Worker:
         now = time.monotonic()
         if now - self.last_beat >= HEARTBEAT:
             self.last_beat = now
-            if not self.backend.heartbeat(self.info.worker_id):
-                self.backend.register(self.info)
             procs.reap_children()  # orphans adopted from tasks' trees
             self._look_for_cancels()
         if self.inbox is not None and self.inbox.fileno() in ready:
@@ -188,12 +202,23 @@ class Worker:
             self.nudged = False  # a task's end sets it again
         if self.supervising:
             self.last_activity = now
-        return (
-            self.idle_exit is not None
-            and not self.supervising
-            and now - self.last_activity > self.idle_exit
-            and not self.backend.has_active()
-        )
+        if self.idle_exit is None or self.supervising or now - self.last_activity <= self.idle_exit:
+            return False
+        return self._leave()
+
+    def _leave(self) -> bool:
+        """Idle for long enough: stop listening, then look at the queue once more (a nudge that came as the
+        socket closed is not lost); exit unless that found work."""
+        if self.inbox is not None:
+            self.inbox.close()
+            self.inbox = None
+        self.claim(self.slots, fresh=True)
+        if not self.supervising:
+            return True
+        self.last_activity = time.monotonic()
+        if self.listen:
+            self._bind()
+        return False
 
     def handle(self, msg: dict) -> dict:
         op = msg.get("op")
@@ -217,7 +242,7 @@ class Worker:
 
     def _look_for_cancels(self) -> None:
         with self._lock:
-            for task_id, sup in self.supervising.items():
+            for (task_id, _), sup in self.supervising.items():
                 if self.backend.cancel_requested(task_id):
                     sup.request_stop()
 
@@ -235,14 +260,15 @@ class Worker:
 
     def supervise(self, rec: TaskRecord) -> None:
         sup = None
+        key = (rec.task_id, rec.epoch)
         try:
             sup = Supervisor(self.backend, rec)
             with self._lock:
-                self.supervising[rec.task_id] = sup
-            threading.Thread(target=self._run, args=(sup,), name=f"task-{rec.task_id}", daemon=True).start()
+                self.supervising[key] = sup
+            threading.Thread(target=self._run, args=(sup, key), name=f"task-{rec.task_id}", daemon=True).start()
         except Exception as e:
             with self._lock:
-                self.supervising.pop(rec.task_id, None)
+                self.supervising.pop(key, None)
             if sup is not None:
                 sup.close()
             if rec.lease is not None:
@@ -251,13 +277,10 @@ class Worker:
                 except CCTasksError:
                     pass
 
-    def _run(self, sup: Supervisor) -> None:
+    def _run(self, sup: Supervisor, key: tuple[str, int]) -> None:
         try:
             sup.run()
         finally:
-            with self._lock:
-                self.supervising.pop(sup.task_id, None)
-                sup.close()
             try:  # a supervisor always ends its task; if it could not, do it here
                 if self.backend.holds(sup.lease):
                     self.backend.finish(
@@ -267,6 +290,9 @@ class Worker:
                     )
             except CCTasksError:
                 pass
+            with self._lock:  # (after the final record: a draining worker exits once this is empty)
+                self.supervising.pop(key, None)
+                sup.close()
             self.last_activity = time.monotonic()
             self.nudged = True  # its slot is free
             self.wake()

@@ -34,9 +34,8 @@ def worker_info(labels: tuple[str, ...] = (), slots: int = 4) -> WorkerInfo:
 def expire(backend, worker: WorkerInfo) -> None:
     """Make ``worker`` look gone (its heartbeat stopped long ago), as a SIGKILL, a reboot or a hang would."""
     if backend.kind == "local":
-        path = backend.workers_dir / f"{worker.worker_id}.json"
-        past = time.time() - 10 * backend.lease_seconds
-        os.utime(path, (past, past))
+        beat = backend.workers_dir / f"{worker.worker_id}.beat"
+        beat.write_text(f"{time.monotonic() - 10 * backend.lease_seconds:20.3f}")
         backend._seen_alive.clear()
         return
     raise ValueError(backend.kind)

@@ -135,3 +135,25 @@ def test_a_torn_record_is_a_clear_error_and_claims_pass_it_by(tmp_path):
     assert [r.task_id for r in s.claim(w, 4)] == [fine.task_id]
     s.delete(torn.task_id)
     assert s.active_ids() == [fine.task_id]
+
+
+def test_a_lost_run_whose_transcript_shows_a_tool_call_is_not_run_again(tmp_path):
+    """The record's progress lags claude's transcript by up to a flush: the transcript decides."""
+    from .backends import expire, worker_info
+
+    s = TaskStore(tmp_path / "store", lease_seconds=5)
+    r = TaskRecord(task_id=new_task_id(), cwd="/", timeout_seconds=10, max_attempts=3)
+    s.submit(r, TaskRequest(options=TaskOptions(prompt="hi"), cwd="/", claude_bin="/bin/true"))
+    (s.task_dir(r.task_id) / "stdout.jsonl").write_text('{"type": "system", "subtype": "init"}\n')
+    w = worker_info()
+    s.register(w)
+    (claimed,) = s.claim(w, 1)
+    assert claimed.lease.transcript_offset > 0  # an earlier run's lines do not count
+    with open(s.task_dir(r.task_id) / "stdout.jsonl", "a") as f:
+        f.write('{"type": "assistant", "message": {"content": [{"type": "tool_use", "name": "Bash"}]}}\n')
+    assert s.load(r.task_id).progress.tool_calls == 0
+    expire(s, w)
+    lost = s.read(r.task_id)
+    assert lost.status == TaskStatus.FAILED and "used tools or ended" in lost.error and lost.lease is None
+    events = (s.task_dir(r.task_id) / "events.jsonl").read_text()
+    assert "requeued" not in events
