@@ -153,7 +153,7 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
             mgr.pump_soon = None
             pumper.cancel()
 
-    mcp = FastMCP("cc-tasks", instructions=INSTRUCTIONS, lifespan=lifespan)
+    mcp = FastMCP("cc-tasks", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
     mcp.manager = mgr  # type: ignore[attr-defined]
 
     @with_task_options
