@@ -37,3 +37,7 @@ class DepthLimitError(CCTasksError):
 
 class InvalidTransitionError(CCTasksError):
     """A status change that the task lifecycle does not allow."""
+
+
+class ReplyTooLargeError(CCTasksError):
+    """A tool reply that cannot be made to fit the reply bound (replies.py)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import logging.handlers
@@ -23,21 +24,22 @@ from .command import STRIP_ENV, build_argv
 from .config import Settings
 from .errors import CCTasksError, DepthLimitError, InvalidOptionsError, TaskNotFoundError
 from .models import (
-    REPLY_TEXT_BUDGET,
+    OUTPUT_PAGE_BYTES,
+    OUTPUT_PAGE_DEFAULT,
     BatchItem,
     BatchResult,
     BatchStarted,
     CleanupResult,
     EventPage,
+    Listing,
     OutputPage,
-    TaskList,
     TaskOptions,
     TaskRecord,
     TaskStatus,
-    TaskSummary,
-    WaitResult,
+    Waited,
 )
-from .store import TaskStore, new_task_id, validate_task_id
+from .replies import EVENT_PAGE_CHARS, OUTPUT_PAGE_CHARS, fit_page, json_len, squeeze
+from .store import TASK_ID_RE, TaskStore, new_task_id, validate_task_id
 
 log = logging.getLogger("cc_tasks")
 ProgressFn = Callable[[float, str], Awaitable[None]]
@@ -316,13 +318,27 @@ class TaskManager:
         supervisor seen alive in the last 0.2 s (polling many tasks of one launcher) not looked at again."""
         return self.reconcile(self.store.read_cached(validate_task_id(task_id), copy=copy), alive_max_age=0.2)
 
-    def list(self, include_finished: bool = False, limit: int = 50, status: TaskStatus | None = None) -> TaskList:
+    def list(
+        self,
+        include_finished: bool = False,
+        limit: int = 50,
+        status: TaskStatus | None = None,
+        cursor: str | None = None,
+    ) -> Listing:
+        """Tasks newest first (ids sort by creation time); with ``cursor`` (a task id: the last one of the
+        previous page), only those older than it."""
         limit = max(1, min(int(limit), 500))
+        if cursor is not None and not TASK_ID_RE.fullmatch(cursor):
+            raise InvalidOptionsError(
+                f"cursor {cursor[:80]!r} is not one list_active_tasks returned: pass its next_cursor, or no cursor"
+            )
         records: list[TaskRecord] = []
         more = False
         ids = (
             self.store.all_ids() if include_finished or (status and status.terminal) else iter(self.store.active_ids())
         )
+        if cursor is not None:
+            ids = itertools.dropwhile(lambda t: t >= cursor, ids)
         for task_id in ids:
             try:
                 r = self.reconcile(self.store.read(task_id))
@@ -336,8 +352,7 @@ class TaskManager:
                 more = True
                 break
             records.append(r)
-        records.sort(key=lambda r: r.created_at, reverse=True)
-        return TaskList(tasks=[TaskSummary.of(r) for r in records], count=len(records), more=more)
+        return Listing(tasks=records, more=more)
 
     def events(self, task_id: str, since: int = 0, limit: int = 200) -> EventPage:
         """The task's event log from position ``since`` (a cursor: pass ``next`` of the previous page)."""
@@ -354,7 +369,7 @@ class TaskManager:
                 for i, line in enumerate(f):
                     if i < since:
                         continue
-                    if len(events) >= limit or size + len(line) > REPLY_TEXT_BUDGET:
+                    if len(events) >= limit:
                         more = True
                         break
                     try:
@@ -362,8 +377,15 @@ class TaskManager:
                     except ValueError:
                         ev = {"kind": "unreadable"}
                     ev["seq"] = i
+                    cost = json_len(ev) + 2  # (as the reply's JSON has it)
+                    if events and size + cost > EVENT_PAGE_CHARS:
+                        more = True
+                        break
+                    if cost > EVENT_PAGE_CHARS:  # one huge event: its strings cut, so that the page moves on
+                        ev = squeeze(ev, 500)
+                        cost = json_len(ev) + 2
                     events.append(ev)
-                    size += len(line)
+                    size += cost
                     n = i + 1
         except FileNotFoundError:
             pass
@@ -373,15 +395,17 @@ class TaskManager:
         self,
         task_id: str,
         offset: int = 0,
-        limit: int = REPLY_TEXT_BUDGET,
+        limit: int = OUTPUT_PAGE_DEFAULT,
         source: Literal["result", "transcript", "stderr"] = "result",
     ) -> OutputPage:
+        """At most ``limit`` bytes from byte ``offset``, never splitting a UTF-8 character, and fewer when the
+        page's text would not fit in a reply twice (JSON-escaped and as plain text)."""
         record = self.get(task_id)
         if offset < 0:
             raise InvalidOptionsError(
                 "offset must be 0 or more (a byte offset; use next_offset from the previous page)"
             )
-        limit = max(1, min(int(limit), REPLY_TEXT_BUDGET))
+        limit = max(1, min(int(limit), OUTPUT_PAGE_BYTES))
         name = {"result": "result.txt", "transcript": "stdout.jsonl", "stderr": "stderr.log"}[source]
         path = self.store.path(task_id, name)
         try:
@@ -392,14 +416,15 @@ class TaskManager:
         except FileNotFoundError:
             total, data = 0, b""
         start = min(offset, total)
+        fit = fit_page(data, OUTPUT_PAGE_CHARS)
         # cut at a UTF-8 character boundary so that no page splits a character
-        if start + len(data) < total:
-            cut = len(data)
+        if start + fit < total:
+            cut = fit
             while cut > 0 and (data[cut - 1] & 0xC0) == 0x80:
                 cut -= 1
             if cut > 0 and data[cut - 1] >= 0xC0:
                 cut -= 1
-            data = data[:cut] or data
+            data = data[:cut] or data[:fit]
         end = start + len(data)
         return OutputPage(
             task_id=task_id,
@@ -478,7 +503,7 @@ class TaskManager:
         mode: Literal["all", "any"] = "all",
         timeout: float = 300.0,
         progress: ProgressFn | None = None,
-    ) -> WaitResult:
+    ) -> Waited:
         if not task_ids:
             raise InvalidOptionsError("task_ids is empty: give at least one task id")
         ids = list(dict.fromkeys(validate_task_id(t) for t in task_ids))
@@ -502,13 +527,12 @@ class TaskManager:
             done = len(finished) == len(ids) if mode == "all" else bool(finished)
             now = time.monotonic()
             if done or now >= deadline:
-                budget = max(500, REPLY_TEXT_BUDGET // max(1, len(records)) - 500)
-                return WaitResult(
+                return Waited(
                     done=done,
                     timed_out=not done,
                     finished=finished,
                     pending=[t for t in ids if t not in finished],
-                    tasks=[r.bounded(budget) for r in records],
+                    tasks=records,
                 )
             if progress is not None and now >= next_progress:
                 next_progress = now + PROGRESS_EVERY

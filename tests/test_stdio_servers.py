@@ -63,8 +63,8 @@ async def test_task_survives_a_sigkilled_server(cc_env, workdir):
             pass
     async with server("b") as second:
         res = data(await second.call_tool("wait_for_tasks", {"task_ids": [started["task_id"]], "timeout_seconds": 60}))
-    task = res["tasks"][0]
-    assert res["done"] and task["status"] == "completed", task
+        task = data(await second.call_tool("check_task_status", {"task_id": started["task_id"]}))
+    assert res["done"] and res["tasks"][0]["status"] == "completed", res
     assert task["exit_code"] == 0 and task["result"] == "result: survived"
 
 
