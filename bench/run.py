@@ -32,6 +32,8 @@ from fastmcp.client.transports import StdioTransport
 from rich.console import Console
 from rich.table import Table
 
+from cc_tasks.models import MAX_BATCH
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -352,7 +354,11 @@ class Bench:
         try:
             raw.call("execute_cc_task", {"prompt": "sleep=0\n", "cwd": str(self.work)})  # warm worker
             t0 = time.perf_counter()
-            ids = [t["task_id"] for t in raw.call("start_cc_tasks_batch", {"tasks": tasks})["tasks"]]
+            ids = [
+                t["task_id"]
+                for i in range(0, n, MAX_BATCH)
+                for t in raw.call("start_cc_tasks_batch", {"tasks": tasks[i : i + MAX_BATCH]})["tasks"]
+            ]
             for i in range(0, n, 200):
                 res = raw.call("wait_for_tasks", {"task_ids": ids[i : i + 200], "timeout_seconds": 900})
                 assert res["done"] and all(t["status"] == "completed" for t in res["tasks"])
@@ -362,8 +368,10 @@ class Bench:
         async with self.server(self.env(FAKE, cap=8)) as (c, _):  # the same through the fastmcp client
             await c.call_tool("execute_cc_task", {"prompt": "sleep=0\n", "cwd": str(self.work)})
             t0 = time.perf_counter()
-            batch = (await c.call_tool("start_cc_tasks_batch", {"tasks": tasks})).structured_content
-            ids = [t["task_id"] for t in batch["tasks"]]
+            ids = []
+            for i in range(0, n, MAX_BATCH):
+                batch = await c.call_tool("start_cc_tasks_batch", {"tasks": tasks[i : i + MAX_BATCH]})
+                ids += [t["task_id"] for t in batch.structured_content["tasks"]]
             for i in range(0, n, 200):
                 res = (
                     await c.call_tool(

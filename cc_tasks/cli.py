@@ -125,10 +125,12 @@ def serve(ctx, transport, host, port, path, token):
 @click.pass_context
 def list_cmd(ctx, show_all, status, limit, as_json):
     """List tasks: id, name, status, elapsed, turns, cost, cwd."""
-    from .models import TaskStatus
+    from .models import TaskStatus, TaskTable
 
-    listing = _manager(ctx).list(
-        include_finished=show_all or bool(status), limit=limit, status=TaskStatus(status) if status else None
+    listing = TaskTable.of(
+        _manager(ctx).list(
+            include_finished=show_all or bool(status), limit=limit, status=TaskStatus(status) if status else None
+        )
     )
     if as_json:
         click.echo(listing.model_dump_json(indent=2))
@@ -362,7 +364,7 @@ def cleanup(ctx, task_id, older_than, status):
     if wanted is not None and not wanted.terminal:
         raise click.UsageError(f"--status {status}: only finished tasks are cleaned up by age")
     deleted = 0
-    for tid in list(mgr.store.all_ids()):
+    for tid in list(mgr.store.list_ids(include_finished=True)):
         try:
             r = mgr.store.read(tid)
         except CCTasksError:

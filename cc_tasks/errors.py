@@ -49,3 +49,7 @@ class LeaseLostError(CCTasksError):
 
 class WorkerUnavailableError(CCTasksError):
     """No worker could be started or reached for the store."""
+
+
+class ReplyTooLargeError(CCTasksError):
+    """A tool reply that cannot be made to fit the reply bound (replies.py)."""

@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from .errors import CCTasksError, ConfigError, TaskNotFoundError
 from .manager import TaskManager
+from .models import TaskTable
 from .server import create_server
 
 log = logging.getLogger("cc_tasks")
@@ -127,7 +128,7 @@ def create_http_app(manager: TaskManager, token: str | None, path: str = "/mcp")
         except CCTasksError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         listing = await anyio.to_thread.run_sync(functools.partial(manager.list, include_finished=True, limit=limit))
-        return JSONResponse(json.loads(listing.model_dump_json()))
+        return JSONResponse(json.loads(TaskTable.of(listing).model_dump_json()))
 
     def _task_route(fn):
         async def route(request: Request) -> Response:

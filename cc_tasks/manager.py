@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
+import itertools
 import logging
 import logging.handlers
 import os
@@ -16,6 +16,8 @@ from typing import Literal
 
 import anyio
 
+from . import __version__
+from .backend import Backend
 from .command import STRIP_ENV
 from .config import Settings
 from .errors import (
@@ -27,22 +29,25 @@ from .errors import (
     WorkerUnavailableError,
 )
 from .models import (
-    REPLY_TEXT_BUDGET,
+    OUTPUT_PAGE_BYTES,
+    OUTPUT_PAGE_DEFAULT,
     BatchItem,
     BatchResult,
     BatchStarted,
     CleanupResult,
     EventPage,
+    Listing,
     OutputPage,
-    TaskList,
+    ServerInfo,
     TaskOptions,
     TaskRecord,
     TaskRequest,
     TaskStatus,
-    TaskSummary,
-    WaitResult,
+    Waited,
+    WorkerBrief,
 )
-from .store import TaskStore, new_task_id, validate_task_id
+from .replies import EVENT_PAGE_CHARS, OUTPUT_PAGE_CHARS, fit_page, json_len, squeeze
+from .store import TASK_ID_RE, TaskStore, new_task_id, validate_task_id
 from .transcript import Entry, parse_entries
 
 log = logging.getLogger("cc_tasks")
@@ -99,7 +104,7 @@ class TaskManager:
 
     def __init__(self, settings: Settings | None = None, env: Mapping[str, str] | None = None):
         self.settings = settings or Settings.from_env()
-        self.store = TaskStore(
+        self.store: Backend = TaskStore(
             self.settings.store_dir,
             max_concurrent=self.settings.max_concurrent,
             lease_seconds=self.settings.lease_seconds,
@@ -274,8 +279,35 @@ class TaskManager:
         """The task's record (a lost worker's task is requeued or failed first); a queued task learns its place."""
         record = self.store.read(validate_task_id(task_id))
         if record.status == TaskStatus.QUEUED:
-            record = record.model_copy(update={"queue_position": self.store.queue_position(task_id)})
+            record = record.model_copy(
+                update={"queue_position": self.store.queue_position(task_id), "queue_note": self._queue_note(record)}
+            )
         return record
+
+    def _queue_note(self, r: TaskRecord) -> str | None:
+        """A queued task with labels that no live worker has says so (the store's own worker has none)."""
+        if not r.labels or any(set(r.labels) <= set(w.labels) for w in self.store.workers()):
+            return None
+        flags = " ".join(f"--label {label}" for label in r.labels)
+        return f"no running worker has all of its labels {r.labels}: start one with `cc-tasks worker {flags}`"
+
+    def server_info(self) -> ServerInfo:
+        s = self.settings
+        workers = [
+            WorkerBrief(worker_id=w.worker_id, host=w.host, pid=w.proc.pid, slots=w.slots, labels=w.labels)
+            for w in self.store.workers()[:20]
+        ]
+        return ServerInfo(
+            version=__version__,
+            pid=os.getpid(),
+            backend=self.store.kind,
+            store_dir=self.store.address,
+            max_concurrent=s.max_concurrent,
+            depth=s.depth,
+            max_depth=s.max_depth,
+            default_timeout=s.default_timeout,
+            workers=workers,
+        )
 
     def get_quick(self, task_id: str) -> TaskRecord | None:
         """``get`` when it needs no slow work (a finished task, or a running one whose worker lives); None when
@@ -292,14 +324,26 @@ class TaskManager:
         r = self.store.read(validate_task_id(task_id), cached=True)
         return r.model_copy() if copy else r
 
-    def list(self, include_finished: bool = False, limit: int = 50, status: TaskStatus | None = None) -> TaskList:
+    def list(
+        self,
+        include_finished: bool = False,
+        limit: int = 50,
+        status: TaskStatus | None = None,
+        cursor: str | None = None,
+    ) -> Listing:
+        """Tasks newest first (ids sort by creation time); with ``cursor`` (a task id: the last one of the
+        previous page), only those older than it."""
         limit = max(1, min(int(limit), 500))
+        if cursor is not None and not TASK_ID_RE.fullmatch(cursor):
+            raise InvalidOptionsError(
+                f"cursor {cursor[:80]!r} is not one list_active_tasks returned: pass its next_cursor, or no cursor"
+            )
         records: list[TaskRecord] = []
         unreadable: list[str] = []
         more = False
-        ids = (
-            self.store.all_ids() if include_finished or (status and status.terminal) else iter(self.store.active_ids())
-        )
+        ids = self.store.list_ids(include_finished=include_finished or bool(status and status.terminal))
+        if cursor is not None:
+            ids = itertools.dropwhile(lambda t: t >= cursor, ids)
         for task_id in ids:
             try:
                 r = self.store.read(task_id)
@@ -316,10 +360,7 @@ class TaskManager:
                 more = True
                 break
             records.append(r)
-        records.sort(key=lambda r: r.created_at, reverse=True)
-        return TaskList(
-            tasks=[TaskSummary.of(r) for r in records], count=len(records), more=more, unreadable=unreadable[:50]
-        )
+        return Listing(tasks=records, more=more, unreadable=unreadable[:50])
 
     def events(self, task_id: str, since: int = 0, limit: int = 200) -> EventPage:
         """The task's event log from position ``since`` (a cursor: pass ``next`` of the previous page)."""
@@ -331,57 +372,49 @@ class TaskManager:
         size = 0
         n = since
         more = False
-        try:
-            with open(self.store.path(task_id, "events.jsonl"), "rb") as f:
-                for i, line in enumerate(f):
-                    if i < since:
-                        continue
-                    if len(events) >= limit or size + len(line) > REPLY_TEXT_BUDGET:
-                        more = True
-                        break
-                    try:
-                        ev = json.loads(line)
-                    except ValueError:
-                        ev = {"kind": "unreadable"}
-                    ev["seq"] = i
-                    events.append(ev)
-                    size += len(line)
-                    n = i + 1
-        except FileNotFoundError:
-            pass
+        for i, ev in self.store.iter_events(task_id, since):
+            if len(events) >= limit:
+                more = True
+                break
+            ev["seq"] = i
+            cost = json_len(ev) + 2  # (as the reply's JSON has it)
+            if events and size + cost > EVENT_PAGE_CHARS:
+                more = True
+                break
+            if cost > EVENT_PAGE_CHARS:  # one huge event: its strings cut, so that the page moves on
+                ev = squeeze(ev, 500)
+                cost = json_len(ev) + 2
+            events.append(ev)
+            size += cost
+            n = i + 1
         return EventPage(task_id=task_id, events=events, next=n, more=more, status=record.status)
 
     def output(
         self,
         task_id: str,
         offset: int = 0,
-        limit: int = REPLY_TEXT_BUDGET,
+        limit: int = OUTPUT_PAGE_DEFAULT,
         source: Literal["result", "transcript", "stderr"] = "result",
     ) -> OutputPage:
+        """At most ``limit`` bytes from byte ``offset``, never splitting a UTF-8 character, and fewer when the
+        page's text would not fit in a reply twice (JSON-escaped and as plain text)."""
         record = self.get(task_id)
         if offset < 0:
             raise InvalidOptionsError(
                 "offset must be 0 or more (a byte offset; use next_offset from the previous page)"
             )
-        limit = max(1, min(int(limit), REPLY_TEXT_BUDGET))
-        name = {"result": "result.txt", "transcript": "stdout.jsonl", "stderr": "stderr.log"}[source]
-        path = self.store.path(task_id, name)
-        try:
-            with open(path, "rb") as f:
-                total = os.fstat(f.fileno()).st_size
-                f.seek(min(offset, total))
-                data = f.read(limit)
-        except FileNotFoundError:
-            total, data = 0, b""
+        limit = max(1, min(int(limit), OUTPUT_PAGE_BYTES))
+        data, total = self.store.read_output(task_id, source, offset, limit)
         start = min(offset, total)
+        fit = fit_page(data, OUTPUT_PAGE_CHARS)
         # cut at a UTF-8 character boundary so that no page splits a character
-        if start + len(data) < total:
-            cut = len(data)
+        if start + fit < total:
+            cut = fit
             while cut > 0 and (data[cut - 1] & 0xC0) == 0x80:
                 cut -= 1
             if cut > 0 and data[cut - 1] >= 0xC0:
                 cut -= 1
-            data = data[:cut] or data
+            data = data[:cut] or data[:fit]
         end = start + len(data)
         return OutputPage(
             task_id=task_id,
@@ -440,7 +473,7 @@ class TaskManager:
         mode: Literal["all", "any"] = "all",
         timeout: float = 300.0,
         progress: ProgressFn | None = None,
-    ) -> WaitResult:
+    ) -> Waited:
         if not task_ids:
             raise InvalidOptionsError("task_ids is empty: give at least one task id")
         ids = list(dict.fromkeys(validate_task_id(t) for t in task_ids))
@@ -464,13 +497,12 @@ class TaskManager:
             done = len(finished) == len(ids) if mode == "all" else bool(finished)
             now = time.monotonic()
             if done or now >= deadline:
-                budget = max(500, REPLY_TEXT_BUDGET // max(1, len(records)) - 500)
-                return WaitResult(
+                return Waited(
                     done=done,
                     timed_out=not done,
                     finished=finished,
                     pending=[t for t in ids if t not in finished],
-                    tasks=[r.bounded(budget) for r in records],
+                    tasks=records,
                 )
             if progress is not None and now >= next_progress:
                 next_progress = now + PROGRESS_EVERY

@@ -13,8 +13,14 @@ from .states import ACTIVE_STATUSES, DEP_FAILED, TRANSITIONS, TaskStatus, check_
 
 __all__ = ["ACTIVE_STATUSES", "DEP_FAILED", "TRANSITIONS", "TaskStatus", "check_transition"]
 
-#: Most characters of task text (results, transcripts) that one reply carries.
-REPLY_TEXT_BUDGET = 20_000
+#: Most characters of one tool reply: the JSON of its structured content plus its text blocks (replies.py).
+REPLY_CHARS = 40_000
+#: Most bytes one get_task_output page reads (its default is OUTPUT_PAGE_DEFAULT); a page is cut shorter when
+#: its text, JSON-escaped and as plain text, would not fit in the reply.
+OUTPUT_PAGE_BYTES = 20_000
+OUTPUT_PAGE_DEFAULT = 16_000
+#: Most tasks one start_cc_tasks_batch call submits: their ids (and those of a wait_for_tasks) fit one reply.
+MAX_BATCH = 200
 #: Characters of the result kept inside the record itself (the whole result is in result.txt).
 RESULT_PREVIEW_CHARS = 16_000
 #: Characters of the last assistant text kept in the live progress.
@@ -293,6 +299,7 @@ class TaskRecord(BaseModel):
     max_attempts: int = 1
     attempts: list[Attempt] = Field(default_factory=list)
     queue_position: int | None = Field(None, description="1 = next to start; only for queued tasks, at read time.")
+    queue_note: str | None = Field(None, description="Why a queued task may not start soon; at read time.")
     labels: list[str] = Field(default_factory=list, description="Only a worker with all these labels may claim it.")
     epoch: int = Field(0, description="How many times a worker claimed the task; the fence of its lease.")
     lease: Lease | None = Field(None, description="The worker running the task, while it runs.")
@@ -307,6 +314,14 @@ class TaskRecord(BaseModel):
         end = self.finished_at or utcnow()
         return max(0.0, (end - self.started_at).total_seconds())
 
+    @property
+    def turns(self) -> int:
+        return self.num_turns if self.num_turns is not None else self.progress.turns
+
+    @property
+    def cost_usd(self) -> float | None:
+        return self.total_cost_usd if self.total_cost_usd is not None else self.progress.cost_usd
+
     def bounded(self, result_chars: int = RESULT_PREVIEW_CHARS) -> TaskRecord:
         """A copy whose result carries at most ``result_chars`` characters."""
         if self.result is None or len(self.result) <= result_chars:
@@ -315,7 +330,7 @@ class TaskRecord(BaseModel):
 
 
 class TaskSummary(BaseModel):
-    """One line of a listing."""
+    """One row of a listing for people (the CLI, the dashboard); tools reply with TaskBrief entries."""
 
     task_id: str
     name: str | None
@@ -345,13 +360,87 @@ class TaskSummary(BaseModel):
             elapsed_seconds=r.elapsed_seconds,
             cwd=r.cwd,
             model=r.model,
-            turns=r.num_turns if r.num_turns is not None else r.progress.turns,
+            turns=r.turns,
             last_tool=r.progress.last_tool,
-            cost_usd=r.total_cost_usd if r.total_cost_usd is not None else r.progress.cost_usd,
+            cost_usd=r.cost_usd,
             exit_code=r.exit_code,
             error=(r.error or "")[:300] or None,
             prompt_preview=r.prompt_preview[:200],
         )
+
+
+def clip(text: str | None, chars: int) -> str | None:
+    """``text`` cut to ``chars`` characters, the last one an ellipsis when it was cut."""
+    if text is None or len(text) <= chars:
+        return text
+    return text[: chars - 1] + "\u2026"
+
+
+#: Characters of a task's name and error in a TaskBrief.
+BRIEF_NAME_CHARS = 80
+BRIEF_ERROR_CHARS = 300
+
+
+class TaskBrief(BaseModel):
+    """A task in a few fields: an entry of wait_for_tasks and list_active_tasks (check_task_status has it all)."""
+
+    task_id: str
+    name: str | None = Field(None, description=f"Its label, cut to {BRIEF_NAME_CHARS} characters.")
+    status: TaskStatus
+    turns: int
+    cost_usd: float | None = None
+    error: str | None = Field(None, description=f"Why it did not complete, cut to {BRIEF_ERROR_CHARS} characters.")
+    result: str | None = Field(
+        None, description="The start of the result (the whole result when result_truncated is false)."
+    )
+    result_truncated: bool = Field(False, description="True when `result` is only the start of it.")
+    result_chars: int = Field(0, description="Length of the whole result; get_task_output pages through it.")
+
+    @classmethod
+    def of(cls, r: TaskRecord, preview: int) -> TaskBrief:
+        """``r`` with at most ``preview`` characters of its result."""
+        cut = r.result is not None and len(r.result) > preview
+        return cls(
+            task_id=r.task_id,
+            name=clip(r.name, BRIEF_NAME_CHARS),
+            status=r.status,
+            turns=r.turns,
+            cost_usd=r.cost_usd,
+            error=clip(r.error, BRIEF_ERROR_CHARS),
+            result=None if r.result is None else r.result[:preview],
+            result_truncated=r.result_truncated or cut,
+            result_chars=r.result_chars,
+        )
+
+
+class Listing(BaseModel):
+    """Tasks as ``TaskManager.list`` found them, newest first; each surface makes its own entries of them."""
+
+    tasks: list[TaskRecord]
+    more: bool = Field(description="True when more tasks matched than `limit` allowed.")
+    unreadable: list[str] = Field(default_factory=list, description="Tasks whose record could not be read.")
+
+
+class Waited(BaseModel):
+    """What ``TaskManager.wait`` saw: the whole records; wait_for_tasks replies with a WaitResult of them."""
+
+    done: bool
+    timed_out: bool
+    finished: list[str]
+    pending: list[str]
+    tasks: list[TaskRecord]
+
+
+class TaskTable(BaseModel):
+    """A listing for people (the CLI's ``list --json``, the dashboard): a TaskSummary per task."""
+
+    tasks: list[TaskSummary]
+    count: int
+    more: bool
+
+    @classmethod
+    def of(cls, listing: Listing) -> TaskTable:
+        return cls(tasks=[TaskSummary.of(r) for r in listing.tasks], count=len(listing.tasks), more=listing.more)
 
 
 class BatchItem(TaskOptions):
@@ -390,9 +479,12 @@ class StartResult(BaseModel):
 
 
 class TaskList(BaseModel):
-    tasks: list[TaskSummary]
-    count: int
-    more: bool = Field(description="True when more tasks matched than `limit` allowed.")
+    tasks: list[TaskBrief] = Field(description="Newest first.")
+    count: int = Field(description="Entries in `tasks`.")
+    more: bool = Field(
+        description="True when more tasks match than this reply lists (cut by `limit` or to keep the reply bounded)."
+    )
+    next_cursor: str | None = Field(None, description="With `more`: pass as `cursor` to list the next tasks.")
     unreadable: list[str] = Field(
         default_factory=list,
         description="Tasks whose record is unreadable (check_task_status says why; cleanup_task deletes them).",
@@ -413,19 +505,36 @@ class OutputPage(BaseModel):
 class WaitResult(BaseModel):
     done: bool = Field(description="True when the wait condition (all/any finished) was met.")
     timed_out: bool
-    finished: list[str]
-    pending: list[str]
-    tasks: list[TaskRecord]
+    finished: list[str] = Field(description="Every finished task of the wait.")
+    pending: list[str] = Field(description="Every task of the wait not finished yet.")
+    tasks: list[TaskBrief] = Field(description="An entry per task, in the order given (all of them unless `more`).")
+    more: bool = Field(
+        False,
+        description="True when `tasks` lists only the first tasks, to keep the reply bounded: the others are in "
+        "finished/pending; check_task_status reads one, wait_for_tasks on fewer ids lists them.",
+    )
+
+
+class WorkerBrief(BaseModel):
+    worker_id: str
+    host: str
+    pid: int
+    slots: int
+    labels: list[str]
 
 
 class ServerInfo(BaseModel):
     version: str
     pid: int
+    backend: str = Field(description="Where the tasks live: 'local' (a file store on this machine).")
     store_dir: str
-    max_concurrent: int
+    max_concurrent: int = Field(description="The global cap: most tasks running at once, across every worker.")
     depth: int
     max_depth: int
     default_timeout: float
+    workers: list[WorkerBrief] = Field(
+        default_factory=list, description="Live workers (at most 20 listed): they claim and run the tasks."
+    )
 
 
 class CleanupResult(BaseModel):

@@ -15,14 +15,18 @@ import anyio
 from fastmcp import FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp.server.dependencies import get_context
-from mcp.types import ToolAnnotations
+from fastmcp.server.middleware import Middleware
+from fastmcp.tools.base import ToolResult
+from mcp.types import TextContent, ToolAnnotations
 from pydantic import Field, ValidationError
 
-from . import __version__
+from . import __version__, replies
 from .errors import CCTasksError
 from .manager import TaskManager
 from .models import (
-    REPLY_TEXT_BUDGET,
+    MAX_BATCH,
+    OUTPUT_PAGE_BYTES,
+    OUTPUT_PAGE_DEFAULT,
     BatchItem,
     BatchResult,
     CleanupResult,
@@ -45,7 +49,9 @@ task_id at once (start_cc_tasks_batch starts many, with dependencies between the
 for several (cheaper than polling check_task_status); get_task_output pages through long results;
 continue_task asks a finished sub-agent a follow-up; cancel_task stops one; cleanup_task deletes it.
 execute_cc_task runs one and returns when it ends. Every server process of this user shares the tasks,
-and at most CC_TASKS_MAX_CONCURRENT run at once; the rest are queued by priority."""
+and at most CC_TASKS_MAX_CONCURRENT run at once; the rest are queued by priority. Replies are bounded:
+wait_for_tasks and list_active_tasks give a short entry per task (check_task_status has the whole record),
+and `more` with a cursor says where a reply was cut."""
 
 
 def _validation_message(e: ValidationError) -> str:
@@ -57,18 +63,36 @@ def _validation_message(e: ValidationError) -> str:
 
 
 def edge(fn):
-    """Turn this package's errors into MCP tool errors with their message."""
+    """Turn this package's errors into MCP tool errors with their message, and what the tool returns (a reply
+    model, or a replies.Reply) into a bounded result: the model's JSON as structured content (the schema is
+    the return annotation's) and a short text of it."""
 
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
         try:
-            return await fn(*args, **kwargs)
+            reply = replies.to_reply(await fn(*args, **kwargs))
+            return ToolResult(content=[TextContent(type="text", text=reply.text)], structured_content=reply.data)
         except CCTasksError as e:
             raise ToolError(str(e)) from None
         except ValidationError as e:
             raise ToolError(_validation_message(e)) from None
 
     return wrapper
+
+
+class BoundedErrors(Middleware):
+    """Tool errors within the reply bound too, FastMCP's own included (a failed argument validation quotes the
+    arguments): a longer message loses its middle (a huge value it quotes), keeping what was wrong and what to do."""
+
+    async def on_call_tool(self, context, call_next):
+        try:
+            return await call_next(context)
+        except Exception as e:
+            message = str(e)
+            if len(message) <= replies.ERROR_CHARS:
+                raise
+            half = replies.ERROR_CHARS // 2
+            raise ToolError(f"{message[: half - 1]}\u2026{message[-half:]}") from None
 
 
 def with_task_options(
@@ -142,14 +166,16 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         finally:
             tender.cancel()
 
-    mcp = FastMCP("cc-tasks", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
+    mcp = FastMCP(
+        "cc-tasks", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan, middleware=[BoundedErrors()]
+    )
     mcp.manager = mgr  # type: ignore[attr-defined]
 
     @with_task_options
     async def execute_cc_task(**options: Any) -> TaskRecord:
         """Run one Claude Code sub-agent and return its record when it ends (result bounded; page the rest
         with get_task_output). Sends progress while it runs; cancelling the call stops the sub-agent."""
-        return await mgr.execute(TaskOptions(**options), progress=_report)
+        return await mgr.execute(TaskOptions(**options), progress=_report)  # (edge bounds the record)
 
     @with_task_options
     async def start_cc_task_async(**options: Any) -> StartResult:
@@ -163,10 +189,11 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
             list[BatchItem],
             Field(
                 min_length=1,
-                max_length=500,
+                max_length=MAX_BATCH,
                 description=(
-                    "Tasks to submit together. Each takes the task options plus an optional `key`; `depends_on` may "
-                    "name keys of this batch as well as existing task ids."
+                    f"Tasks to submit together (at most {MAX_BATCH}: submit more in several calls). Each takes the "
+                    "task options plus an optional `key`; `depends_on` may name keys of this batch as well as "
+                    "existing task ids."
                 ),
             ),
         ],
@@ -202,35 +229,32 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         return await anyio.to_thread.run_sync(functools.partial(mgr.events, task_id, since=since, limit=limit))
 
     async def get_server_info() -> ServerInfo:
-        """This server: version, store, concurrency cap, nesting depth. Cheap; touches no task."""
-        st = mgr.settings
-        return ServerInfo(
-            version=__version__,
-            pid=os.getpid(),
-            store_dir=str(mgr.store.root),
-            max_concurrent=st.max_concurrent,
-            depth=st.depth,
-            max_depth=st.max_depth,
-            default_timeout=st.default_timeout,
-        )
+        """This server: version, backend and store, concurrency cap, nesting depth, live workers. Touches no task."""
+        return mgr.server_info()
 
     async def check_task_status(task_id: TaskId) -> TaskRecord:
         """The task's record: status, timings, live progress while it runs, its (bounded) result once finished."""
-        record = mgr.get_quick(task_id) or await anyio.to_thread.run_sync(mgr.get, task_id)
-        return record.bounded()
+        return mgr.get_quick(task_id) or await anyio.to_thread.run_sync(mgr.get, task_id)
 
     async def list_active_tasks(
         include_finished: Annotated[bool, Field(description="Also list finished tasks, newest first.")] = False,
-        limit: Annotated[int, Field(ge=1, le=500, description="Most tasks to return.")] = 50,
+        limit: Annotated[
+            int, Field(ge=1, le=500, description="Most tasks to return (fewer when the reply would be too long).")
+        ] = 50,
+        cursor: Annotated[
+            str | None, Field(description="`next_cursor` of the previous reply, to list the tasks after it.")
+        ] = None,
     ) -> TaskList:
-        """Tasks of this store that are queued or running (optionally finished ones too), from every server process."""
-        return await anyio.to_thread.run_sync(
-            functools.partial(mgr.list, include_finished=include_finished, limit=limit)
+        """Tasks of this store that are queued or running (optionally finished ones too), from every server process,
+        newest first; `more` and `next_cursor` page through the rest."""
+        listing = await anyio.to_thread.run_sync(
+            functools.partial(mgr.list, include_finished=include_finished, limit=limit, cursor=cursor)
         )
+        return replies.list_reply(listing)  # (a TaskList with its text, fitted to the reply)
 
     async def cancel_task(task_id: TaskId) -> TaskRecord:
         """Stop the task's whole process tree. The record stays, with status cancelled."""
-        return (await anyio.to_thread.run_sync(mgr.cancel, task_id)).bounded()
+        return await anyio.to_thread.run_sync(mgr.cancel, task_id)
 
     async def cleanup_task(task_id: TaskId) -> CleanupResult:
         """Stop the task if it still runs, then delete its files."""
@@ -242,8 +266,13 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
             int, Field(ge=0, description="Byte offset to read from; pass next_offset of the previous page.")
         ] = 0,
         limit: Annotated[
-            int, Field(ge=1, le=REPLY_TEXT_BUDGET, description="Most bytes to return.")
-        ] = REPLY_TEXT_BUDGET,
+            int,
+            Field(
+                ge=1,
+                le=OUTPUT_PAGE_BYTES,
+                description="Most bytes to return (fewer when the text, JSON-escaped, would make the reply too long).",
+            ),
+        ] = OUTPUT_PAGE_DEFAULT,
         source: Annotated[
             Literal["result", "transcript", "stderr"],
             Field(description="'result': the final result text; 'transcript': claude's raw stream-json; 'stderr'."),
@@ -259,8 +288,10 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         mode: Annotated[Literal["all", "any"], Field(description="Wait until all, or any one, are finished.")] = "all",
         timeout_seconds: Annotated[float, Field(ge=0, le=86400, description="Give up waiting after this long.")] = 300,
     ) -> WaitResult:
-        """Block until all (or any) of the tasks are finished or the timeout passes; returns their records."""
-        return await mgr.wait(task_ids, mode=mode, timeout=timeout_seconds, progress=_report)
+        """Block until all (or any) of the tasks are finished or the timeout passes; returns an entry per task
+        (status, error, the start of the result: check_task_status has the whole record)."""
+        waited = await mgr.wait(task_ids, mode=mode, timeout=timeout_seconds, progress=_report)
+        return replies.wait_reply(waited)  # (a WaitResult with its text, fitted to the reply)
 
     tools = [
         (execute_cc_task, _annotations(False, destructive=True, open_world=True)),

@@ -383,30 +383,21 @@ class TaskStore:
         finally:
             os.close(fd)
 
-    def read_events(self, task_id: str, since: int, limit: int, budget: int) -> tuple[list[dict], int, bool]:
-        """Events from position ``since``: (events with ``seq``, the next cursor, whether more are there). At
-        most ``limit`` events and ``budget`` bytes of them."""
-        events: list[dict] = []
-        size, n, more = 0, since, False
+    def iter_events(self, task_id: str, since: int = 0) -> Iterator[tuple[int, dict]]:
+        """The task's events from position ``since``, with their positions (a line that is not JSON reads as
+        an event of kind ``unreadable``)."""
         try:
             with open(self.path(task_id, "events.jsonl"), "rb") as f:
                 for i, line in enumerate(f):
                     if i < since:
                         continue
-                    if len(events) >= limit or size + len(line) > budget:
-                        more = True
-                        break
                     try:
                         ev = json.loads(line)
                     except ValueError:
                         ev = {"kind": "unreadable"}
-                    ev["seq"] = i
-                    events.append(ev)
-                    size += len(line)
-                    n = i + 1
+                    yield i, ev if isinstance(ev, dict) else {"kind": "unreadable"}
         except FileNotFoundError:
-            pass
-        return events, n, more
+            return
 
     def read_output(self, task_id: str, source: str, offset: int, limit: int) -> tuple[bytes, int]:
         """Up to ``limit`` bytes of a task's output from ``offset``, and the output's current size."""

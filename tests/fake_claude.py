@@ -2,7 +2,8 @@
 
 It reads the prompt from stdin like ``claude -p`` and prints stream-json. A line ``FAKE {json}`` in the
 prompt changes what it does: ``sleep`` (seconds before answering), ``exit`` (exit code), ``no_result``
-(exit without a result event), ``is_error``, ``result`` (text), ``big`` (result of N chars),
+(exit without a result event), ``is_error``, ``result`` (text), ``big`` (result of N chars), ``repeat``
+(``[text, n]``: a result of ``text`` n times),
 ``ignore_signals`` (ignore SIGINT and SIGTERM), ``grandchild`` (start ``sleep 300`` in a new session
 and write its pid to grandchild.pid), ``argv`` (write argv and selected env to argv.json), ``track`` (a
 directory: count how many copies run at once there, and log this run's task id and that count),
@@ -88,6 +89,8 @@ if cfg.get("sleep"):
 text = cfg.get("result", "fake result: " + prompt[:100])
 if cfg.get("big"):
     text = ("x" * 99 + "\n") * (int(cfg["big"]) // 100)
+if cfg.get("repeat"):
+    text = cfg["repeat"][0] * int(cfg["repeat"][1])
 emit(
     {
         "type": "assistant",

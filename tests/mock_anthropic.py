@@ -15,8 +15,8 @@ so a resumed session runs the new prompt's steps). Steps:
   user turns that carry text (a resumed session sends its earlier turns).
 - ``{"bash": "cmd"}``: a ``Bash`` tool call.
 - ``{"tool": "name", "input": {...}}``: any tool call; the string ``"$TASK_IDS"``
-  anywhere in the input becomes the list of ``task_id`` values found in earlier
-  tool results (used to make a parent agent wait for the tasks it started).
+  anywhere in the input becomes the list of task ids found in earlier tool
+  results, in order (used to make a parent agent wait for the tasks it started).
 - ``{"error": 529, "type": "overloaded_error"}``: answer with an HTTP error.
 - ``{"big": N}``: a text answer of N characters.
 - ``{"sleep": S, ...}``: wait S seconds before answering the rest of the step.
@@ -41,7 +41,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 DIRECTIVE = re.compile(r"@@mock\s+(\{.*\})\s*$", re.S | re.M)
-TASK_ID = re.compile(r'"task_id"\s*:\s*"([^"\\]+)"')
+#: A cc-tasks task id, wherever it is in a tool result: the JSON of its structured content (which the pinned
+#: Claude Code hands the model instead of the text) or its text.
+TASK_ID = re.compile(r"\b[0-9]{8}-[0-9]{6}-[0-9]{3}-[0-9a-f]{8}\b")
 
 
 def _texts(content: Any) -> list[str]:

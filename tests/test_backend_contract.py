@@ -171,8 +171,7 @@ def test_a_lost_lease_fences_every_write_of_its_worker(backend):
     after = backend.read(t.task_id)
     assert after == before and after.lease.worker == w2.worker_id
     assert backend.read_output(t.task_id, "result", 0, 100) == (b"", 0)
-    events, _, _ = backend.read_events(t.task_id, 0, 100, 100_000)
-    assert "stale" not in str(events)
+    assert "stale" not in str(list(backend.iter_events(t.task_id)))
     backend.renew(r2.lease)
     done = backend.finish(r2.lease, TaskStatus.COMPLETED, result_text="fresh")
     assert done.status == TaskStatus.COMPLETED and backend.read_output(t.task_id, "result", 0, 100)[0] == b"fresh"
@@ -249,10 +248,11 @@ def test_read_list_events_output_and_delete(backend):
     assert set(backend.list_ids(include_finished=True)) == {new.task_id, old.task_id}
     r = backend.read(old.task_id)
     assert r.status == TaskStatus.COMPLETED and r.result_chars == 50_000 and r.finished_at is not None
-    events, nxt, more = backend.read_events(old.task_id, 0, 10, 100_000)
-    assert len(events) == 10 and more and [e["seq"] for e in events] == list(range(10))
-    rest, end, more = backend.read_events(old.task_id, nxt, 1000, 100_000)
-    assert not more and [e["kind"] for e in events + rest].count("tick") == 30 and rest[-1]["kind"] == "status"
+    events = list(backend.iter_events(old.task_id))
+    assert [i for i, _ in events] == list(range(len(events)))
+    assert [e["kind"] for _, e in events].count("tick") == 30 and events[-1][1]["kind"] == "status"
+    later = list(backend.iter_events(old.task_id, since=10))
+    assert later == events[10:]
     data, total = backend.read_output(old.task_id, "result", 0, 1000)
     assert total == 100_000 and len(data) == 1000
     data, total = backend.read_output(old.task_id, "result", 99_000, 5000)

@@ -10,6 +10,8 @@ from fastmcp import Client
 from fastmcp.client.transports import StdioTransport
 from fastmcp.exceptions import ToolError
 
+from cc_tasks import __version__
+
 from .conftest import ROOT, mock_prompt, pid_alive
 from .test_manager import wait_until
 
@@ -61,8 +63,8 @@ async def test_task_survives_a_sigkilled_server(cc_env, workdir):
             pass
     async with server("b") as second:
         res = data(await second.call_tool("wait_for_tasks", {"task_ids": [started["task_id"]], "timeout_seconds": 60}))
-    task = res["tasks"][0]
-    assert res["done"] and task["status"] == "completed", task
+        task = data(await second.call_tool("check_task_status", {"task_id": started["task_id"]}))
+    assert res["done"] and res["tasks"][0]["status"] == "completed", res
     assert task["exit_code"] == 0 and task["result"] == "result: survived"
 
 
@@ -119,6 +121,14 @@ async def test_python_m_entry_point_serves(cc_env):
         "wait_for_tasks",
         "get_server_info",
     }
+
+
+async def test_initialize_reports_cc_tasks_version(cc_env):
+    async with Client(server("v").transport, mode="legacy") as client:  # the initialize handshake Claude Code does
+        info = client.initialize_result.server_info
+        assert (info.name, info.version) == ("cc-tasks", __version__) and __version__ == "0.3.0"  # not FastMCP's
+    async with Client(server("v").transport) as client:  # server/discover
+        assert client.server_info.version == __version__
 
 
 @pytest.mark.parametrize(

@@ -215,3 +215,26 @@ async def test_a_worker_whose_store_is_deleted_exits(cc_env, fake_claude, workdi
     shutil.rmtree(m.store.root)
     wait_until(lambda: not pid_alive(pid))
     m.reap(wait=5)
+
+
+async def test_a_labelled_task_waits_for_a_worker_with_its_labels(fake_manager, workdir):
+    import subprocess
+    import sys
+
+    r = fake_manager.start(TaskOptions(prompt=fake({"result": "on gpu"}), cwd=str(workdir), labels=["gpu"]))
+    fake_manager.nudge()
+    queued = fake_manager.get(r.task_id)  # the store's worker has no labels: it never claims it
+    assert queued.status == TaskStatus.QUEUED and "cc-tasks worker --label gpu" in queued.queue_note
+    gpu = subprocess.Popen(
+        [sys.executable, "-m", "cc_tasks.worker", "--store", str(fake_manager.store.root), "--label", "gpu"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        done = (await fake_manager.wait([r.task_id], timeout=60)).tasks[0]
+        assert done.status == TaskStatus.COMPLETED and done.lease.pid == gpu.pid
+        info = fake_manager.server_info()
+        assert info.backend == "local" and any(w.labels == ["gpu"] and w.pid == gpu.pid for w in info.workers)
+    finally:
+        gpu.terminate()
+        assert gpu.wait(20) == 0  # SIGTERM drains: nothing was running, so it exits at once

@@ -1,0 +1,358 @@
+"""Tool replies, bounded: the reply model's JSON as structured content plus a short text rendering of it for
+the model, together at most REPLY_CHARS characters whatever a tool's arguments (Claude Code refuses or cuts
+replies over ~25,000 tokens). Sizes are counted as ``json.dumps`` writes the structured content (non-ASCII
+escaped: the longest form a client may count) plus the text's characters. Pure: server.py makes MCP
+results of these."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import singledispatch
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import ReplyTooLargeError
+from .models import (
+    REPLY_CHARS,
+    BatchResult,
+    BatchStarted,
+    CleanupResult,
+    EventPage,
+    Listing,
+    OutputPage,
+    ServerInfo,
+    StartResult,
+    TaskBrief,
+    TaskList,
+    TaskRecord,
+    Waited,
+    WaitResult,
+    clip,
+)
+
+log = logging.getLogger("cc_tasks")
+
+#: A get_task_output page: its text JSON-escaped plus as plain text (the rest of its reply is < 1,000).
+OUTPUT_PAGE_CHARS = REPLY_CHARS - 2_000
+#: The JSON of a get_task_events page; each event's text line is no longer, so the reply fits.
+EVENT_PAGE_CHARS = (REPLY_CHARS - 2_000) // 2
+#: Characters of the result in a task record's text (its structured content carries up to 16,000).
+TEXT_RESULT_CHARS = 2_000
+#: Characters (as JSON) a record's result keeps at least, other long strings of the record cut if need be.
+RESULT_ROOM = 1_000
+#: Result preview of each list_active_tasks entry.
+LIST_PREVIEW = 100
+#: wait_for_tasks shares WAIT_PREVIEWS characters of previews among its tasks (each between the min and the
+#: max), halving them while the reply would not fit; at the min it lists the tasks that fit.
+WAIT_PREVIEWS = 24_000
+WAIT_PREVIEW_MAX = 4_000
+WAIT_PREVIEW_MIN = 100
+#: Most characters of a tool error's message.
+ERROR_CHARS = 2_000
+#: Most characters of a result or error on a task's line of text.
+LINE_PREVIEW_MAX = 200
+_SOME_ID = "20000101-000000-000-00000000"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One tool reply: ``data`` is the structured content (a reply model's JSON), ``text`` its rendering."""
+
+    data: dict[str, Any]
+    text: str
+
+    @classmethod
+    def of(cls, model: BaseModel, text: str) -> Reply:
+        return cls(model.model_dump(mode="json"), text)
+
+    @property
+    def size(self) -> int:
+        return json_len(self.data) + len(self.text)
+
+
+def json_len(value: Any) -> int:
+    """Characters of ``value`` as ``json.dumps`` writes it."""
+    return len(json.dumps(value, default=str))
+
+
+def cut_json(text: str, chars: int) -> str:
+    """The longest start of ``text`` whose JSON string (quotes included) takes at most ``chars`` characters."""
+    if json_len(text) <= chars:
+        return text
+    lo, hi = 0, min(len(text), chars)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if json_len(text[:mid]) <= chars:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
+
+
+def fit_page(data: bytes, chars: int) -> int:
+    """How many bytes of ``data`` decode to text that takes at most ``chars`` characters as a JSON string plus
+    as plain text (a page of output is in both). May end inside a character: cut it at a boundary after."""
+
+    def cost(n: int) -> int:
+        text = data[:n].decode("utf-8", "replace")
+        return json_len(text) + len(text)
+
+    if cost(len(data)) <= chars:
+        return len(data)
+    lo, hi = 0, len(data)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= chars:
+            lo = mid
+        else:
+            hi = mid - 1
+    return max(1, lo)
+
+
+def squeeze(value: Any, chars: int) -> Any:
+    """``value`` (JSON-able) with every string (and key) longer than ``chars`` cut to ``chars``."""
+    if isinstance(value, str):
+        return clip(value, chars)
+    if isinstance(value, dict):
+        return {clip(str(k), chars): squeeze(v, chars) for k, v in value.items()}
+    if isinstance(value, list):
+        return [squeeze(v, chars) for v in value]
+    return value
+
+
+def one_line(text: str, chars: int) -> str:
+    return clip(" ".join(text.split()), chars) or ""
+
+
+def bounded(reply: Reply) -> Reply:
+    """The safety net under the shapes below (which fit by construction): cut long strings until it fits."""
+    for chars in (2_000, 500, 100):
+        if reply.size <= REPLY_CHARS:
+            return reply
+        log.warning("a reply of %d characters had its strings cut to %d", reply.size, chars)
+        reply = Reply(squeeze(reply.data, chars), clip(reply.text, 10 * chars) or "")
+    if reply.size <= REPLY_CHARS:
+        return reply
+    raise ReplyTooLargeError(
+        f"the reply would be longer than {REPLY_CHARS} characters; ask for less (a smaller limit or fewer tasks)"
+    )
+
+
+def to_reply(value: Reply | BaseModel) -> Reply:
+    """The bounded reply for what a tool returned (a reply model, or a Reply already shaped)."""
+    return bounded(value if isinstance(value, Reply) else shape(value))
+
+
+# -- shapes --------------------------------------------------------------------------------------------
+
+
+@singledispatch
+def shape(model: BaseModel) -> Reply:
+    return Reply.of(model, text_of(model))
+
+
+@shape.register
+def record_reply(r: TaskRecord) -> Reply:
+    """The whole record, its result preview cut further to the room the rest leaves it. Should the rest leave
+    less than RESULT_ROOM (only fields far beyond their usual sizes do: a huge model name, cwd or usage), its
+    long strings are cut first."""
+    r = r.bounded()
+    text = text_of(r)
+    data = r.model_dump(mode="json")
+    result = data["result"]
+    for chars in (None, 2_000, 500, 100):
+        rest = data if chars is None else squeeze(data, chars)
+        room = REPLY_CHARS - len(text) - json_len(rest | {"result": ""}) + 2  # (what "" took)
+        if room >= RESULT_ROOM:
+            break
+    if result is not None and json_len(result) > room:
+        rest = rest | {"result": cut_json(result, max(2, room)), "result_truncated": True}
+    else:
+        rest = rest | {"result": result}
+    return Reply(rest, text)
+
+
+@shape.register
+def batch_reply(b: BatchResult) -> Reply:
+    """Every task id in the order given; the names, then the keys too, are left out when they do not fit."""
+    reply = _batch(b, "")
+    for drop, note in ((("name",), "names left out"), (("name", "key"), "names and keys left out")):
+        if reply.size <= REPLY_CHARS:
+            break
+        reply = _batch(BatchResult(tasks=[t.model_copy(update=dict.fromkeys(drop)) for t in b.tasks]), note)
+    return reply
+
+
+def _batch(b: BatchResult, note: str) -> Reply:
+    head = f"{len(b.tasks)} tasks submitted, in the order given{' (' + note + ')' if note else ''}:"
+    return Reply.of(b, "\n".join([head] + [_started_line(t) for t in b.tasks]))
+
+
+def list_reply(listing: Listing) -> Reply:
+    """A TaskList of the listing's first tasks that fit; ``next_cursor`` goes on after the last one listed."""
+    briefs = [TaskBrief.of(r, LIST_PREVIEW) for r in listing.tasks]
+    shown = max(1, _fitting(briefs, _list(briefs[:0], True).size, LIST_PREVIEW)) if briefs else 0
+    return _list(briefs[:shown], listing.more or shown < len(briefs), listing.unreadable)
+
+
+def _list(briefs: list[TaskBrief], more: bool, unreadable: list[str] = []) -> Reply:  # noqa: B006 (never changed)
+    cursor = (briefs[-1].task_id if briefs else _SOME_ID) if more else None
+    model = TaskList(tasks=briefs, count=len(briefs), more=more, next_cursor=cursor, unreadable=unreadable)
+    lines = [f"{len(briefs)} tasks, newest first{':' if briefs else ''}"]
+    lines += [brief_line(b, LIST_PREVIEW) for b in briefs]
+    if unreadable:
+        lines.append(f"unreadable records (cleanup_task deletes them): {', '.join(unreadable)}")
+    if more:
+        lines.append(f'more: pass cursor="{cursor}" for the next tasks')
+    return Reply.of(model, "\n".join(lines))
+
+
+def wait_reply(w: Waited) -> Reply:
+    """A WaitResult: an entry per task with previews sharing the reply; when even the shortest previews do not
+    fit, the first tasks that fit (``more``); ``finished`` and ``pending`` always list every id."""
+    n = len(w.tasks)
+    preview = min(WAIT_PREVIEW_MAX, max(WAIT_PREVIEW_MIN, WAIT_PREVIEWS // max(1, n)))
+    while True:
+        briefs = [TaskBrief.of(r, preview) for r in w.tasks]
+        shown = max(1, _fitting(briefs, _wait(w, briefs[:0], preview, n).size, preview))
+        if shown == n or preview == WAIT_PREVIEW_MIN:
+            return _wait(w, briefs[:shown], preview, n - shown)
+        preview = max(WAIT_PREVIEW_MIN, preview // 2)
+
+
+def _wait(w: Waited, briefs: list[TaskBrief], preview: int, left_out: int) -> Reply:
+    model = WaitResult(
+        done=w.done, timed_out=w.timed_out, finished=w.finished, pending=w.pending, tasks=briefs, more=left_out > 0
+    )
+    counts = Counter(r.status.value for r in w.tasks if r.status.terminal)
+    ended = f" ({', '.join(f'{n} {s}' for s, n in counts.most_common())})" if counts else ""
+    state = "done" if w.done else "timed out"
+    lines = [f"{state}: {len(w.finished)} of {len(w.tasks)} finished{ended}, {len(w.pending)} pending"]
+    lines += [brief_line(b, preview) for b in briefs]
+    if left_out:
+        after = briefs[-1].task_id if briefs else _SOME_ID
+        lines.append(
+            f"{left_out} more tasks not listed (reply bounded): those given after {after}; "
+            "wait_for_tasks on fewer ids or check_task_status lists them"
+        )
+    return Reply.of(model, "\n".join(lines))
+
+
+def _fitting(briefs: list[TaskBrief], base: int, preview: int) -> int:
+    """How many of ``briefs`` fit in a reply after ``base`` characters: each costs its JSON and its line."""
+    size = base
+    for n, b in enumerate(briefs):
+        size += json_len(b.model_dump(mode="json")) + 2 + len(brief_line(b, preview)) + 1
+        if size > REPLY_CHARS:
+            return n
+    return len(briefs)
+
+
+# -- text ----------------------------------------------------------------------------------------------
+
+
+def brief_line(b: TaskBrief, preview: int) -> str:
+    """One line for a task: id, status, name, turns, cost, and its error or the start of its result."""
+    parts = [b.task_id, b.status.value]
+    if b.name:
+        parts.append(json.dumps(clip(b.name, 40), ensure_ascii=False))
+    parts.append(f"{b.turns} turns")
+    if b.cost_usd is not None:
+        parts.append(f"${b.cost_usd:.4f}")
+    if b.error:
+        parts.append("error: " + one_line(b.error, min(preview, LINE_PREVIEW_MAX)))
+    elif b.result is not None:
+        parts.append("result: " + one_line(b.result, min(preview, LINE_PREVIEW_MAX)))
+    return " ".join(parts)
+
+
+def _started_line(t: BatchStarted) -> str:
+    parts = [t.task_id, t.status.value]
+    if t.key is not None:
+        parts.append("key=" + json.dumps(clip(t.key, 40), ensure_ascii=False))
+    if t.name:
+        parts.append(json.dumps(clip(t.name, 40), ensure_ascii=False))
+    return " ".join(parts)
+
+
+@singledispatch
+def text_of(model: BaseModel) -> str:
+    return one_line(model.model_dump_json(), 2_000)
+
+
+@text_of.register
+def _(r: TaskRecord) -> str:
+    facts = [r.status.value]
+    if r.exit_code is not None:
+        facts.append(f"exit code {r.exit_code}")
+    facts.append(f"{r.turns} turns")
+    if r.cost_usd is not None:
+        facts.append(f"${r.cost_usd:.4f}")
+    if r.elapsed_seconds is not None:
+        facts.append(f"{r.elapsed_seconds:.1f}s")
+    if r.queue_position:
+        facts.append(f"queue position {r.queue_position}")
+    name = f" {json.dumps(clip(r.name, 80), ensure_ascii=False)}" if r.name else ""
+    lines = [f"task {r.task_id}{name}: {', '.join(facts)}"]
+    if r.error:
+        lines.append("error: " + (clip(r.error, 500) or ""))
+    if not r.status.terminal and r.progress.last_tool:
+        lines.append("last tool: " + one_line(r.progress.last_tool, 100))
+    if not r.status.terminal and r.progress.last_text:
+        lines.append("last text: " + one_line(r.progress.last_text, 300))
+    if r.result is not None:
+        whole = max(r.result_chars, len(r.result))
+        shown = r.result[:TEXT_RESULT_CHARS]
+        rest = f", the first {len(shown)} here; get_task_output pages through it" if len(shown) < whole else ""
+        lines += [f"result ({whole} characters{rest}):", shown]
+    return "\n".join(lines)
+
+
+@text_of.register
+def _(s: StartResult) -> str:
+    name = f" {json.dumps(clip(s.name, 80), ensure_ascii=False)}" if s.name else ""
+    return f"task {s.task_id}{name}: {s.status.value}"
+
+
+@text_of.register
+def _(c: CleanupResult) -> str:
+    return f"task {c.task_id} deleted (it was {c.was_status.value if c.was_status else 'unreadable'})"
+
+
+@text_of.register
+def _(i: ServerInfo) -> str:
+    return (
+        f"cc-tasks {i.version}, pid {i.pid}, {i.backend} store {i.store_dir}: at most {i.max_concurrent} tasks "
+        f"at once, depth {i.depth} of at most {i.max_depth}, default timeout {i.default_timeout:g}s; "
+        f"{len(i.workers)} worker(s) running"
+    )
+
+
+@text_of.register
+def _(p: OutputPage) -> str:
+    where = "the end" if p.eof else f"more from next_offset={p.next_offset}"
+    head = f"[{p.source} of task {p.task_id} ({p.status.value}): bytes {p.offset}-{p.next_offset} of {p.total_bytes}"
+    return f"{head}; {where}]\n{p.text}"
+
+
+@text_of.register
+def _(p: EventPage) -> str:
+    more = f"; more from since={p.next}" if p.more else ""
+    lines = [f"{len(p.events)} events of task {p.task_id} ({p.status.value}; times UTC){more}"]
+    return "\n".join(lines + [event_line(ev) for ev in p.events])
+
+
+def event_line(ev: dict[str, Any]) -> str:
+    """One line for an event, never longer than its JSON: #seq, UTC time, kind, details."""
+    ts = ev.get("ts")
+    when = time.strftime("%H:%M:%S", time.gmtime(ts)) if isinstance(ts, (int, float)) else "?"
+    parts = [f"#{ev.get('seq')}", when, str(ev.get("kind"))]
+    for k, v in ev.items():
+        if k not in ("seq", "ts", "kind"):
+            parts.append(f"{k}={v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)}")
+    return one_line(" ".join(parts), 200)
