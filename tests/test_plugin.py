@@ -56,9 +56,15 @@ def claude(real_claude: str, *args: str, cwd: Path | str | None = None, input: s
     )
 
 
+#: In -p mode Claude Code connects MCP servers in the background and goes on without one that is not up within
+#: 5 s; on a loaded 2-core machine Python alone may take that long, so the sessions here wait for it.
+WAIT_FOR_MCP = {"MCP_CONNECTION_NONBLOCKING": "0", "MCP_CONNECT_TIMEOUT_MS": "60000"}
+
+
 def session(real_claude: str, prompt: str, cwd: Path, timeout=120) -> list[dict]:
     """Run ``claude -p`` with stream-json output and return its events."""
-    res = claude(real_claude, "-p", "--output-format=stream-json", "--verbose", cwd=cwd, input=prompt, timeout=timeout)
+    args = ["-p", "--output-format=stream-json", "--verbose"]
+    res = claude(real_claude, *args, cwd=cwd, input=prompt, timeout=timeout, env=WAIT_FOR_MCP)
     events = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert res.returncode == 0 and events and events[-1]["type"] == "result", res.stderr[-3000:]
     return events
