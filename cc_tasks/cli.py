@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import CCTasksError
+from .errors import CCTasksError, ClaudeNotFoundError
 
 # not a terminal (a pipe, a file): never squeeze tables to 80 columns
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
@@ -493,6 +494,81 @@ def doctor(ctx):
         f"CC_TASKS_MAX_DEPTH={settings.max_depth}, default timeout {settings.default_timeout:g}s",
     )
     sys.exit(0 if ok else 1)
+
+
+def server_command() -> list[str]:
+    """The argv that serves this very installation over stdio, with absolute paths: this interpreter and
+    the checkout's main.py, else ``-m cc_tasks`` (with ``-P`` where Python has it, so that a ``cc_tasks``
+    folder in the client's working directory is never imported instead)."""
+    checkout_main = Path(__file__).resolve().parent.parent / "main.py"
+    if checkout_main.is_file():
+        return [sys.executable, str(checkout_main), "serve"]
+    return [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "cc_tasks", "serve"]
+
+
+def _find_claude(name: str) -> str:
+    if os.sep in name:
+        path = Path(name).expanduser()
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path.absolute())
+        raise ClaudeNotFoundError(f"claude CLI not found: {name!r} is not an executable file")
+    found = shutil.which(name)
+    if not found:
+        raise ClaudeNotFoundError(
+            f"claude CLI not found: {name!r} is not on PATH; install Claude Code "
+            "(npm install -g @anthropic-ai/claude-code), or give --claude PATH or CC_TASKS_CLAUDE_BIN"
+        )
+    return found
+
+
+@main_group.command("install-claude")
+@click.option(
+    "--scope",
+    type=click.Choice(["user", "project", "local"]),
+    default="user",
+    show_default=True,
+    help="user: every project of yours; project: .mcp.json in this directory (shared); local: this project, you only.",
+)
+@click.option(
+    "--claude",
+    "claude_bin",
+    envvar="CC_TASKS_CLAUDE_BIN",
+    default="claude",
+    show_default=True,
+    help="The claude binary (or CC_TASKS_CLAUDE_BIN).",
+)
+@click.option("--name", default="cc-tasks", show_default=True, help="The MCP server's name in Claude Code.")
+def install_claude(scope, claude_bin, name):
+    """Register this installation with Claude Code without the plugin: runs `claude mcp add` with this
+    interpreter and package (absolute paths), and prints the command it ran."""
+    claude = _find_claude(claude_bin)
+    argv = [claude, "mcp", "add", "--scope", scope, name, "--", *server_command()]
+    console.print(f"running: {escape(shlex.join(argv))}")
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ClaudeNotFoundError(f"{claude} did not run: {e}") from None
+    out = (res.stdout + res.stderr).strip()
+    if out:
+        console.print(out, markup=False)
+    if res.returncode != 0:
+        err_console.print(
+            f"[red]error:[/] claude mcp add exited {res.returncode}"
+            + (
+                f"; to replace it: {escape(shlex.join([claude, 'mcp', 'remove', '--scope', scope, name]))}"
+                if "exist" in out
+                else ""
+            )
+        )
+        sys.exit(2)
+    where = {
+        "user": "for every project of yours",
+        "project": f"in {Path.cwd() / '.mcp.json'}",
+        "local": "for this project",
+    }
+    console.print(
+        f"[green]✓[/] {escape(name)} added {escape(where[scope])}; check with: {escape(shlex.join([claude, 'mcp', 'list']))}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,13 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 
+from cc_tasks import cli as cli_module
 from cc_tasks.models import TaskStatus
 from cc_tasks.store import TaskStore
 
@@ -38,7 +40,7 @@ def cli(cc_env, fake_claude, monkeypatch):
 
 
 def test_every_subcommand_has_help(cli):
-    for cmd in ("serve", "list", "show", "logs", "run", "cancel", "cleanup", "doctor"):
+    for cmd in ("serve", "list", "show", "logs", "run", "cancel", "cleanup", "doctor", "install-claude"):
         r = cli(cmd, "--help")
         assert r.returncode == 0 and "Usage: cc-tasks " + cmd in r.stdout, (cmd, r.stderr)
 
@@ -126,3 +128,52 @@ def test_doctor(cli, tmp_path):
     assert "ANTHROPIC_API_KEY" in r.stdout and "test-key" not in r.stdout  # present, never printed
     r = cli("doctor", env={"CC_TASKS_CLAUDE_BIN": str(tmp_path / "missing")})
     assert r.returncode == 1 and "claude CLI not found" in r.stdout
+
+
+def cc_tasks(*args, cwd, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "cc_tasks", *args], capture_output=True, text=True, cwd=cwd, timeout=120, env=env
+    )
+
+
+def test_install_claude_adds_this_installation_for_the_user(cc_env, real_claude, workdir):
+    r = cc_tasks("install-claude", "--claude", real_claude, cwd=workdir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    server = [sys.executable, str(ROOT / "main.py"), "serve"]
+    ran = shlex.join([real_claude, "mcp", "add", "--scope", "user", "cc-tasks", "--", *server])
+    assert f"running: {ran}" in r.stdout and "cc-tasks added for every project of yours" in r.stdout
+    listed = subprocess.run([real_claude, "mcp", "list"], capture_output=True, text=True, cwd=workdir, timeout=60)
+    assert f"cc-tasks: {' '.join(server)} - ✔ Connected" in listed.stdout, listed.stdout + listed.stderr
+    again = cc_tasks("install-claude", "--claude", real_claude, cwd=workdir)
+    assert again.returncode == 2 and "already exists" in again.stdout
+    assert shlex.join([real_claude, "mcp", "remove", "--scope", "user", "cc-tasks"]) in again.stderr
+
+
+def test_install_claude_for_a_project_writes_its_mcp_json(cc_env, real_claude, workdir):
+    r = cc_tasks("install-claude", "--scope", "project", cwd=workdir)  # the claude of CC_TASKS_CLAUDE_BIN
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"running: {shlex.quote(real_claude)} mcp add --scope project cc-tasks -- " in r.stdout
+    config = json.loads((workdir / ".mcp.json").read_text())["mcpServers"]["cc-tasks"]
+    assert config["command"] == sys.executable and config["args"] == [str(ROOT / "main.py"), "serve"]
+    got = subprocess.run(
+        [real_claude, "mcp", "get", "cc-tasks"], capture_output=True, text=True, cwd=workdir, timeout=60
+    )
+    assert "Scope: Project config" in got.stdout, got.stdout + got.stderr
+
+
+def test_install_claude_without_claude_says_what_to_do(cc_env, workdir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CC_TASKS_CLAUDE_BIN"}
+    env["PATH"] = str(tmp_path)  # no claude there
+    r = cc_tasks("install-claude", cwd=workdir, env=env)
+    assert r.returncode == 2 and r.stdout == ""
+    assert "'claude' is not on PATH" in r.stderr and "--claude PATH or CC_TASKS_CLAUDE_BIN" in r.stderr
+    r = cc_tasks("install-claude", "--claude", str(tmp_path / "nope"), cwd=workdir, env=env)
+    assert r.returncode == 2 and "is not an executable file" in r.stderr
+    assert not (workdir / ".mcp.json").exists()
+
+
+def test_install_claude_serves_an_installed_package_with_dash_m(tmp_path, monkeypatch):
+    assert cli_module.server_command() == [sys.executable, str(ROOT / "main.py"), "serve"]  # a checkout
+    monkeypatch.setattr(cli_module, "__file__", str(tmp_path / "site-packages" / "cc_tasks" / "cli.py"))
+    flag = ["-P"] if sys.version_info >= (3, 11) else []  # never import a cc_tasks folder of the client's cwd
+    assert cli_module.server_command() == [sys.executable, *flag, "-m", "cc_tasks", "serve"]
