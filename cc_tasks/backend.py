@@ -18,6 +18,10 @@ from typing import Protocol, runtime_checkable
 from .models import Lease, TaskRecord, TaskRequest, WorkerInfo
 from .states import TaskStatus
 
+#: Characters of each dependency's result put in front of a prompt (or in a claim), and of all of them together.
+DEP_RESULT_CHARS = 8_000
+DEP_RESULTS_TOTAL = 32_000
+
 
 @runtime_checkable
 class Backend(Protocol):
@@ -95,3 +99,35 @@ class Backend(Protocol):
     def workspace(self, task_id: str) -> Path: ...
 
     def worker_lost(self, r: TaskRecord, reason: str) -> TaskRecord: ...
+
+    # -- agents: a task board --------------------------------------------------
+    def claim_agent(
+        self, claimer: str, labels: list[str], group: str | None, lease_seconds: float
+    ) -> tuple[TaskRecord, str] | None: ...
+
+    def renew_agent(self, task_id: str, token: str, note: str | None = None) -> TaskRecord: ...
+
+    def complete_agent(self, task_id: str, token: str, result: str, preview_chars: int) -> TaskRecord: ...
+
+    def fail_agent(self, task_id: str, token: str, error: str, retry: bool) -> TaskRecord: ...
+
+    def release_agent(self, task_id: str, token: str) -> TaskRecord: ...
+
+    def add_note(self, group: str, text: str, key: str | None = None, by: str | None = None) -> int: ...
+
+    def iter_notes(self, group: str, since: int = 0) -> Iterator[dict]: ...
+
+
+def dependency_preamble(backend: Backend, depends_on: list[str], total: int = DEP_RESULTS_TOTAL) -> str:
+    """The dependencies' results, bounded, as text to put in front of a prompt."""
+    parts = []
+    per = max(500, min(DEP_RESULT_CHARS, total // max(1, len(depends_on))))
+    for dep in depends_on:
+        r = backend.read(dep)
+        data, total = backend.read_output(dep, "result", 0, per * 4)
+        text = data.decode("utf-8", "replace") if total else (r.result or "")
+        cut = text[:per]
+        more = len(text) > per or total > len(data)
+        tail = f"\n[... more: get_task_output(task_id={dep!r})]" if more else ""
+        parts.append(f'<dependency task_id="{dep}" name="{r.name or ""}">\n{cut}{tail}\n</dependency>')
+    return ("Results of the tasks this task depends on:\n\n" + "\n\n".join(parts) + "\n\n---\n\n") if parts else ""

@@ -122,15 +122,19 @@ def serve(ctx, transport, host, port, path, token):
 @click.option("--all", "show_all", is_flag=True, help="Finished tasks too, newest first.")
 @click.option("--status", type=click.Choice(list(STATUS_STYLE)), help="Only tasks with this status.")
 @click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--group", help="Only the tasks of this group.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def list_cmd(ctx, show_all, status, limit, as_json):
+def list_cmd(ctx, show_all, status, limit, group, as_json):
     """List tasks: id, name, status, elapsed, turns, cost, cwd."""
     from .models import TaskStatus, TaskTable
 
     listing = TaskTable.of(
         _manager(ctx).list(
-            include_finished=show_all or bool(status), limit=limit, status=TaskStatus(status) if status else None
+            include_finished=show_all or bool(status),
+            limit=limit,
+            status=TaskStatus(status) if status else None,
+            group=group,
         )
     )
     if as_json:
@@ -332,12 +336,148 @@ def run(ctx, prompt, wait, as_json, env, **options):
 
 
 @main_group.command()
-@click.argument("task_id")
+@click.argument("task_id", required=False)
+@click.option("--group", help="Instead: cancel every unfinished task of this group.")
 @click.pass_context
-def cancel(ctx, task_id):
-    """Stop a task's whole process tree (the record stays, status cancelled)."""
+def cancel(ctx, task_id, group):
+    """Stop a task's whole process tree (the record stays, status cancelled), or a group's unfinished tasks."""
+    if bool(task_id) == bool(group):
+        raise click.UsageError("give either a TASK_ID or --group GROUP")
+    if group:
+        done = _manager(ctx).cancel_group(group)
+        console.print(f"{done.count} task(s) of {escape(group)} cancelled")
+        return
     r = _manager(ctx).cancel(task_id)
     console.print(f"{task_id} {_status(r.status.value)}")
+
+
+# -- a task board: a person or a shell script as a worker ---------------------------------------------
+
+
+def _read_text(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise click.BadParameter(f"cannot read {path}: {e.strerror}") from None
+
+
+@main_group.command()
+@click.argument("prompt")
+@click.option("--name")
+@click.option("--group", help="A group: list, wait for, cancel its tasks together; shared notes.")
+@click.option("--label", "labels", multiple=True, help="Only a claimer with all these labels takes it; repeatable.")
+@click.option("--depends-on", "depends_on", multiple=True, help="A task id that must complete first; repeatable.")
+@click.option("--include-dependency-results", is_flag=True)
+@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--max-attempts", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def post(ctx, prompt, name, group, labels, depends_on, include_dependency_results, priority, max_attempts, as_json):
+    """Post a task for an agent to claim (PROMPT, or - for standard input); prints its id."""
+    from .models import PostOptions
+
+    opts = PostOptions(
+        prompt=sys.stdin.read() if prompt == "-" else prompt, name=name, group=group, labels=list(labels) or None,
+        depends_on=list(depends_on) or None, include_dependency_results=include_dependency_results,
+        priority=priority, max_attempts=max_attempts,
+    )  # fmt: skip
+    r = _manager(ctx).post(opts)
+    click.echo(r.model_dump_json() if as_json else r.task_id)
+
+
+@main_group.command()
+@click.option("--worker", required=True, help="Who claims (a name for you or your script).")
+@click.option("--label", "labels", multiple=True, help="Your labels; repeatable.")
+@click.option("--group", help="Only a task of this group.")
+@click.option(
+    "--lease", "lease_seconds", type=float, default=300, show_default=True, help="Lease seconds (10 … 86400)."
+)
+@click.option("--wait", "wait_seconds", type=float, default=0, show_default=True, help="Wait this long for a task.")
+@click.pass_context
+def claim(ctx, worker, labels, group, lease_seconds, wait_seconds):
+    """Claim the next agent task: prints it as JSON (task_id, prompt, lease, lease_expires_at, ...); exit 1 if none."""
+    import asyncio
+
+    got = asyncio.run(_manager(ctx).aclaim(worker, list(labels) or None, group, lease_seconds, wait_seconds))
+    click.echo(got.model_dump_json(indent=2))
+    sys.exit(0 if got.claimed else 1)
+
+
+@main_group.command()
+@click.argument("task_id")
+@click.option("--lease", required=True, help="The lease claim gave you.")
+@click.option("--note", help="Progress to record.")
+@click.pass_context
+def renew(ctx, task_id, lease, note):
+    """Renew a claimed task's lease (the heartbeat); prints the new expiry."""
+    click.echo(_manager(ctx).renew(task_id, lease, note).lease_expires_at.isoformat())
+
+
+@main_group.command()
+@click.argument("task_id")
+@click.option("--lease", required=True, help="The lease claim gave you.")
+@click.option("--result", help="The result text.")
+@click.option("--result-file", help="Read the result from this file (- for standard input).")
+@click.pass_context
+def complete(ctx, task_id, lease, result, result_file):
+    """Complete a claimed task with its result."""
+    if (result is None) == (result_file is None):
+        raise click.UsageError("give either --result TEXT or --result-file FILE (- for standard input)")
+    r = _manager(ctx).complete(task_id, lease, result if result is not None else _read_text(result_file))
+    console.print(f"{task_id} {_status(r.status.value)}")
+
+
+@main_group.command()
+@click.argument("task_id")
+@click.option("--lease", required=True, help="The lease claim gave you.")
+@click.option("--error", required=True, help="What went wrong.")
+@click.option("--retry", is_flag=True, help="Requeue it as a new attempt, if attempts remain.")
+@click.pass_context
+def fail(ctx, task_id, lease, error, retry):
+    """Fail a claimed task (or, with --retry, put it back in the queue)."""
+    r = _manager(ctx).fail(task_id, lease, error, retry)
+    console.print(f"{task_id} {_status(r.status.value)}")
+
+
+@main_group.command()
+@click.argument("task_id")
+@click.option("--lease", required=True, help="The lease claim gave you.")
+@click.pass_context
+def release(ctx, task_id, lease):
+    """Give a claimed task back to the queue (not counted as an attempt)."""
+    r = _manager(ctx).release(task_id, lease)
+    console.print(f"{task_id} {_status(r.status.value)}")
+
+
+@main_group.command()
+@click.argument("group")
+@click.option("--add", "text", help="Add this note (instead of listing).")
+@click.option("--key", help="With --add: replaces the group's last note of this key.")
+@click.option("--by", help="With --add: who writes it.")
+@click.option("--since", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def notes(ctx, group, text, key, by, since, as_json):
+    """List a group's notes (all of them, from --since), or add one with --add."""
+    mgr = _manager(ctx)
+    if text is not None:
+        added = mgr.add_note(group, text, key, by)
+        click.echo(added.model_dump_json() if as_json else str(added.seq))
+        return
+    while True:
+        page = mgr.notes(group, since=since, limit=1000)
+        for n in page.notes:
+            if as_json:
+                click.echo(n.model_dump_json())
+            else:
+                who = f" [dim]{escape(n.by)}[/]" if n.by else ""
+                tag = f" [bold]{escape(n.key)}[/]" if n.key else ""
+                console.print(f"[dim]#{n.seq}[/]{tag}{who}: {escape(n.text)}")
+        since = page.next
+        if not page.more:
+            break
 
 
 @main_group.command()

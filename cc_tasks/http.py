@@ -157,6 +157,15 @@ def create_http_app(manager: TaskManager, token: str | None, path: str = "/mcp")
         )
         return JSONResponse({"entries": [e.model_dump() for e in entries], "next": nxt, "status": record.status.value})
 
+    @mcp.custom_route("/api/groups/{group}/notes", methods=["GET"])
+    async def api_notes(request: Request) -> Response:
+        try:
+            since = _int(request, "since", 0)
+            page = await anyio.to_thread.run_sync(manager.notes, request.path_params["group"], since, 200)
+        except CCTasksError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        return JSONResponse(json.loads(page.model_dump_json()))
+
     @mcp.custom_route("/api/tasks/{task_id}/cancel", methods=["POST"])
     @_task_route
     async def api_cancel(request: Request, task_id: str) -> Response:

@@ -8,6 +8,7 @@ import itertools
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import threading
 import time
@@ -17,7 +18,7 @@ from typing import Literal
 import anyio
 
 from . import __version__
-from .backend import Backend
+from .backend import Backend, dependency_preamble
 from .command import STRIP_ENV
 from .config import Settings
 from .errors import (
@@ -29,15 +30,24 @@ from .errors import (
     WorkerUnavailableError,
 )
 from .models import (
+    AGENT_OPTIONS,
     OUTPUT_PAGE_BYTES,
     OUTPUT_PAGE_DEFAULT,
+    RESULT_PREVIEW_CHARS,
     BatchItem,
     BatchResult,
     BatchStarted,
+    Claimed,
     CleanupResult,
     EventPage,
+    GroupCancelled,
+    LeaseRenewed,
     Listing,
+    Note,
+    NoteAdded,
+    NotePage,
     OutputPage,
+    PostOptions,
     ServerInfo,
     TaskOptions,
     TaskRecord,
@@ -54,6 +64,8 @@ log = logging.getLogger("cc_tasks")
 ProgressFn = Callable[[float, str], Awaitable[None]]
 #: How long cancel waits for a supervisor to stop its task before stopping it itself.
 CANCEL_WAIT = 15.0
+#: Most tasks one wait follows (wait_for_tasks' task_ids, or a group's tasks).
+WAIT_MAX = 200
 PROGRESS_EVERY = 1.0
 #: Waits (wait_for_tasks, execute_cc_task) look at the store's active/ folder this often (a stat; less
 #: often the more records they would re-read), and re-read their unfinished records when it changed, or
@@ -86,6 +98,35 @@ def _topological(items: list[BatchItem]) -> list[int]:
     for n in sorted(range(len(items)), key=lambda n: -items[n].priority):  # stable: given order within a priority
         visit(n, [])
     return order
+
+
+#: An agent's lease: 10 s to 24 h.
+LEASE_MIN, LEASE_MAX = 10.0, 86_400.0
+CLAIM_WAIT_MAX = 3_600.0
+#: What a claim reply carries of the prompt and of the dependencies' results (the rest: get_task_output).
+CLAIM_PROMPT_CHARS = 12_000
+CLAIM_DEP_CHARS = 16_000
+#: An agent's result: stored whole (paged by get_task_output), up to this many characters.
+AGENT_RESULT_MAX = 1_000_000
+NOTE_MAX = 10_000
+NOTE_JSON_MAX = 15_000  # (so that any note fits a get_notes reply whole)
+ERROR_MAX = 4_000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_claimer(worker: str) -> str:
+    name = (worker or "").strip()
+    if not name:
+        raise InvalidOptionsError("worker is empty: name the claimer (e.g. 'window-2' or 'alice@laptop')")
+    if len(name) > 100 or _CONTROL.search(name):
+        raise InvalidOptionsError("worker must be at most 100 printable characters")
+    return name
+
+
+def _check_lease_token(lease: str) -> str:
+    if not isinstance(lease, str) or not 8 <= len(lease) <= 200:
+        raise InvalidOptionsError("lease is not a lease token: pass the `lease` that claim_task returned")
+    return lease
 
 
 def setup_logging(store: TaskStore) -> None:
@@ -148,6 +189,17 @@ class TaskManager:
             raise InvalidOptionsError(f"mcp_config {opts.mcp_config!r} is neither a JSON object nor an existing file")
         return cwd, s.resolve_claude()
 
+    def _check_agent_task(self, item: BatchItem) -> str:
+        """An agent task takes only the options that mean something to an agent; returns its cwd."""
+        given = item.model_dump(exclude_unset=True, exclude_defaults=True)
+        extra = sorted(k for k in given if k not in AGENT_OPTIONS)
+        if extra:
+            raise InvalidOptionsError(
+                f"option(s) {', '.join(extra)} do not apply to an agent task (runner 'agent'): it takes "
+                + ", ".join(sorted(AGENT_OPTIONS - {"runner", "key", "cwd"}))
+            )
+        return os.path.abspath(os.path.expanduser(item.cwd)) if item.cwd else os.getcwd()
+
     def start(self, opts: TaskOptions, nudge: bool = True) -> TaskRecord:
         """Submit one task: queued (or waiting for its dependencies) until a worker claims it. With
         ``nudge=False`` the caller nudges the worker itself (the server does, without blocking its loop)."""
@@ -183,8 +235,11 @@ class TaskManager:
         base_env = {k: v for k, v in (os.environ if self._env is None else self._env).items() if k not in STRIP_ENV}
         for n in order:
             item = items[n]
-            opts = TaskOptions(**item.model_dump(exclude={"key"}))
-            cwd, claude = self._check_start(opts)
+            opts = TaskOptions(**item.model_dump(exclude={"key", "runner"}))
+            if item.runner == "agent":
+                cwd, claude = self._check_agent_task(item), ""
+            else:
+                cwd, claude = self._check_start(opts)
             deps = []
             for d in opts.depends_on or []:
                 if d in key_index:
@@ -209,6 +264,8 @@ class TaskManager:
                 metadata=opts.metadata,
                 priority=opts.priority,
                 labels=opts.labels or [],
+                runner=item.runner,
+                group=opts.group,
                 depends_on=list(dict.fromkeys(deps)),
                 max_attempts=opts.max_attempts,
                 parent_task_id=parent_task_id,
@@ -330,6 +387,7 @@ class TaskManager:
         limit: int = 50,
         status: TaskStatus | None = None,
         cursor: str | None = None,
+        group: str | None = None,
     ) -> Listing:
         """Tasks newest first (ids sort by creation time); with ``cursor`` (a task id: the last one of the
         previous page), only those older than it."""
@@ -355,6 +413,8 @@ class TaskManager:
             if not include_finished and r.status.terminal:
                 continue
             if status is not None and r.status != status:
+                continue
+            if group is not None and r.group != group:
                 continue
             if len(records) == limit:
                 more = True
@@ -394,7 +454,7 @@ class TaskManager:
         task_id: str,
         offset: int = 0,
         limit: int = OUTPUT_PAGE_DEFAULT,
-        source: Literal["result", "transcript", "stderr"] = "result",
+        source: Literal["result", "transcript", "stderr", "prompt"] = "result",
     ) -> OutputPage:
         """At most ``limit`` bytes from byte ``offset``, never splitting a UTF-8 character, and fewer when the
         page's text would not fit in a reply twice (JSON-escaped and as plain text)."""
@@ -431,6 +491,130 @@ class TaskManager:
         """Readable entries of the task's transcript from byte ``offset``, and the offset to follow on from."""
         data, _ = self.store.read_output(validate_task_id(task_id), "transcript", max(0, offset), max_bytes)
         return parse_entries(data, offset, max_bytes)
+
+    # -- agents: a task board -------------------------------------------------------
+    def post(self, opts: PostOptions) -> TaskRecord:
+        """A task for an outside agent to claim; no worker ever starts claude for it."""
+        return self.submit([opts.as_batch_item()], nudge=False)[0]
+
+    def claim(self, worker: str, labels: list[str] | None = None, group: str | None = None,
+              lease_seconds: float = 300) -> Claimed:  # fmt: skip
+        """Lease the highest-priority, oldest ready agent task ``worker`` may take; ``claimed`` false if none."""
+        worker = _check_claimer(worker)
+        if not LEASE_MIN <= lease_seconds <= LEASE_MAX:
+            raise InvalidOptionsError(
+                f"lease_seconds {lease_seconds:g} is outside {LEASE_MIN:g} … {LEASE_MAX:g} (10 s to 24 h); renew_task "
+                "extends a lease by as much again"
+            )
+        labels = TaskOptions(prompt="x", labels=labels).labels or []  # (validated as task labels are)
+        if group is not None:
+            TaskOptions(prompt="x", group=group)
+        got = self.store.claim_agent(worker, labels, group, lease_seconds)
+        if got is None:
+            return Claimed(claimed=False)
+        r, token = got
+        request = self.store.request(r.task_id)
+        prompt = request.options.prompt
+        deps = None
+        if request.options.include_dependency_results and r.depends_on:
+            deps = dependency_preamble(self.store, r.depends_on, total=CLAIM_DEP_CHARS)
+        return Claimed(
+            claimed=True, task_id=r.task_id, name=r.name, group=r.group, prompt=prompt[:CLAIM_PROMPT_CHARS],
+            prompt_truncated=len(prompt) > CLAIM_PROMPT_CHARS, dependency_results=deps, lease=token,
+            lease_expires_at=r.lease.expires_at, attempt=len(r.attempts) + 1, metadata=r.metadata,
+        )  # fmt: skip
+
+    async def aclaim(self, worker: str, labels: list[str] | None = None, group: str | None = None,
+                     lease_seconds: float = 300, wait_seconds: float = 0) -> Claimed:  # fmt: skip
+        """``claim``, waiting up to ``wait_seconds`` for a task to become ready."""
+        if not 0 <= wait_seconds <= CLAIM_WAIT_MAX:
+            raise InvalidOptionsError(f"wait_seconds must be 0 … {CLAIM_WAIT_MAX:g}")
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            stamp = self._active_stamp()
+            got = await anyio.to_thread.run_sync(functools.partial(self.claim, worker, labels, group, lease_seconds))
+            left = deadline - time.monotonic()
+            if got.claimed or left <= 0:
+                return got
+            # a new task, a release or a requeue changes the stamp; look again at least once a second anyway
+            until = time.monotonic() + min(left, 1.0)
+            while time.monotonic() < until and self._active_stamp() == stamp:
+                await asyncio.sleep(0.02)
+
+    def renew(self, task_id: str, lease: str, note: str | None = None) -> LeaseRenewed:
+        if note is not None and len(note) > NOTE_MAX:
+            raise InvalidOptionsError(f"note is {len(note)} characters; at most {NOTE_MAX}")
+        r = self.store.renew_agent(validate_task_id(task_id), _check_lease_token(lease), note)
+        return LeaseRenewed(task_id=task_id, lease_expires_at=r.lease.expires_at)
+
+    def complete(self, task_id: str, lease: str, result: str) -> TaskRecord:
+        if len(result) > AGENT_RESULT_MAX:
+            raise InvalidOptionsError(
+                f"result is {len(result):,} characters; at most {AGENT_RESULT_MAX:,} (put more in a file and give its path)"
+            )
+        return self.store.complete_agent(
+            validate_task_id(task_id), _check_lease_token(lease), result, RESULT_PREVIEW_CHARS
+        )
+
+    def fail(self, task_id: str, lease: str, error: str, retry: bool = False) -> TaskRecord:
+        if not error.strip():
+            raise InvalidOptionsError("error is empty: say what went wrong")
+        return self.store.fail_agent(validate_task_id(task_id), _check_lease_token(lease), error[:ERROR_MAX], retry)
+
+    def release(self, task_id: str, lease: str) -> TaskRecord:
+        return self.store.release_agent(validate_task_id(task_id), _check_lease_token(lease))
+
+    def add_note(self, group: str, text: str, key: str | None = None, by: str | None = None) -> NoteAdded:
+        if not text.strip():
+            raise InvalidOptionsError("text is empty: a note says something")
+        if len(text) > NOTE_MAX or json_len(text) > NOTE_JSON_MAX:
+            raise InvalidOptionsError(
+                f"text is {len(text):,} characters ({json_len(text):,} as JSON); a note holds at most {NOTE_MAX:,} "
+                f"({NOTE_JSON_MAX:,} as JSON: control characters count six times)"
+            )
+        if key is not None and not 1 <= len(key) <= 100:
+            raise InvalidOptionsError("key must be 1 to 100 characters")
+        seq = self.store.add_note(group, text, key, by)
+        return NoteAdded(group=group, seq=seq, key=key)
+
+    def notes(self, group: str, since: int = 0, limit: int = 100) -> NotePage:
+        if since < 0:
+            raise InvalidOptionsError("since must be 0 or more (use next from the previous page)")
+        limit = max(1, min(int(limit), 1000))
+        out: list[Note] = []
+        size, nxt, more = 0, since, False
+        for n in self.store.iter_notes(group, since):
+            note = Note(**{k: n.get(k) for k in ("seq", "ts", "key", "by", "text")})
+            cost = json_len(note.model_dump(mode="json")) + 2
+            if len(out) >= limit or (out and size + cost > EVENT_PAGE_CHARS):
+                more = True
+                break
+            out.append(note)
+            size += cost
+            nxt = note.seq + 1
+        return NotePage(group=group, notes=out, next=nxt, more=more)
+
+    def group_ids(self, group: str, include_finished: bool = True) -> list[str]:
+        """The group's tasks, newest first."""
+        TaskOptions(prompt="x", group=group)
+        out = []
+        for t in self.store.list_ids(include_finished=include_finished):
+            try:
+                if self.store.read(t, cached=True).group == group:
+                    out.append(t)
+            except CCTasksError:
+                continue
+        return out
+
+    def cancel_group(self, group: str) -> GroupCancelled:
+        cancelled = []
+        for t in self.group_ids(group, include_finished=False):
+            try:
+                if self.cancel(t).status == TaskStatus.CANCELLED:
+                    cancelled.append(t)
+            except TaskNotFoundError:
+                continue
+        return GroupCancelled(group=group, cancelled=cancelled, count=len(cancelled))
 
     # -- stop ----------------------------------------------------------------
     def cancel(self, task_id: str) -> TaskRecord:
@@ -469,13 +653,25 @@ class TaskManager:
     # -- wait ----------------------------------------------------------------
     async def wait(
         self,
-        task_ids: list[str],
+        task_ids: list[str] | None,
         mode: Literal["all", "any"] = "all",
         timeout: float = 300.0,
         progress: ProgressFn | None = None,
+        group: str | None = None,
     ) -> Waited:
+        """Until all (or any) of the tasks end, or ``timeout``. With ``group``: the group's tasks (as they are
+        when the wait starts), with or without ``task_ids``."""
+        if group is not None:
+            members = await anyio.to_thread.run_sync(self.group_ids, group)
+            if len(members) > WAIT_MAX:
+                raise InvalidOptionsError(
+                    f"group {group!r} has {len(members)} tasks; a wait takes at most {WAIT_MAX}: wait on task ids"
+                )
+            if not members and not task_ids:
+                raise InvalidOptionsError(f"group {group!r} has no tasks")
+            task_ids = [*(task_ids or []), *members]
         if not task_ids:
-            raise InvalidOptionsError("task_ids is empty: give at least one task id")
+            raise InvalidOptionsError("task_ids is empty: give at least one task id (or a group)")
         ids = list(dict.fromkeys(validate_task_id(t) for t in task_ids))
         for t in ids:
             self.store.read(t)  # unknown ids fail before any waiting

@@ -34,6 +34,21 @@ def utcnow() -> datetime:
 PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "manual", "dontAsk", "plan"]
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+#: What a task's ``runner`` may be: a worker runs ``claude -p`` for it, or an outside agent claims it.
+Runner = Literal["claude", "agent"]
+#: The options an agent task takes (post_task); the others are claude's.
+AGENT_OPTIONS = frozenset(
+    {"prompt", "name", "depends_on", "include_dependency_results", "priority", "labels", "group", "max_attempts",
+     "metadata", "cwd", "runner", "key"}
+)  # fmt: skip
+
+
+def check_group(v: str) -> str:
+    if not isinstance(v, str) or not _LABEL.fullmatch(v):
+        raise ValueError(f"group {str(v)[:80]!r} is not 1-64 letters, digits, '.', '_', ':' or '-'")
+    return v
+
+
 _SESSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Variables a task may not set through ``env``: they are how nesting is bounded.
 RESERVED_ENV = frozenset({"CC_TASKS_DEPTH", "CC_TASKS_MAX_DEPTH", "CC_TASKS_TASK_ID"})
@@ -108,6 +123,11 @@ class TaskOptions(BaseModel):
         max_length=20,
         description="Only a worker advertising all of these labels may run the task (e.g. ['repo-a']).",
     )
+    group: str | None = Field(
+        None,
+        description="A group the task belongs to (1-64 letters, digits, '.', '_', ':', '-'): list, wait for, "
+        "cancel its tasks together, and share notes (add_note, get_notes).",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -141,6 +161,11 @@ class TaskOptions(BaseModel):
             if not _LABEL.fullmatch(label):
                 raise ValueError(f"label {label[:80]!r} is not 1-64 letters, digits, '.', '_', ':' or '-'")
         return sorted(set(v)) if v else v
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v: str | None) -> str | None:
+        return check_group(v) if v is not None else v
 
     @field_validator("resume_session_id")
     @classmethod
@@ -216,6 +241,9 @@ class Lease(BaseModel):
     pid: int | None = None
     acquired_at: datetime = Field(default_factory=lambda: utcnow())
     transcript_offset: int = Field(0, description="Size of the task's transcript when the lease was granted.")
+    expires_at: datetime | None = Field(None, description="An agent's lease: when it lapses unless renewed.")
+    lease_seconds: float | None = Field(None, description="An agent's lease: what each renewal extends it by.")
+    token_sha256: str | None = Field(None, description="An agent's lease: the SHA-256 of its token (not the token).")
 
     def same(self, other: Lease | None) -> bool:
         return other is not None and (self.task_id, self.worker, self.epoch) == (
@@ -301,6 +329,10 @@ class TaskRecord(BaseModel):
     queue_position: int | None = Field(None, description="1 = next to start; only for queued tasks, at read time.")
     queue_note: str | None = Field(None, description="Why a queued task may not start soon; at read time.")
     labels: list[str] = Field(default_factory=list, description="Only a worker with all these labels may claim it.")
+    runner: Runner = Field(
+        "claude", description="'claude': a worker runs claude -p; 'agent': an outside agent claims it."
+    )
+    group: str | None = None
     epoch: int = Field(0, description="How many times a worker claimed the task; the fence of its lease.")
     lease: Lease | None = Field(None, description="The worker running the task, while it runs.")
     supervisor: ProcRef | None = Field(None, description="Records of cc-tasks 0.2 only: the process supervising it.")
@@ -347,6 +379,10 @@ class TaskSummary(BaseModel):
     exit_code: int | None
     error: str | None
     prompt_preview: str
+    runner: Runner = "claude"
+    group: str | None = None
+    holder: str | None = Field(None, description="Who holds it while it runs: an agent's name, or a worker's id.")
+    lease_expires_at: datetime | None = Field(None, description="An agent's lease: when it lapses unless renewed.")
 
     @classmethod
     def of(cls, r: TaskRecord) -> TaskSummary:
@@ -366,6 +402,10 @@ class TaskSummary(BaseModel):
             exit_code=r.exit_code,
             error=(r.error or "")[:300] or None,
             prompt_preview=r.prompt_preview[:200],
+            runner=r.runner,
+            group=r.group,
+            holder=r.lease.worker if r.lease and r.status == TaskStatus.RUNNING else None,
+            lease_expires_at=r.lease.expires_at if r.lease and r.status == TaskStatus.RUNNING else None,
         )
 
 
@@ -451,6 +491,12 @@ class BatchItem(TaskOptions):
         max_length=100,
         description=("A name for this task within the batch; other tasks of the batch may list it in depends_on."),
     )
+    runner: Runner = Field(
+        "claude",
+        description="'claude' (default): a worker runs claude -p for it. 'agent': no worker runs it; an agent "
+        "claims it with claim_task (agent tasks take prompt, name, depends_on, include_dependency_results, "
+        "priority, labels, group, max_attempts, metadata).",
+    )
 
 
 class BatchStarted(BaseModel):
@@ -493,7 +539,7 @@ class TaskList(BaseModel):
 
 class OutputPage(BaseModel):
     task_id: str
-    source: Literal["result", "transcript", "stderr"]
+    source: Literal["result", "transcript", "stderr", "prompt"]
     offset: int = Field(description="Byte offset this page starts at.")
     next_offset: int = Field(description="Pass as `offset` to read the next page.")
     total_bytes: int
@@ -541,3 +587,72 @@ class CleanupResult(BaseModel):
     task_id: str
     deleted: bool
     was_status: TaskStatus | None = Field(description="The status it had; null if its record was unreadable.")
+
+
+class PostOptions(BaseModel):
+    """A task for an outside agent (post_task): no worker ever starts claude for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What to do (required, non-empty).")
+    name: str | None = Field(None, max_length=200)
+    depends_on: list[str] | None = Field(None, max_length=100, description="Task ids that must complete first.")
+    include_dependency_results: bool = Field(False, description="Give the claimer the dependencies' results.")
+    priority: int = Field(0, ge=-1000, le=1000, description="Higher is claimed first, then oldest first.")
+    labels: list[str] | None = Field(None, max_length=20, description="Only a claimer with all these labels takes it.")
+    group: str | None = Field(None, description="Group of tasks (list, wait, cancel together; shared notes).")
+    max_attempts: int = Field(
+        3, ge=1, le=10, description="Attempts in all (an expired lease or fail_task(retry=true))."
+    )
+    metadata: dict[str, Any] | None = Field(None, description="Free-form JSON kept with the task (at most 16 KB).")
+
+    def as_batch_item(self) -> BatchItem:
+        return BatchItem(runner="agent", **self.model_dump())
+
+
+class Claimed(BaseModel):
+    """What claim_task gives the claimer: the task, its dependencies' results, and the lease to hold it by."""
+
+    claimed: bool = Field(description="False when no task was ready for this claimer (then nothing else is set).")
+    task_id: str | None = None
+    name: str | None = None
+    group: str | None = None
+    prompt: str | None = None
+    prompt_truncated: bool = Field(False, description="True if the prompt was cut: get_task_output source=prompt.")
+    dependency_results: str | None = Field(None, description="The dependencies' results, bounded (if asked for).")
+    lease: str | None = Field(None, description="Pass to renew_task, complete_task, fail_task, release_task.")
+    lease_expires_at: datetime | None = None
+    attempt: int | None = Field(None, description="1 for the first attempt.")
+    metadata: dict[str, Any] | None = None
+
+
+class LeaseRenewed(BaseModel):
+    task_id: str
+    lease_expires_at: datetime
+
+
+class Note(BaseModel):
+    seq: int = Field(description="Position in the group's notes.")
+    ts: float
+    key: str | None = None
+    by: str | None = None
+    text: str
+
+
+class NotePage(BaseModel):
+    group: str
+    notes: list[Note] = Field(description="Notes from `since` on; a keyed note replaced by a later one is left out.")
+    next: int = Field(description="Pass as `since` to read the notes after these.")
+    more: bool = Field(description="True when more notes are already there.")
+
+
+class NoteAdded(BaseModel):
+    group: str
+    seq: int
+    key: str | None = None
+
+
+class GroupCancelled(BaseModel):
+    group: str
+    cancelled: list[str] = Field(description="The group's tasks that were unfinished and are now cancelled.")
+    count: int

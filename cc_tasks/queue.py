@@ -24,18 +24,23 @@ def ready(r: TaskRecord) -> bool:
 
 
 class QueueView:
-    """``order`` holds the ready tasks in claim order, ``queued`` their ids, ``others`` the rest of the active
-    ones (running or waiting)."""
+    """``order`` holds the ready tasks of one runner (workers claim ``claude`` tasks, agents ``agent`` ones) in
+    claim order, ``queued`` their ids, ``others`` the rest of the active ones (running, waiting, the other
+    runner's)."""
 
-    def __init__(self, records: Mapping[str, TaskRecord] | None = None):
+    def __init__(self, records: Mapping[str, TaskRecord] | None = None, runner: str = "claude"):
         records = records or {}
-        ready_ones = [r for r in records.values() if ready(r)]
+        self.runner = runner
+        ready_ones = [r for r in records.values() if self._mine(r)]
         self.order: list[tuple[tuple, str]] = sorted((queue_order(r), r.task_id) for r in ready_ones)
         self.queued: set[str] = {r.task_id for r in ready_ones}
-        self.others: set[str] = {t for t, r in records.items() if not ready(r)}
+        self.others: set[str] = {t for t, r in records.items() if not self._mine(r)}
+
+    def _mine(self, r: TaskRecord) -> bool:
+        return ready(r) and r.runner == self.runner
 
     def note(self, r: TaskRecord) -> None:
-        if ready(r):
+        if self._mine(r):
             if r.task_id not in self.queued:
                 bisect.insort(self.order, (queue_order(r), r.task_id))
                 self.queued.add(r.task_id)

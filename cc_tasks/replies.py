@@ -21,9 +21,14 @@ from .models import (
     REPLY_CHARS,
     BatchResult,
     BatchStarted,
+    Claimed,
     CleanupResult,
     EventPage,
+    GroupCancelled,
+    LeaseRenewed,
     Listing,
+    NoteAdded,
+    NotePage,
     OutputPage,
     ServerInfo,
     StartResult,
@@ -356,3 +361,39 @@ def event_line(ev: dict[str, Any]) -> str:
         if k not in ("seq", "ts", "kind"):
             parts.append(f"{k}={v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)}")
     return one_line(" ".join(parts), 200)
+
+
+@text_of.register
+def _(c: Claimed) -> str:
+    if not c.claimed:
+        return "no task ready for you: claim_task again later (or with wait_seconds)"
+    name = f" {json.dumps(clip(c.name, 80), ensure_ascii=False)}" if c.name else ""
+    return (
+        f"claimed {c.task_id}{name} (attempt {c.attempt}); lease {c.lease} until {c.lease_expires_at:%H:%M:%S} UTC "
+        f"(renew_task before then). Prompt: {one_line(c.prompt or '', 500)}"
+    )
+
+
+@text_of.register
+def _(r: LeaseRenewed) -> str:
+    return f"lease on {r.task_id} renewed until {r.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC"
+
+
+@text_of.register
+def _(n: NoteAdded) -> str:
+    return f"note {n.seq} added to group {n.group}" + (f" (key {n.key})" if n.key else "")
+
+
+@text_of.register
+def _(p: NotePage) -> str:
+    lines = [f"{len(p.notes)} notes of group {p.group}" + (f"; more from since={p.next}" if p.more else "")]
+    lines += [f"[{n.seq}]{' ' + n.key if n.key else ''}{' by ' + n.by if n.by else ''}: {one_line(n.text, 200)}"
+              for n in p.notes]  # fmt: skip
+    return one_line("\n".join(lines), 4_000) if len(lines) > 40 else "\n".join(lines)
+
+
+@text_of.register
+def _(g: GroupCancelled) -> str:
+    return f"{g.count} unfinished task(s) of group {g.group} cancelled" + (
+        f": {', '.join(g.cancelled)}" if g.cancelled else ""
+    )

@@ -21,7 +21,7 @@ from mcp.types import TextContent, ToolAnnotations
 from pydantic import Field, ValidationError
 
 from . import __version__, replies
-from .errors import CCTasksError
+from .errors import CCTasksError, InvalidOptionsError
 from .manager import TaskManager
 from .models import (
     MAX_BATCH,
@@ -29,9 +29,15 @@ from .models import (
     OUTPUT_PAGE_DEFAULT,
     BatchItem,
     BatchResult,
+    Claimed,
     CleanupResult,
     EventPage,
+    GroupCancelled,
+    LeaseRenewed,
+    NoteAdded,
+    NotePage,
     OutputPage,
+    PostOptions,
     ServerInfo,
     StartResult,
     TaskList,
@@ -48,6 +54,8 @@ INSTRUCTIONS = """Run Claude Code sub-agents in parallel. start_cc_task_async st
 task_id at once (start_cc_tasks_batch starts many, with dependencies between them); wait_for_tasks waits
 for several (cheaper than polling check_task_status); get_task_output pages through long results;
 continue_task asks a finished sub-agent a follow-up; cancel_task stops one; cleanup_task deletes it.
+A task board for agents that are already running: post_task, then claim_task / renew_task / complete_task /
+fail_task / release_task under a lease; groups of tasks share notes (add_note, get_notes).
 execute_cc_task runs one and returns when it ends. Every server process of this user shares the tasks,
 and at most CC_TASKS_MAX_CONCURRENT run at once; the rest are queued by priority. Replies are bounded:
 wait_for_tasks and list_active_tasks give a short entry per task (check_task_status has the whole record),
@@ -147,6 +155,19 @@ _CONTINUE_FIRST = [
 ]
 
 
+def _cancel_schema() -> dict:
+    """cancel_task replies with the task's record, or with a group: the ids cancelled. One object schema with
+    the properties of both (a union would make FastMCP wrap every reply in {"result": ...})."""
+    record = TaskRecord.model_json_schema()
+    group = GroupCancelled.model_json_schema()
+    return {
+        "type": "object",
+        "description": "The cancelled task's record; with `group`: the group and the ids cancelled.",
+        "properties": {**group["properties"], **record["properties"]},  # (the record's `group` wins: it may be null)
+        "$defs": record.get("$defs", {}),
+    }
+
+
 def create_server(manager: TaskManager | None = None) -> FastMCP:
     mgr = manager or TaskManager()
 
@@ -244,16 +265,25 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         cursor: Annotated[
             str | None, Field(description="`next_cursor` of the previous reply, to list the tasks after it.")
         ] = None,
+        group: Annotated[str | None, Field(description="Only the tasks of this group.")] = None,
     ) -> TaskList:
         """Tasks of this store that are queued or running (optionally finished ones too), from every server process,
         newest first; `more` and `next_cursor` page through the rest."""
         listing = await anyio.to_thread.run_sync(
-            functools.partial(mgr.list, include_finished=include_finished, limit=limit, cursor=cursor)
+            functools.partial(mgr.list, include_finished=include_finished, limit=limit, cursor=cursor, group=group)
         )
         return replies.list_reply(listing)  # (a TaskList with its text, fitted to the reply)
 
-    async def cancel_task(task_id: TaskId) -> TaskRecord:
-        """Stop the task's whole process tree. The record stays, with status cancelled."""
+    async def cancel_task(
+        task_id: Annotated[str | None, Field(description="The task to cancel.")] = None,
+        group: Annotated[str | None, Field(description="Instead: cancel every unfinished task of this group.")] = None,
+    ) -> TaskRecord:
+        """Stop the task's whole process tree; the record stays, with status cancelled (and is returned). With
+        `group` instead of `task_id`: every unfinished task of the group (returns the ids cancelled)."""
+        if (task_id is None) == (group is None):
+            raise InvalidOptionsError("give either task_id or group")
+        if group is not None:
+            return await anyio.to_thread.run_sync(mgr.cancel_group, group)
         return await anyio.to_thread.run_sync(mgr.cancel, task_id)
 
     async def cleanup_task(task_id: TaskId) -> CleanupResult:
@@ -274,8 +304,10 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
             ),
         ] = OUTPUT_PAGE_DEFAULT,
         source: Annotated[
-            Literal["result", "transcript", "stderr"],
-            Field(description="'result': the final result text; 'transcript': claude's raw stream-json; 'stderr'."),
+            Literal["result", "transcript", "stderr", "prompt"],
+            Field(
+                description="'result': the final result text; 'transcript': claude's raw stream-json; 'stderr'; 'prompt': what the task was given (for claude, with its dependencies' results)."
+            ),
         ] = "result",
     ) -> OutputPage:
         """Page through a task's full result text (or raw transcript, or stderr)."""
@@ -284,14 +316,121 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         )
 
     async def wait_for_tasks(
-        task_ids: Annotated[list[str], Field(min_length=1, max_length=200, description="Task ids to wait for.")],
+        task_ids: Annotated[
+            list[str] | None, Field(min_length=1, max_length=200, description="Task ids to wait for.")
+        ] = None,
         mode: Annotated[Literal["all", "any"], Field(description="Wait until all, or any one, are finished.")] = "all",
         timeout_seconds: Annotated[float, Field(ge=0, le=86400, description="Give up waiting after this long.")] = 300,
+        group: Annotated[
+            str | None, Field(description="Wait for the tasks of this group (as they are when the wait starts).")
+        ] = None,
     ) -> WaitResult:
         """Block until all (or any) of the tasks are finished or the timeout passes; returns an entry per task
         (status, error, the start of the result: check_task_status has the whole record)."""
-        waited = await mgr.wait(task_ids, mode=mode, timeout=timeout_seconds, progress=_report)
+        waited = await mgr.wait(task_ids, mode=mode, timeout=timeout_seconds, progress=_report, group=group)
         return replies.wait_reply(waited)  # (a WaitResult with its text, fitted to the reply)
+
+    # -- a task board for agents that are already running ------------------------------
+    async def post_task(
+        prompt: Annotated[str, Field(description="What to do (required).")],
+        name: Annotated[str | None, Field(max_length=200, description="A label shown in listings.")] = None,
+        depends_on: Annotated[
+            list[str] | None, Field(max_length=100, description="Task ids (of any kind) that must complete first.")
+        ] = None,
+        include_dependency_results: Annotated[
+            bool, Field(description="Give the claimer the dependencies' results with the task.")
+        ] = False,
+        priority: Annotated[int, Field(ge=-1000, le=1000, description="Higher is claimed first.")] = 0,
+        labels: Annotated[
+            list[str] | None, Field(max_length=20, description="Only a claimer with all these labels takes it.")
+        ] = None,
+        group: Annotated[str | None, Field(description="A group: list, wait, cancel together; shared notes.")] = None,
+        max_attempts: Annotated[
+            int, Field(ge=1, le=10, description="Attempts in all (an expired lease or fail_task retry=true).")
+        ] = 3,
+        metadata: Annotated[dict[str, Any] | None, Field(description="Free-form JSON kept with the task.")] = None,
+    ) -> StartResult:
+        """Post a task for agents that are already running (Claude Code windows, other MCP clients, a person):
+        no worker starts claude for it; an agent takes it with claim_task. It may depend on claude tasks and
+        they on it (start_cc_tasks_batch items take runner: "agent" too)."""
+        opts = PostOptions(
+            prompt=prompt, name=name, depends_on=depends_on, include_dependency_results=include_dependency_results,
+            priority=priority, labels=labels, group=group, max_attempts=max_attempts, metadata=metadata,
+        )  # fmt: skip
+        r = await anyio.to_thread.run_sync(mgr.post, opts)
+        return StartResult(task_id=r.task_id, status=r.status, name=r.name)
+
+    async def claim_task(
+        worker: Annotated[str, Field(description="Who claims: a name for this agent, e.g. 'window-2'.")],
+        labels: Annotated[list[str] | None, Field(description="This agent's labels (tasks may require some).")] = None,
+        group: Annotated[str | None, Field(description="Only a task of this group.")] = None,
+        lease_seconds: Annotated[
+            float, Field(ge=10, le=86400, description="How long the lease lasts unless renewed (10 s to 24 h).")
+        ] = 300,
+        wait_seconds: Annotated[
+            float, Field(ge=0, le=3600, description="Wait up to this long for a task when none is ready.")
+        ] = 0,
+    ) -> Claimed:
+        """Take the highest-priority, oldest ready agent task you may: its prompt, dependency results and a
+        `lease`. Hold it with renew_task before lease_expires_at; end it with complete_task or fail_task, or
+        give it back with release_task. `claimed` is false if there was none. Exactly one claimer gets a task."""
+        return await mgr.aclaim(worker, labels, group, lease_seconds, wait_seconds)
+
+    async def renew_task(
+        task_id: TaskId,
+        lease: Annotated[str, Field(description="The lease claim_task gave you.")],
+        note: Annotated[str | None, Field(description="Progress to record (event log, the record's progress).")] = None,
+    ) -> LeaseRenewed:
+        """The heartbeat: extends the lease by its lease_seconds from now; returns the new expiry."""
+        return await anyio.to_thread.run_sync(mgr.renew, task_id, lease, note)
+
+    async def complete_task(
+        task_id: TaskId,
+        lease: Annotated[str, Field(description="The lease claim_task gave you.")],
+        result: Annotated[
+            str, Field(description="The result (at most 1,000,000 characters; paged by get_task_output).")
+        ],
+    ) -> TaskRecord:
+        """End a claimed task as completed with its result; tasks that depend on it may start."""
+        return await anyio.to_thread.run_sync(mgr.complete, task_id, lease, result)
+
+    async def fail_task(
+        task_id: TaskId,
+        lease: Annotated[str, Field(description="The lease claim_task gave you.")],
+        error: Annotated[str, Field(description="What went wrong.")],
+        retry: Annotated[
+            bool, Field(description="Put it back in the queue as a new attempt, if attempts remain.")
+        ] = False,
+    ) -> TaskRecord:
+        """End a claimed task as failed (its dependents are skipped), or with retry=true requeue it."""
+        return await anyio.to_thread.run_sync(mgr.fail, task_id, lease, error, retry)
+
+    async def release_task(
+        task_id: TaskId, lease: Annotated[str, Field(description="The lease claim_task gave you.")]
+    ) -> TaskRecord:
+        """Give a claimed task back to the queue (not counted as an attempt)."""
+        return await anyio.to_thread.run_sync(mgr.release, task_id, lease)
+
+    async def add_note(
+        group: Annotated[str, Field(description="The group the note is for.")],
+        text: Annotated[str, Field(description="What you learned and others must know (at most 10,000 characters).")],
+        key: Annotated[
+            str | None, Field(description="A note with a key replaces the group's last note of that key.")
+        ] = None,
+        by: Annotated[str | None, Field(max_length=100, description="Who writes it.")] = None,
+    ) -> NoteAdded:
+        """Share a note with the agents working on a group of tasks."""
+        return await anyio.to_thread.run_sync(mgr.add_note, group, text, key, by)
+
+    async def get_notes(
+        group: Annotated[str, Field(description="The group.")],
+        since: Annotated[
+            int, Field(ge=0, description="Cursor: 0 for the start, else `next` of the previous page.")
+        ] = 0,
+        limit: Annotated[int, Field(ge=1, le=1000, description="Most notes to return.")] = 100,
+    ) -> NotePage:
+        """The group's notes from `since` on (a keyed note replaced by a later one is left out)."""
+        return await anyio.to_thread.run_sync(mgr.notes, group, since, limit)
 
     tools = [
         (execute_cc_task, _annotations(False, destructive=True, open_world=True)),
@@ -306,9 +445,17 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         (get_task_output, _annotations(True, idempotent=True)),
         (wait_for_tasks, _annotations(True, idempotent=True)),
         (get_server_info, _annotations(True, idempotent=True)),
+        (post_task, _annotations(False)),
+        (claim_task, _annotations(False)),
+        (renew_task, _annotations(False, idempotent=True)),
+        (complete_task, _annotations(False, destructive=True)),
+        (fail_task, _annotations(False, destructive=True)),
+        (release_task, _annotations(False)),
+        (add_note, _annotations(False)),
+        (get_notes, _annotations(True, idempotent=True)),
     ]
     for fn, ann in tools:
-        mcp.tool(edge(fn), annotations=ann)
+        mcp.tool(edge(fn), annotations=ann, **({"output_schema": _cancel_schema()} if fn is cancel_task else {}))
     return mcp
 
 

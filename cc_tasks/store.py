@@ -30,6 +30,8 @@ worker is gone.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -43,7 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psutil
@@ -53,14 +55,15 @@ from . import control, procs
 from .config import default_lease_seconds, default_max_concurrent
 from .errors import (
     CorruptRecordError,
+    InvalidOptionsError,
     InvalidTaskIdError,
     LeaseLostError,
     TaskNotFoundError,
     UnsafeStoreError,
     WorkerUnavailableError,
 )
-from .models import Attempt, Lease, ProcRef, Progress, TaskRecord, TaskRequest, WorkerInfo, utcnow
-from .queue import QueueView, ready
+from .models import Attempt, Lease, ProcRef, Progress, TaskRecord, TaskRequest, WorkerInfo, check_group, utcnow
+from .queue import QueueView, queue_order, ready
 from .states import DEP_FAILED, TRANSITIONS, TaskStatus, check_transition
 from .stream import apply_event, split_lines
 
@@ -74,7 +77,7 @@ HOST = socket.gethostname()
 ALIVE_CACHE = 0.2
 #: How long a server waits for a worker it started to answer.
 WORKER_START_WAIT = 10.0
-OUTPUT_FILES = {"result": "result.txt", "transcript": "stdout.jsonl", "stderr": "stderr.log"}
+OUTPUT_FILES = {"result": "result.txt", "transcript": "stdout.jsonl", "stderr": "stderr.log", "prompt": "prompt.txt"}
 
 
 def new_task_id(now: datetime | None = None) -> str:
@@ -235,6 +238,11 @@ class TaskStore:
         tmp = self.tasks_dir / f".new-{record.task_id}"
         os.mkdir(tmp, 0o700)
         files = {
+            **(
+                {"prompt.txt": request.options.prompt.encode("utf-8", "surrogatepass")}
+                if record.runner == "agent"
+                else {}
+            ),
             "request.json": request.model_dump_json().encode("utf-8", "surrogatepass"),
             "record.json": record.model_dump_json().encode(),
             "events.jsonl": _event_line("status", status=record.status.value),
@@ -309,10 +317,10 @@ class TaskStore:
             raise CorruptRecordError(f"task {task_id}: its request.json is unreadable ({e})") from None
 
     def queue_position(self, task_id: str) -> int | None:
-        """1 = the next queued task to be claimed; None if it is not queued."""
+        """1 = the next queued task of its kind (claude or agent) to be claimed; None if it is not queued."""
         records = self._read_all(self.active_ids())
-        order = QueueView(records)
-        return order.position(task_id)
+        mine = records.get(task_id)
+        return QueueView(records, mine.runner).position(task_id) if mine else None
 
     # -- write ---------------------------------------------------------------
     def write(self, record: TaskRecord, *, fsync: bool = True) -> None:
@@ -590,8 +598,11 @@ class TaskStore:
             return float("inf")
 
     def lease_alive(self, lease: Lease, max_age: float = 0.0) -> bool:
-        """Whether the lease's worker lives (its heartbeat is fresh, and its pid, on this host); with ``max_age``,
-        a worker found alive that recently counts as alive without looking again."""
+        """Whether the lease holds: an agent's until it expires; a worker's while the worker lives (its
+        heartbeat is fresh, and its pid, on this host); with ``max_age``, a worker found alive that recently
+        counts as alive without looking again."""
+        if lease.expires_at is not None:
+            return utcnow() < lease.expires_at
         return self._worker_alive(lease.worker, max_age)
 
     # -- the worker is gone ----------------------------------------------------
@@ -603,6 +614,10 @@ class TaskStore:
             if r.supervisor is not None and procs.alive(r.supervisor):
                 return r  # a task of cc-tasks 0.2, still under its supervisor: left to it
             return self.worker_lost(r, "its supervisor is gone (a task of an earlier cc-tasks version)")
+        if r.lease.expires_at is not None:
+            return self.worker_lost(
+                r, f"{r.lease.worker!r} did not renew it by {r.lease.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+            )
         info = self.worker_info(r.lease.worker)
         who = f"worker {r.lease.worker} (pid {info.proc.pid} on {info.host})" if info else f"worker {r.lease.worker}"
         return self.worker_lost(r, f"{who} stopped renewing its lease (exited, killed, or hung)")
@@ -611,7 +626,7 @@ class TaskStore:
         """The processes of ``r``'s run that this host can see: its claude, and every process carrying the task's
         id in its environment (its tools, also those a lost worker had adopted). Taken before the task can be
         claimed again, since a new attempt's processes carry the same id."""
-        if r.lease is not None and r.lease.host not in ("", HOST):
+        if r.runner != "claude" or (r.lease is not None and r.lease.host not in ("", HOST)):
             return None, []
         root = procs.process_of(r.claude) if r.claude is not None else None
         others = [p for p in procs.task_processes(r.task_id) if root is None or p.pid != root.pid]
@@ -667,21 +682,25 @@ class TaskStore:
             doomed.append(self._doomed(cur))
             now = utcnow()
             n = len(cur.attempts) + 1
-            acted = self._acted(cur)
+            agent = cur.runner == "agent"  # (an agent's lease expired: what it did is its own business)
+            acted = not agent and self._acted(cur)
             requeue = not cur.cancel_requested and not acted and n < cur.max_attempts
+            what = "lease expired" if agent else "worker lost"
             attempt = Attempt(
                 attempt=n,
                 started_at=cur.started_at or now,
                 finished_at=now,
                 status=TaskStatus.FAILED,
-                reason=f"worker lost: {reason}",
+                reason=f"{what}: {reason}",
                 retried=requeue,
             )
             fields: dict = {"attempts": [*cur.attempts, attempt], "lease": None, "claude": None}
             if cur.cancel_requested:
-                fields.update(status=TaskStatus.CANCELLED, error=f"cancelled; worker lost: {reason}")
+                fields.update(status=TaskStatus.CANCELLED, error=f"cancelled; {what}: {reason}")
             elif requeue:
                 fields.update(status=TaskStatus.QUEUED, started_at=None, progress=Progress())
+            elif agent:
+                fields.update(status=TaskStatus.FAILED, error=f"lease expired: {reason} (no attempts left)")
             else:
                 why = "its run had used tools or ended, so it is not run again" if acted else "no attempts left"
                 fields.update(
@@ -698,6 +717,7 @@ class TaskStore:
         if new.status == TaskStatus.QUEUED:
             _unlink(self.task_dir(r.task_id) / "cancel")
             self.append_event(r.task_id, "requeued", reason=reason, attempt=len(new.attempts) + 1)
+            self._queue_changed()
         self._stop(doomed[0], wait)
         if new.status.terminal:
             self.resolve_waiting()
@@ -732,7 +752,7 @@ class TaskStore:
             else:
                 for r in records.values():
                     view.note(r)
-            running = sum(r.status == TaskStatus.RUNNING for r in records.values())
+            running = sum(r.status == TaskStatus.RUNNING and r.runner == "claude" for r in records.values())
             free = min(free_slots, self.max_concurrent - running)
             tried: set[str] = set()
             labels = set(worker.labels)
@@ -756,7 +776,7 @@ class TaskStore:
                         view.queued.discard(t)
                         continue
                     view.note(r)
-                    if r.status == TaskStatus.RUNNING:
+                    if r.status == TaskStatus.RUNNING and r.runner == "claude":
                         free -= 1
         return out
 
@@ -841,6 +861,8 @@ class TaskStore:
                     continue
                 known[t] = changed[t] = new
                 again = again or new.status != r.status
+        if any(r.status == TaskStatus.QUEUED for r in changed.values()):
+            self._queue_changed()
         return changed
 
     # -- fenced writes (worker side) --------------------------------------------
@@ -898,6 +920,220 @@ class TaskStore:
         new = self._fenced(lease, changes, fsync=True)
         self.resolve_waiting()
         return new
+
+    # -- agents: a task board ----------------------------------------------------
+    def _queue_changed(self) -> None:
+        """Tell claimers that wait (claim_task's wait_seconds watches activity_stamp) a task may be ready."""
+        try:
+            os.utime(self.active_dir)
+        except OSError:
+            pass
+
+    def claim_agent(
+        self, claimer: str, labels: list[str], group: str | None, lease_seconds: float
+    ) -> tuple[TaskRecord, str] | None:
+        """Lease the highest-priority, oldest ready agent task ``claimer`` may take (it has all the task's
+        labels; of ``group`` if given) for ``lease_seconds``. Returns the record and the lease token (only its
+        SHA-256 is stored), or None. Serialised by the queue lock and a compare-and-set on the record, like a
+        worker's claim: exactly one claimer gets a task. Agent tasks do not count against the global cap."""
+        mine = set(labels)
+        with self.locked(self.queue_lock()):
+            records = self._read_all(self.active_ids())
+            for t, r in list(records.items()):
+                if r.runner == "agent" and r.status == TaskStatus.RUNNING:
+                    records[t] = self.check_lease(r)
+            records.update(self.resolve_waiting(records))
+            candidates = sorted(
+                (
+                    r
+                    for r in records.values()
+                    if ready(r)
+                    and r.runner == "agent"
+                    and set(r.labels) <= mine
+                    and (group is None or r.group == group)
+                ),
+                key=queue_order,
+            )
+            for r in candidates:
+                token = secrets.token_urlsafe(24)
+                got = self._take_agent(r.task_id, claimer, lease_seconds, token)
+                if got is not None:
+                    return got, token
+        return None
+
+    def _take_agent(self, task_id: str, claimer: str, lease_seconds: float, token: str) -> TaskRecord | None:
+        taken: list[TaskRecord] = []
+
+        def fn(r: TaskRecord) -> TaskRecord | None:
+            if not ready(r) or r.runner != "agent":
+                return None
+            now = utcnow()
+            lease = Lease(
+                task_id=task_id,
+                worker=claimer,
+                epoch=r.epoch + 1,
+                acquired_at=now,
+                expires_at=now + timedelta(seconds=lease_seconds),
+                lease_seconds=lease_seconds,
+                token_sha256=hashlib.sha256(token.encode()).hexdigest(),
+            )
+            update = {"status": TaskStatus.RUNNING, "started_at": now, "epoch": lease.epoch, "lease": lease}
+            taken.append(r.model_copy(update=update))
+            return taken[0]
+
+        try:
+            self.update(task_id, fn)
+        except (TaskNotFoundError, CorruptRecordError):
+            return None
+        return taken[0] if taken else None
+
+    def _agent_op(
+        self, task_id: str, token: str, changes: Callable[[TaskRecord], dict], *, fsync: bool = False
+    ) -> TaskRecord:
+        """Change an agent task under its lease: refused (nothing changed) for a task that is not an agent
+        task, a lease that is not the task's (another claimer's, an earlier one's), or one that expired."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        expired: list[TaskRecord] = []
+
+        def fn(r: TaskRecord) -> TaskRecord:
+            if r.runner != "agent":
+                raise InvalidOptionsError(
+                    f"task {task_id} is not an agent task (a worker runs claude for it); only tasks posted with "
+                    "post_task (or runner 'agent') are claimed, renewed, completed or failed by agents"
+                )
+            lease = r.lease
+            if r.status != TaskStatus.RUNNING or lease is None or lease.token_sha256 is None:
+                raise LeaseLostError(
+                    f"task {task_id} is {r.status.value}, held by no lease: that lease is stale; claim_task for work"
+                )
+            if not hmac.compare_digest(lease.token_sha256, digest):
+                raise LeaseLostError(
+                    f"task {task_id}: that lease is not the one that holds it (it is held by {lease.worker!r}, "
+                    f"claim {lease.epoch}); use the lease claim_task gave you, or claim_task again"
+                )
+            if not self.lease_alive(lease):
+                expired.append(r)
+                raise LeaseLostError(
+                    f"task {task_id}: the lease expired at {lease.expires_at:%Y-%m-%d %H:%M:%S} UTC (renew_task "
+                    "keeps it); the task went back to the queue or failed: claim_task again"
+                )
+            return r.model_copy(update=changes(r))
+
+        try:
+            return self.update(validate_task_id(task_id), fn, fsync=fsync)
+        finally:
+            if expired:  # (outside the task's lock) requeue or fail it now
+                self.check_lease(expired[0])
+
+    def renew_agent(self, task_id: str, token: str, note: str | None = None) -> TaskRecord:
+        def changes(r: TaskRecord) -> dict:
+            lease = r.lease.model_copy(update={"expires_at": utcnow() + timedelta(seconds=r.lease.lease_seconds or 0)})
+            fields: dict = {"lease": lease}
+            if note:
+                fields["progress"] = r.progress.model_copy(update={"last_text": note[-500:], "updated_at": utcnow()})
+            return fields
+
+        r = self._agent_op(task_id, token, changes)
+        self.append_event(task_id, "renewed", by=r.lease.worker, until=r.lease.expires_at, note=note)
+        return r
+
+    def complete_agent(self, task_id: str, token: str, result: str, preview_chars: int) -> TaskRecord:
+        def changes(r: TaskRecord) -> dict:
+            atomic_write(self.path(task_id, "result.txt"), result.encode("utf-8", "surrogatepass"))
+            attempt = Attempt(attempt=len(r.attempts) + 1, started_at=r.started_at or utcnow(), finished_at=utcnow(),
+                              status=TaskStatus.COMPLETED)  # fmt: skip
+            return {"status": TaskStatus.COMPLETED, "result": result[:preview_chars],
+                    "result_truncated": len(result) > preview_chars, "result_chars": len(result), "is_error": False,
+                    "attempts": [*r.attempts, attempt]}  # fmt: skip
+
+        r = self._agent_op(task_id, token, changes, fsync=True)
+        self.resolve_waiting()
+        return r
+
+    def fail_agent(self, task_id: str, token: str, error: str, retry: bool) -> TaskRecord:
+        def changes(r: TaskRecord) -> dict:
+            n = len(r.attempts) + 1
+            again = retry and n < r.max_attempts
+            attempt = Attempt(attempt=n, started_at=r.started_at or utcnow(), finished_at=utcnow(),
+                              status=TaskStatus.FAILED, reason=error, retried=again)  # fmt: skip
+            if again:
+                return {
+                    "status": TaskStatus.QUEUED,
+                    "lease": None,
+                    "started_at": None,
+                    "attempts": [*r.attempts, attempt],
+                }
+            left = " (no attempts left)" if retry else ""
+            return {"status": TaskStatus.FAILED, "error": f"{error}{left}", "is_error": True,
+                    "attempts": [*r.attempts, attempt]}  # fmt: skip
+
+        r = self._agent_op(task_id, token, changes, fsync=True)
+        if r.status == TaskStatus.QUEUED:
+            self.append_event(task_id, "requeued", reason=f"failed: {error[:500]}", attempt=len(r.attempts) + 1)
+            self._queue_changed()
+        else:
+            self.resolve_waiting()
+        return r
+
+    def release_agent(self, task_id: str, token: str) -> TaskRecord:
+        """Back to the queue, not counted as an attempt."""
+        by: list[str] = []
+
+        def changes(r: TaskRecord) -> dict:
+            by.append(r.lease.worker)
+            return {"status": TaskStatus.QUEUED, "lease": None, "started_at": None}
+
+        r = self._agent_op(task_id, token, changes)
+        self.append_event(task_id, "released", by=by[0] if by else None)
+        self._queue_changed()
+        return r
+
+    # -- group notes ---------------------------------------------------------------
+    def _group_dir(self, group: str) -> Path:
+        try:
+            check_group(group)
+        except ValueError as e:
+            raise InvalidOptionsError(str(e)) from None
+        return ensure_private_dir(ensure_private_dir(self.root / "groups") / group)
+
+    def add_note(self, group: str, text: str, key: str | None = None, by: str | None = None) -> int:
+        """Append a note to the group's notes; returns its position. A note with a ``key`` replaces, for readers,
+        the earlier notes of that key."""
+        d = self._group_dir(group)
+        with self.locked(self._lock_for(str(d / "lock"), LOCK_TIMEOUT)):
+            path = d / "notes.jsonl"
+            try:
+                with open(path, "rb") as f:
+                    seq = sum(1 for _ in f)
+            except FileNotFoundError:
+                seq = 0
+            line = {"seq": seq, "ts": time.time(), "key": key, "by": by, "text": text}
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                _write_all(fd, (json.dumps(line) + "\n").encode("utf-8", "surrogatepass"))
+            finally:
+                os.close(fd)
+        return seq
+
+    def iter_notes(self, group: str, since: int = 0) -> Iterator[dict]:
+        """The group's notes from position ``since``, less those a later note of the same key replaced."""
+        path = self._group_dir(group) / "notes.jsonl"
+        try:
+            lines = path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return
+        notes = []
+        for raw in lines:
+            try:
+                n = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(n, dict) and isinstance(n.get("seq"), int):
+                notes.append(n)
+        last = {n["key"]: n["seq"] for n in notes if n.get("key")}
+        for n in notes:
+            if n["seq"] >= since and (not n.get("key") or last[n["key"]] == n["seq"]):
+                yield n
 
     # -- the store's worker (started on demand) --------------------------------
     @property

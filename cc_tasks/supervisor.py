@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from . import procs
-from .backend import Backend
+from .backend import Backend, dependency_preamble
 from .command import build_argv, build_env
 from .errors import CCTasksError, LeaseLostError
 from .models import RESULT_PREVIEW_CHARS, Attempt, Progress, TaskRecord, utcnow
@@ -33,28 +33,10 @@ from .stream import Outcome, apply_event, is_transient, outcome, split_lines
 log = logging.getLogger("cc_tasks")
 TICK = 0.25
 FLUSH_EVERY = 0.5
-#: Characters of each dependency's result put in front of the prompt, and of all of them together.
-DEP_RESULT_CHARS = 8_000
-DEP_RESULTS_TOTAL = 32_000
 
 
 class ClaudeStartError(Exception):
     """claude could not be started (not found, not executable, cwd gone, out of processes)."""
-
-
-def dependency_preamble(backend: Backend, depends_on: list[str]) -> str:
-    """The dependencies' results, bounded, as text to put in front of a prompt."""
-    parts = []
-    per = max(500, min(DEP_RESULT_CHARS, DEP_RESULTS_TOTAL // max(1, len(depends_on))))
-    for dep in depends_on:
-        r = backend.read(dep)
-        data, total = backend.read_output(dep, "result", 0, per * 4)
-        text = data.decode("utf-8", "replace") if total else (r.result or "")
-        cut = text[:per]
-        more = len(text) > per or total > len(data)
-        tail = f"\n[... more: get_task_output(task_id={dep!r})]" if more else ""
-        parts.append(f'<dependency task_id="{dep}" name="{r.name or ""}">\n{cut}{tail}\n</dependency>')
-    return ("Results of the tasks this task depends on:\n\n" + "\n\n".join(parts) + "\n\n---\n\n") if parts else ""
 
 
 class Supervisor:

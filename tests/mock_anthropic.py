@@ -16,7 +16,9 @@ so a resumed session runs the new prompt's steps). Steps:
 - ``{"bash": "cmd"}``: a ``Bash`` tool call.
 - ``{"tool": "name", "input": {...}}``: any tool call; the string ``"$TASK_IDS"``
   anywhere in the input becomes the list of task ids found in earlier tool
-  results, in order (used to make a parent agent wait for the tasks it started).
+  results, in order (used to make a parent agent wait for the tasks it started), and a
+  string ``"$LAST.name"`` becomes the field ``name`` of the last tool result read as
+  JSON (e.g. the ``lease`` a claim returned).
 - ``{"error": 529, "type": "overloaded_error"}``: answer with an HTTP error.
 - ``{"big": N}``: a text answer of N characters.
 - ``{"sleep": S, ...}``: wait S seconds before answering the rest of the step.
@@ -94,14 +96,26 @@ def _find_directive(messages: list[dict]) -> tuple[dict | None, str, int, int]:
     return script, first, n_text, at
 
 
-def _sub_ids(value: Any, ids: list[str]) -> Any:
+def _sub_ids(value: Any, ids: list[str], last: dict | None = None) -> Any:
     if value == "$TASK_IDS":
         return ids
+    if isinstance(value, str) and value.startswith("$LAST."):
+        return (last or {}).get(value[len("$LAST.") :])
     if isinstance(value, dict):
-        return {k: _sub_ids(v, ids) for k, v in value.items()}
+        return {k: _sub_ids(v, ids, last) for k, v in value.items()}
     if isinstance(value, list):
-        return [_sub_ids(v, ids) for v in value]
+        return [_sub_ids(v, ids, last) for v in value]
     return value
+
+
+def _last_json(results: list[str]) -> dict | None:
+    for r in reversed(results):
+        try:
+            value = json.loads(r)
+        except ValueError:
+            continue
+        return value if isinstance(value, dict) else None
+    return None
 
 
 class MockState:
@@ -186,7 +200,7 @@ def plan_reply(body: dict, state: MockState) -> tuple[int, dict | None, list[dic
                     "type": "tool_use",
                     "id": f"toolu_{uuid.uuid4().hex[:20]}",
                     "name": step["tool"],
-                    "input": _sub_ids(step.get("input", {}), ids),
+                    "input": _sub_ids(step.get("input", {}), ids, _last_json(results)),
                 }
             ],
         )

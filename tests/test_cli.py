@@ -40,7 +40,8 @@ def cli(cc_env, fake_claude, monkeypatch):
 
 
 def test_every_subcommand_has_help(cli):
-    for cmd in ("serve", "list", "show", "logs", "run", "cancel", "cleanup", "doctor", "install-claude"):
+    for cmd in ("serve", "list", "show", "logs", "run", "cancel", "cleanup", "doctor", "install-claude", "worker",
+                "post", "claim", "renew", "complete", "fail", "release", "notes"):  # fmt: skip
         r = cli(cmd, "--help")
         assert r.returncode == 0 and "Usage: cc-tasks " + cmd in r.stdout, (cmd, r.stderr)
 
@@ -177,3 +178,25 @@ def test_install_claude_serves_an_installed_package_with_dash_m(tmp_path, monkey
     monkeypatch.setattr(cli_module, "__file__", str(tmp_path / "site-packages" / "cc_tasks" / "cli.py"))
     flag = ["-P"] if sys.version_info >= (3, 11) else []  # never import a cc_tasks folder of the client's cwd
     assert cli_module.server_command() == [sys.executable, *flag, "-m", "cc_tasks", "serve"]
+
+
+def test_a_shell_script_works_the_task_board(cli):
+    tid = cli("post", "summarise the logs", "--group", "ops", "--name", "logs").stdout.strip()
+    other = cli("post", "-", "--group", "ops", input="check the disks\n").stdout.strip()
+    assert cli("claim", "--worker", "sh", "--group", "nope").returncode == 1  # nothing for it
+    got = json.loads(cli("claim", "--worker", "sh", "--group", "ops", "--lease", "60").stdout)
+    assert got["claimed"] and got["task_id"] == tid and got["prompt"] == "summarise the logs"
+    assert cli("renew", tid, "--lease", got["lease"], "--note", "reading").returncode == 0
+    bad = cli("complete", tid, "--lease", "not-the-lease", "--result", "x")
+    assert bad.returncode == 2 and "not the one that holds it" in bad.stderr
+    done = cli("complete", tid, "--lease", got["lease"], "--result-file", "-", input="all quiet\n")
+    assert done.returncode == 0 and "completed" in done.stdout
+    assert cli.store.read_output(tid, "result", 0, 100)[0] == b"all quiet\n"
+    second = json.loads(cli("claim", "--worker", "sh", "--wait", "1").stdout)
+    assert second["task_id"] == other
+    assert "failed" in cli("fail", other, "--lease", second["lease"], "--error", "disk gone").stdout
+    assert cli("notes", "ops", "--add", "disk 3 is flaky", "--key", "disks", "--by", "sh").stdout.strip() == "0"
+    assert cli("notes", "ops", "--add", "disk 3 replaced", "--key", "disks").stdout.strip() == "1"
+    listed = cli("notes", "ops")
+    assert "disk 3 replaced" in listed.stdout and "flaky" not in listed.stdout
+    assert len(json.loads(cli("list", "--all", "--group", "ops", "--json").stdout)["tasks"]) == 2

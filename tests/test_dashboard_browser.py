@@ -101,3 +101,20 @@ def test_dashboard_live_updates_and_cancel(http_server, browser, fake_manager, w
     assert not pid_alive(claude_pid)
     browser.save_screenshot(str(tmp_path / "dashboard.png"))
     assert not browser.find_elements(By.ID, "cancel")  # nothing left to cancel
+
+
+def test_dashboard_shows_agent_tasks_with_their_holder_and_the_groups_notes(http_server, browser, fake_manager):  # noqa: F811
+    from cc_tasks.models import PostOptions
+
+    t = fake_manager.post(PostOptions(prompt="review the plan", name="agent job", group="crew"))
+    fake_manager.claim("window-7", lease_seconds=600)
+    fake_manager.add_note("crew", "the API moved to /v2", key="api", by="window-7")
+    browser.get(http_server.base + f"/?token={TOKEN}")
+    wait = WebDriverWait(browser, 40, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+    wait.until(lambda d: row_status(d, t.task_id) == "running")
+    row = browser.find_element(By.CSS_SELECTOR, f'tr[data-task-id="{t.task_id}"] td.runner').text
+    assert "agent: window-7 until" in row and "crew" in row
+    click(wait, f'tr[data-task-id="{t.task_id}"]')
+    wait.until(lambda d: "window-7" in d.find_element(By.ID, "holder").text)
+    assert "lease until" in browser.find_element(By.ID, "holder").text
+    wait.until(lambda d: "the API moved to /v2" in d.find_element(By.ID, "notes").text)

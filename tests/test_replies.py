@@ -158,6 +158,26 @@ async def test_every_reply_stays_bounded_with_200_big_tasks(fake_manager, workdi
         assert (await call("cancel_task", {"task_id": running.task_id})).data.status == TaskStatus.CANCELLED
         await call("cancel_task", {"task_id": ids[1]})
         await call("cleanup_task", {"task_id": cont.data.task_id})
+
+        # the task board, with its biggest arguments: a long prompt, dependency results, long notes
+        deps = [t for t in ids if fake_manager.get(t).status == TaskStatus.COMPLETED][:100]
+        post = {"prompt": worst(50_000), "name": worst(200), "metadata": METADATA, "group": "big",
+                "depends_on": deps, "include_dependency_results": True}  # fmt: skip
+        posted = (await call("post_task", post)).structured_content["task_id"]
+        claimed = (await call("claim_task", {"worker": "w" * 100, "lease_seconds": 60})).structured_content
+        assert claimed["task_id"] == posted and claimed["prompt_truncated"] and claimed["dependency_results"]
+        await call("renew_task", {"task_id": posted, "lease": claimed["lease"], "note": worst(10_000)})
+        done = await call("complete_task", {"task_id": posted, "lease": claimed["lease"], "result": worst(1_000_000)})
+        assert done.structured_content["result_truncated"] and done.structured_content["result_chars"] == 1_000_000
+        again = (await call("post_task", {"prompt": "x", "group": "big"})).structured_content["task_id"]
+        lease = (await call("claim_task", {"worker": "w"})).structured_content["lease"]
+        await call("release_task", {"task_id": again, "lease": lease})
+        lease = (await call("claim_task", {"worker": "w"})).structured_content["lease"]
+        await call("fail_task", {"task_id": again, "lease": lease, "error": worst(100_000)})
+        for n in range(30):
+            await call("add_note", {"group": "big", "text": worst(10_000), "key": worst(100) if n % 2 else None})
+        await call("get_notes", {"group": "big", "limit": 1000})
+        await call("cancel_task", {"group": "big"})
         tools = {t.name for t in await client.list_tools()}
     assert set(call.largest) == tools
     print("largest reply per tool (characters):", json.dumps(call.largest, indent=1, sort_keys=True))

@@ -2,10 +2,11 @@
 
 import threading
 
+from cc_tasks.backend import dependency_preamble
 from cc_tasks.models import TaskOptions, TaskRecord, TaskRequest
 from cc_tasks.states import TaskStatus
 from cc_tasks.store import TaskStore, new_task_id
-from cc_tasks.supervisor import Supervisor, dependency_preamble
+from cc_tasks.supervisor import Supervisor
 
 from .backends import expire, worker_info
 from .conftest import pid_alive
