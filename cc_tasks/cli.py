@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -71,13 +72,17 @@ def _status(s: str) -> str:
 
 
 class Group(click.Group):
-    """Turns this package's errors into a one-line message and exit code 2."""
+    """Turns this package's errors (and invalid options) into a one-line message and exit code 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except CCTasksError as e:
             err_console.print(f"[red]error:[/] {escape(str(e))}")
+            sys.exit(2)
+        except ValidationError as e:
+            where = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors())
+            err_console.print(f"[red]error:[/] invalid options: {escape(where)}")
             sys.exit(2)
 
 

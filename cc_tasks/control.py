@@ -23,12 +23,16 @@ CONNECT_TIMEOUT = 2.0
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 #: Who a worker is. A worker of another cc-tasks version is replaced; workers of the same version from other
 #: checkouts or interpreters share the queue (workers pull: they coexist).
-IDENTITY = {"version": __version__, "package": PACKAGE_PARENT, "python": sys.executable}
+#: The store's on-disk format: a worker that reads another one is replaced even at the same version.
+STORE_FORMAT = 3
+IDENTITY = {"version": __version__, "format": STORE_FORMAT, "package": PACKAGE_PARENT, "python": sys.executable}
 
 
 def same_version(hello: dict) -> bool:
     identity = hello.get("identity")
-    return isinstance(identity, dict) and identity.get("version") == __version__
+    return (
+        isinstance(identity, dict) and identity.get("version") == __version__ and identity.get("format") == STORE_FORMAT
+    )
 
 
 def _recv_line(s: socket.socket) -> bytes:

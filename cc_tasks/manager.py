@@ -8,6 +8,7 @@ import itertools
 import logging
 import logging.handlers
 import os
+import random
 import re
 import signal
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Literal
 
 import anyio
+from pydantic import ValidationError
 
 from . import __version__
 from .backend import Backend, dependency_preamble
@@ -103,6 +105,7 @@ def _topological(items: list[BatchItem]) -> list[int]:
 #: An agent's lease: 10 s to 24 h.
 LEASE_MIN, LEASE_MAX = 10.0, 86_400.0
 CLAIM_WAIT_MAX = 3_600.0
+CLAIM_LOOK_EVERY = 2.0
 #: What a claim reply carries of the prompt and of the dependencies' results (the rest: get_task_output).
 CLAIM_PROMPT_CHARS = 12_000
 CLAIM_DEP_CHARS = 16_000
@@ -290,6 +293,10 @@ class TaskManager:
     def continue_task(self, task_id: str, prompt: str, nudge: bool = True, **overrides) -> TaskRecord:
         """A new task that resumes a finished task's claude session, in the same cwd, linked to it."""
         parent = self.get(task_id)
+        if parent.runner != "claude":
+            raise InvalidOptionsError(
+                f"task {task_id} is an agent task: there is no claude session to continue; post_task a follow-up"
+            )
         if not parent.status.terminal:
             raise InvalidOptionsError(
                 f"task {task_id} is {parent.status.value}; wait for it to finish, then continue it"
@@ -330,6 +337,7 @@ class TaskManager:
         SIGKILLed is replaced; the tasks it held are handed to worker_lost when read or claimed)."""
         if self.store.has_active():
             self.nudge()
+            self.store.sweep_agent_leases()
 
     # -- read ----------------------------------------------------------------
     def get(self, task_id: str) -> TaskRecord:
@@ -343,7 +351,7 @@ class TaskManager:
 
     def _queue_note(self, r: TaskRecord) -> str | None:
         """A queued task with labels that no live worker has says so (the store's own worker has none)."""
-        if not r.labels or any(set(r.labels) <= set(w.labels) for w in self.store.workers()):
+        if r.runner != "claude" or not r.labels or any(set(r.labels) <= set(w.labels) for w in self.store.workers()):
             return None
         flags = " ".join(f"--label {label}" for label in r.labels)
         return f"no running worker has all of its labels {r.labels}: start one with `cc-tasks worker {flags}`"
@@ -506,9 +514,10 @@ class TaskManager:
                 f"lease_seconds {lease_seconds:g} is outside {LEASE_MIN:g} … {LEASE_MAX:g} (10 s to 24 h); renew_task "
                 "extends a lease by as much again"
             )
-        labels = TaskOptions(prompt="x", labels=labels).labels or []  # (validated as task labels are)
-        if group is not None:
-            TaskOptions(prompt="x", group=group)
+        try:  # (validated as task labels and groups are)
+            labels = TaskOptions(prompt="x", labels=labels, group=group).labels or []
+        except ValidationError as e:
+            raise InvalidOptionsError("; ".join(err["msg"] for err in e.errors())) from None
         got = self.store.claim_agent(worker, labels, group, lease_seconds)
         if got is None:
             return Claimed(claimed=False)
@@ -530,16 +539,19 @@ class TaskManager:
         if not 0 <= wait_seconds <= CLAIM_WAIT_MAX:
             raise InvalidOptionsError(f"wait_seconds must be 0 … {CLAIM_WAIT_MAX:g}")
         deadline = time.monotonic() + wait_seconds
-        while True:
+        claim = functools.partial(self.claim, worker, labels, group, lease_seconds)
+        got = await anyio.to_thread.run_sync(claim)
+        while not got.claimed and time.monotonic() < deadline:
+            # A new task, a release or a requeue changes the stamp (a stat every 50 ms); an expiry shows at the
+            # latest look every 2 s (jittered: many claimers do not look at once). Only when a cheap look
+            # without the queue lock finds something is a claim made.
             stamp = self._active_stamp()
-            got = await anyio.to_thread.run_sync(functools.partial(self.claim, worker, labels, group, lease_seconds))
-            left = deadline - time.monotonic()
-            if got.claimed or left <= 0:
-                return got
-            # a new task, a release or a requeue changes the stamp; look again at least once a second anyway
-            until = time.monotonic() + min(left, 1.0)
+            until = min(deadline, time.monotonic() + CLAIM_LOOK_EVERY * random.uniform(0.75, 1.25))
             while time.monotonic() < until and self._active_stamp() == stamp:
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)
+            if await anyio.to_thread.run_sync(self.store.has_ready_agent_task, labels or [], group):
+                got = await anyio.to_thread.run_sync(claim)
+        return got
 
     def renew(self, task_id: str, lease: str, note: str | None = None) -> LeaseRenewed:
         if note is not None and len(note) > NOTE_MAX:
@@ -570,7 +582,7 @@ class TaskManager:
         if len(text) > NOTE_MAX or json_len(text) > NOTE_JSON_MAX:
             raise InvalidOptionsError(
                 f"text is {len(text):,} characters ({json_len(text):,} as JSON); a note holds at most {NOTE_MAX:,} "
-                f"({NOTE_JSON_MAX:,} as JSON: control characters count six times)"
+                f"({NOTE_JSON_MAX:,} as JSON: control and non-ASCII characters are escaped, up to six each)"
             )
         if key is not None and not 1 <= len(key) <= 100:
             raise InvalidOptionsError("key must be 1 to 100 characters")
@@ -596,7 +608,10 @@ class TaskManager:
 
     def group_ids(self, group: str, include_finished: bool = True) -> list[str]:
         """The group's tasks, newest first."""
-        TaskOptions(prompt="x", group=group)
+        try:
+            TaskOptions(prompt="x", group=group)
+        except ValidationError as e:
+            raise InvalidOptionsError(e.errors()[0]["msg"]) from None
         out = []
         for t in self.store.list_ids(include_finished=include_finished):
             try:
@@ -607,6 +622,8 @@ class TaskManager:
         return out
 
     def cancel_group(self, group: str) -> GroupCancelled:
+        if not self.group_ids(group):
+            raise InvalidOptionsError(f"group {group!r} has no tasks (list_active_tasks shows the groups in use)")
         cancelled = []
         for t in self.group_ids(group, include_finished=False):
             try:
@@ -680,7 +697,12 @@ class TaskManager:
         next_progress = t0
         latest: dict[str, TaskRecord] = {}
 
+        swept = [time.monotonic()]
+
         def refresh() -> None:  # in a worker thread: finding a dead supervisor stops its tree, which takes time
+            if time.monotonic() - swept[0] >= 1.0:  # (an agent task's expired lease frees what depends on it)
+                swept[0] = time.monotonic()
+                self.store.sweep_agent_leases()
             for t in ids:  # a finished record does not change: read only the others again
                 if t not in latest or not latest[t].status.terminal:
                     latest[t] = self._peek(t, copy=False)  # (only read, and replied with)

@@ -46,6 +46,8 @@ log = logging.getLogger("cc_tasks")
 OUTPUT_PAGE_CHARS = REPLY_CHARS - 2_000
 #: The JSON of a get_task_events page; each event's text line is no longer, so the reply fits.
 EVENT_PAGE_CHARS = (REPLY_CHARS - 2_000) // 2
+#: Characters of a claim's text (its structured content carries the prompt).
+TEXT_CLAIM_CHARS = 1_000
 #: Characters of the result in a task record's text (its structured content carries up to 16,000).
 TEXT_RESULT_CHARS = 2_000
 #: Characters (as JSON) a record's result keeps at least, other long strings of the record cut if need be.
@@ -159,6 +161,26 @@ def to_reply(value: Reply | BaseModel) -> Reply:
 @singledispatch
 def shape(model: BaseModel) -> Reply:
     return Reply.of(model, text_of(model))
+
+
+@shape.register
+def claimed_reply(c: Claimed) -> Reply:
+    """A claim: the prompt and the dependencies' results cut, by their JSON size, to what the reply has room
+    for (``prompt_truncated``; the whole prompt: get_task_output source=prompt)."""
+    if not c.claimed:
+        return Reply.of(c, text_of(c))
+    prompt, deps = c.prompt or "", c.dependency_results
+    bare = c.model_copy(update={"prompt": "", "dependency_results": "" if deps is not None else None})
+    room = REPLY_CHARS - json_len(bare.model_dump(mode="json")) - TEXT_CLAIM_CHARS - 200
+    p_need, d_need = json_len(prompt), json_len(deps) if deps else 0
+    if p_need + d_need > room:
+        d_room = min(d_need, max(room // 2, room - p_need))
+        if deps and d_need > d_room:
+            deps = cut_json(deps, d_room - 120) + "\n[… cut to fit the reply: get_task_output of each dependency]"
+        new_prompt = cut_json(prompt, room - json_len(deps or ""))
+        c = c.model_copy(update={"prompt": new_prompt, "dependency_results": deps,
+                                 "prompt_truncated": c.prompt_truncated or len(new_prompt) < len(prompt)})  # fmt: skip
+    return Reply.of(c, text_of(c))
 
 
 @shape.register

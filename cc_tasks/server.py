@@ -160,6 +160,9 @@ def _cancel_schema() -> dict:
     the properties of both (a union would make FastMCP wrap every reply in {"result": ...})."""
     record = TaskRecord.model_json_schema()
     group = GroupCancelled.model_json_schema()
+    for props in (record["properties"], group["properties"]):  # (no defaults: one shape must not fill the other)
+        for prop in props.values():
+            prop.pop("default", None)
     return {
         "type": "object",
         "description": "The cancelled task's record; with `group`: the group and the ids cancelled.",

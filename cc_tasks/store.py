@@ -472,21 +472,21 @@ class TaskStore:
 
     # -- cancel (client side) ------------------------------------------------
     def request_cancel(self, task_id: str) -> TaskRecord:
-        """A task that has not started is cancelled at once; a running one is marked, and its worker's
-        supervisor stops it (``cancel_requested``)."""
+        """A task that has not started, or an agent's task, is cancelled at once (an agent's lease is dropped:
+        its later calls are refused); a running claude task is marked, and its worker's supervisor stops it
+        (``cancel_requested``)."""
 
         def fn(r: TaskRecord) -> TaskRecord | None:
-            if r.status.terminal or r.cancel_requested:
+            if r.status.terminal or (r.cancel_requested and r.runner == "claude"):
                 return None
             if r.status in (TaskStatus.WAITING, TaskStatus.QUEUED):
-                return r.model_copy(
-                    update={
-                        "status": TaskStatus.CANCELLED,
-                        "cancel_requested": True,
-                        "error": "cancelled before it started",
-                    }
-                )
-            return r.model_copy(update={"cancel_requested": True})
+                error = "cancelled before it started"
+            elif r.runner == "agent":
+                held = f" (it was held by {r.lease.worker!r})" if r.lease else ""
+                error = f"cancelled{held}"
+            else:
+                return r.model_copy(update={"cancel_requested": True})
+            return r.model_copy(update={"status": TaskStatus.CANCELLED, "cancel_requested": True, "error": error})
 
         r = self.update(validate_task_id(task_id), fn)
         if r.status == TaskStatus.RUNNING:
@@ -679,6 +679,8 @@ class TaskStore:
         def fn(cur: TaskRecord) -> TaskRecord | None:
             if cur.status != TaskStatus.RUNNING or (lease is not None and not lease.same(cur.lease)):
                 return None  # someone else dealt with it
+            if cur.lease is not None and self.lease_alive(cur.lease):
+                return None  # renewed since ``r`` was read
             doomed.append(self._doomed(cur))
             now = utcnow()
             n = len(cur.attempts) + 1
@@ -797,7 +799,7 @@ class TaskStore:
         taken: list[TaskRecord] = []
 
         def fn(r: TaskRecord) -> TaskRecord | None:
-            if not ready(r):
+            if not ready(r) or r.runner != "claude":
                 return None
             epoch = r.epoch + 1
             try:
@@ -960,6 +962,37 @@ class TaskStore:
                 if got is not None:
                     return got, token
         return None
+
+    def sweep_agent_leases(self) -> int:
+        """Hand running agent tasks whose lease expired to ``worker_lost`` (requeue or fail; dependents follow).
+        Readers and claims do it for the tasks they look at; servers do it once a second for the rest."""
+        n = 0
+        for t in self.active_ids():
+            r = self._peek(t)
+            if r is not None and r.runner == "agent" and r.status == TaskStatus.RUNNING and r.lease is not None:
+                if not self.lease_alive(r.lease):
+                    self.check_lease(r)
+                    n += 1
+        return n
+
+    def has_ready_agent_task(self, labels: list[str], group: str | None) -> bool:
+        """Whether a claim_agent could find something (read without the queue lock: a waiting claimer's cheap
+        look before it takes the lock)."""
+        mine = set(labels)
+        for t in self.active_ids():
+            r = self._peek(t)
+            if r is None or r.runner != "agent":
+                continue
+            if r.status == TaskStatus.RUNNING and r.lease is not None and not self.lease_alive(r.lease):
+                return True  # an expired lease: the claim requeues it
+            if r.status == TaskStatus.WAITING:  # its dependencies all ended: the claim resolves it
+                deps = [self._peek(d) for d in r.depends_on]
+                if all(d is None or d.status.terminal for d in deps):
+                    return True
+                continue
+            if ready(r) and set(r.labels) <= mine and (group is None or r.group == group):
+                return True
+        return False
 
     def _take_agent(self, task_id: str, claimer: str, lease_seconds: float, token: str) -> TaskRecord | None:
         taken: list[TaskRecord] = []

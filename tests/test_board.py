@@ -250,3 +250,53 @@ def test_claude_code_claims_and_completes_a_posted_task_and_a_lead_waits_on_the_
     events = _claude_p(real_claude, "wait @@mock " + json.dumps({"steps": steps}), ["wait_for_tasks"], workdir)
     final = events[-1]["result"]
     assert "lead saw:" in final and "done by window-0" in final and "done by window-1" in final
+
+
+async def test_cancelling_a_claimed_agent_task_is_immediate_and_fences_its_agent(fake_manager):
+    t = post(fake_manager, group="c")
+    dependent = post(fake_manager, depends_on=[t.task_id])
+    c = fake_manager.claim("holder")
+    t0 = time.monotonic()
+    done = fake_manager.cancel(t.task_id)
+    assert time.monotonic() - t0 < 2 and done.status == TaskStatus.CANCELLED and "'holder'" in done.error
+    with pytest.raises(LeaseLostError):
+        fake_manager.complete(t.task_id, c.lease, "too late")
+    assert fake_manager.get(dependent.task_id).status == TaskStatus.SKIPPED
+    assert fake_manager.get(t.task_id).status == TaskStatus.CANCELLED
+    with pytest.raises(InvalidOptionsError, match="has no tasks"):
+        fake_manager.cancel_group("nobody")
+
+
+async def test_a_stale_read_never_expires_a_lease_that_was_renewed(fake_manager):
+    t = post(fake_manager)
+    c = fake_manager.claim("a", lease_seconds=10)
+    stale = fake_manager.store.load(t.task_id)
+    fake_manager.renew(t.task_id, c.lease)
+    past = stale.lease.model_copy(update={"expires_at": stale.lease.acquired_at})  # as a late reader sees it
+    after = fake_manager.store.check_lease(stale.model_copy(update={"lease": past}))
+    assert after.status == TaskStatus.RUNNING and after.attempts == []
+    assert fake_manager.complete(t.task_id, c.lease, "ok").status == TaskStatus.COMPLETED
+
+
+@pytest.mark.timeout(60)
+async def test_an_expired_lease_is_noticed_by_a_wait_on_its_dependents(fake_manager):
+    a = post(fake_manager, max_attempts=1)
+    b = post(fake_manager, depends_on=[a.task_id])
+    fake_manager.claim("gone", lease_seconds=10)  # and never heard of again
+    waited = await fake_manager.wait([b.task_id], timeout=30)
+    assert waited.done and waited.tasks[0].status == TaskStatus.SKIPPED
+    a_now = fake_manager.get(a.task_id)
+    assert a_now.status == TaskStatus.FAILED and "lease expired" in a_now.error
+
+
+async def test_a_claim_reply_fits_and_says_when_its_prompt_was_cut(fake_manager):
+    prompt = "start\x01" + "\x01" * 11_000  # escaped six times its size in JSON
+    post(fake_manager, prompt=prompt, metadata={"k": "v" * 14_000})
+    async with Client(create_server(fake_manager)) as client:
+        res = await client.call_tool("claim_task", {"worker": "w"})
+    size = len(json.dumps(res.structured_content)) + sum(len(b.text) for b in res.content)
+    got = res.structured_content
+    assert size <= 40_000 and got["prompt_truncated"] and got["prompt"].startswith("start")
+    assert len(got["prompt"]) < len(prompt) and got["metadata"] == {"k": "v" * 14_000}
+    page = fake_manager.output(got["task_id"], source="prompt")
+    assert page.text.startswith("start") and page.total_bytes == len(prompt)

@@ -200,3 +200,5 @@ def test_a_shell_script_works_the_task_board(cli):
     listed = cli("notes", "ops")
     assert "disk 3 replaced" in listed.stdout and "flaky" not in listed.stdout
     assert len(json.loads(cli("list", "--all", "--group", "ops", "--json").stdout)["tasks"]) == 2
+    bad = cli("post", "x", "--group", "a b")
+    assert bad.returncode == 2 and "group" in bad.stderr and "Traceback" not in bad.stderr

@@ -174,8 +174,11 @@ async def test_every_reply_stays_bounded_with_200_big_tasks(fake_manager, workdi
         await call("release_task", {"task_id": again, "lease": lease})
         lease = (await call("claim_task", {"worker": "w"})).structured_content["lease"]
         await call("fail_task", {"task_id": again, "lease": lease, "error": worst(100_000)})
-        for n in range(30):
-            await call("add_note", {"group": "big", "text": worst(10_000), "key": worst(100) if n % 2 else None})
+        for n in range(30):  # (a note holds 10,000 characters, 15,000 as JSON: the most of both kinds)
+            text = "y" * 10_000 if n % 3 else worst(2_000)[:2_400]
+            await call("add_note", {"group": "big", "text": text, "key": "k" * 100 if n % 2 else None})
+        with pytest.raises(ToolError, match="a note holds at most"):
+            await client.call_tool("add_note", {"group": "big", "text": worst(10_000)})
         await call("get_notes", {"group": "big", "limit": 1000})
         await call("cancel_task", {"group": "big"})
         tools = {t.name for t in await client.list_tools()}

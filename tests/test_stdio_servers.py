@@ -120,6 +120,14 @@ async def test_python_m_entry_point_serves(cc_env):
         "get_task_output",
         "wait_for_tasks",
         "get_server_info",
+        "post_task",
+        "claim_task",
+        "renew_task",
+        "complete_task",
+        "fail_task",
+        "release_task",
+        "add_note",
+        "get_notes",
     }
 
 
