@@ -34,17 +34,20 @@ def default_max_concurrent() -> int:
     return max(2, min(16, 2 * cpus, gib))
 
 
-def _env_float(name: str, default: float, lo: float) -> float:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
+def _number(name: str, raw: str, conv: type, lo: float) -> float:
+    """``raw`` (the value of variable ``name``) as a number of at least ``lo``, or a clear error."""
     try:
-        value = float(raw)
+        value = conv(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number; unset it or give a number of seconds") from None
+        raise ConfigError(f"{name}={raw!r} is not a number; unset it or give a {conv.__name__}") from None
     if value < lo:
         raise ConfigError(f"{name}={raw!r} must be at least {lo:g}")
     return value
+
+
+def _env_float(name: str, default: float, lo: float) -> float:
+    raw = os.environ.get(name)
+    return _number(name, raw, float, lo) if raw else default
 
 
 def default_lease_seconds() -> float:
@@ -80,17 +83,11 @@ class Settings(BaseModel):
             ("CC_TASKS_MAX_DEPTH", "max_depth", int, 0),
             ("CC_TASKS_DEPTH", "depth", int, 0),
             ("CC_TASKS_MAX_CONCURRENT", "max_concurrent", int, 1),
+            ("CC_TASKS_LEASE_SECONDS", "lease_seconds", float, 1.0),
         ):
             raw = env.get(var)
-            if raw is None or raw == "":
-                continue
-            try:
-                val = conv(raw)
-            except ValueError:
-                raise ConfigError(f"{var}={raw!r} is not a number; unset it or give a {conv.__name__}") from None
-            if val < lo:
-                raise ConfigError(f"{var}={raw!r} must be at least {lo}")
-            values[key] = val
+            if raw:
+                values[key] = _number(var, raw, conv, lo)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -795,30 +795,22 @@ class TaskStore:
             for t in [t for t in list(self._cache) if t not in keep]:  # (supervisor threads write to it)
                 self._cache.pop(t, None)
 
-    def _take(self, task_id: str, worker: WorkerInfo) -> TaskRecord | None:
+    def _lease_task(self, task_id: str, runner: str, make_lease: Callable[[TaskRecord], Lease]) -> TaskRecord | None:
+        """The compare-and-set of a claim: a ready task of ``runner`` becomes running under a new lease (one more
+        claim: the epoch that fences the previous holder's writes). None if it was not ready any more."""
         taken: list[TaskRecord] = []
 
         def fn(r: TaskRecord) -> TaskRecord | None:
-            if not ready(r) or r.runner != "claude":
+            if not ready(r) or r.runner != runner:
                 return None
-            epoch = r.epoch + 1
-            try:
-                offset = os.stat(self.path(task_id, "stdout.jsonl")).st_size
-            except FileNotFoundError:
-                offset = 0
-            lease = Lease(
-                task_id=task_id,
-                worker=worker.worker_id,
-                epoch=epoch,
-                host=worker.host,
-                pid=worker.proc.pid,
-                transcript_offset=offset,
-            )
-            taken.append(
-                r.model_copy(
-                    update={"status": TaskStatus.RUNNING, "started_at": utcnow(), "epoch": epoch, "lease": lease}
-                )
-            )
+            lease = make_lease(r)
+            update = {
+                "status": TaskStatus.RUNNING,
+                "started_at": lease.acquired_at,
+                "epoch": lease.epoch,
+                "lease": lease,
+            }
+            taken.append(r.model_copy(update=update))
             return taken[0]
 
         try:
@@ -826,6 +818,17 @@ class TaskStore:
         except (TaskNotFoundError, CorruptRecordError):
             return None
         return taken[0] if taken else None
+
+    def _take(self, task_id: str, worker: WorkerInfo) -> TaskRecord | None:
+        def lease(r: TaskRecord) -> Lease:
+            try:
+                offset = os.stat(self.path(task_id, "stdout.jsonl")).st_size
+            except FileNotFoundError:
+                offset = 0
+            return Lease(task_id=task_id, worker=worker.worker_id, epoch=r.epoch + 1, host=worker.host,
+                         pid=worker.proc.pid, transcript_offset=offset)  # fmt: skip
+
+        return self._lease_task(task_id, "claude", lease)
 
     def resolve_waiting(self, records: dict[str, TaskRecord] | None = None) -> dict[str, TaskRecord]:
         """Move waiting tasks whose dependencies all completed to queued; skip those with one that did not
@@ -995,30 +998,13 @@ class TaskStore:
         return False
 
     def _take_agent(self, task_id: str, claimer: str, lease_seconds: float, token: str) -> TaskRecord | None:
-        taken: list[TaskRecord] = []
-
-        def fn(r: TaskRecord) -> TaskRecord | None:
-            if not ready(r) or r.runner != "agent":
-                return None
+        def lease(r: TaskRecord) -> Lease:
             now = utcnow()
-            lease = Lease(
-                task_id=task_id,
-                worker=claimer,
-                epoch=r.epoch + 1,
-                acquired_at=now,
-                expires_at=now + timedelta(seconds=lease_seconds),
-                lease_seconds=lease_seconds,
-                token_sha256=hashlib.sha256(token.encode()).hexdigest(),
-            )
-            update = {"status": TaskStatus.RUNNING, "started_at": now, "epoch": lease.epoch, "lease": lease}
-            taken.append(r.model_copy(update=update))
-            return taken[0]
+            return Lease(task_id=task_id, worker=claimer, epoch=r.epoch + 1, acquired_at=now,
+                         expires_at=now + timedelta(seconds=lease_seconds), lease_seconds=lease_seconds,
+                         token_sha256=hashlib.sha256(token.encode()).hexdigest())  # fmt: skip
 
-        try:
-            self.update(task_id, fn)
-        except (TaskNotFoundError, CorruptRecordError):
-            return None
-        return taken[0] if taken else None
+        return self._lease_task(task_id, "agent", lease)
 
     def _agent_op(
         self, task_id: str, token: str, changes: Callable[[TaskRecord], dict], *, fsync: bool = False
