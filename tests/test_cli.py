@@ -40,7 +40,19 @@ def cli(cc_env, fake_claude, monkeypatch):
 
 
 def test_every_subcommand_has_help(cli):
-    for cmd in ("serve", "list", "show", "logs", "run", "cancel", "cleanup", "doctor", "install-claude"):
+    for cmd in (
+        "serve",
+        "list",
+        "show",
+        "logs",
+        "run",
+        "cancel",
+        "cleanup",
+        "doctor",
+        "install-claude",
+        "diff",
+        "merge",
+    ):
         r = cli(cmd, "--help")
         assert r.returncode == 0 and "Usage: cc-tasks " + cmd in r.stdout, (cmd, r.stderr)
 

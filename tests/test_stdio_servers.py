@@ -120,6 +120,8 @@ async def test_python_m_entry_point_serves(cc_env):
         "get_task_output",
         "wait_for_tasks",
         "get_server_info",
+        "get_task_diff",
+        "merge_task",
     }
 
 
