@@ -171,7 +171,9 @@ def list_cmd(ctx, show_all, status, limit, group, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def show(ctx, task_id, as_json):
-    """Show a task's record."""
+    """Show a task's record (a worktree task's too: where, and what it changed)."""
+    from .models import change_line
+
     r = _manager(ctx).get(task_id)
     if as_json:
         click.echo(r.model_dump_json(indent=2))
@@ -197,6 +199,15 @@ def show(ctx, task_id, as_json):
         ),
         ("depends on", ", ".join(r.depends_on) or None),
         ("parent", r.parent_task_id),
+        ("worktree", f"{r.worktree.path} (branch {r.worktree.branch})" if r.worktree else None),
+        ("base commit", r.worktree.base_commit if r.worktree else None),
+        ("changes", change_line(r.changes, r.worktree.merged if r.worktree else None) if r.changes else None),
+        (
+            "merged",
+            f"into {r.worktree.merged.target_branch} ({r.worktree.merged.strategy}) at {r.worktree.merged.commit}"
+            if r.worktree and r.worktree.merged
+            else None,
+        ),
         ("queue position", r.queue_position),
         ("error", r.error),
         ("prompt", r.prompt_preview),
@@ -204,6 +215,11 @@ def show(ctx, task_id, as_json):
     for k, v in rows:
         if v is not None and v != "":
             console.print(f"[bold]{k:>14}[/]  {v if k == 'status' else escape(str(v))}")
+    for f in r.changes.files if r.changes else []:
+        counts = "binary" if f.insertions is None else f"+{f.insertions} -{f.deletions}"
+        console.print(f"{'':>14}  {escape(f.path)}  [dim]{counts}[/]")
+    if r.changes and r.changes.files_truncated:
+        console.print(f"{'':>14}  [dim]… {r.changes.files_changed - len(r.changes.files)} more (cc-tasks diff)[/]")
     if r.result is not None:
         console.print(f"[bold]{'result':>14}[/]")
         console.print(r.result, markup=False)
@@ -211,6 +227,42 @@ def show(ctx, task_id, as_json):
             console.print(
                 f"[dim]… {r.result_chars - len(r.result)} more characters (cc-tasks logs, or get_task_output)[/]"
             )
+
+
+@main_group.command()
+@click.argument("task_id")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Byte offset to start at.")
+@click.option("--limit", type=click.IntRange(1), help="Print at most this many bytes (one or more pages); default all.")
+@click.pass_context
+def diff(ctx, task_id, offset, limit):
+    """Print what a worktree task changed against its base commit: a unified diff, the stat first (paged from
+    the server's pages; the offset of what is left goes to stderr when --limit stops it)."""
+    mgr = _manager(ctx)
+    printed = 0
+    while True:
+        page = mgr.diff(task_id, offset=offset, limit=min(20_000, limit - printed) if limit else 20_000)
+        sys.stdout.write(page.text)
+        printed += page.next_offset - page.offset
+        offset = page.next_offset
+        if page.eof or (limit and printed >= limit):
+            break
+    sys.stdout.flush()
+    if not page.eof:
+        err_console.print(f"[dim]… {page.total_bytes - offset} more bytes: --offset {offset}[/]")
+
+
+@main_group.command()
+@click.argument("task_id")
+@click.option("--strategy", type=click.Choice(["merge", "squash", "rebase"]), default="merge", show_default=True)
+@click.option("-m", "--message", help="Commit message (merge, squash); default names the task.")
+@click.pass_context
+def merge(ctx, task_id, strategy, message):
+    """Bring a completed worktree task's changes into the branch checked out in its original cwd."""
+    res = _manager(ctx).merge(task_id, strategy=strategy, message=message)
+    console.print(
+        f"merged {task_id} into {escape(res.target_branch)} ({strategy}): {res.files_changed} files changed, "
+        f"+{res.insertions} -{res.deletions}; HEAD {res.before[:12]} → {res.head[:12]}"
+    )
 
 
 @main_group.command()
@@ -265,6 +317,9 @@ def _task_options(f):
         ),
         click.option("--include-dependency-results", is_flag=True),
         click.option("--max-attempts", type=int, default=3, show_default=True),
+        click.option(
+            "--worktree", is_flag=True, help="Run in a git worktree of its own (cwd must be in a repository)."
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -491,17 +546,20 @@ def notes(ctx, group, text, key, by, since, as_json):
     "--older-than", type=str, help="Delete finished tasks older than this (e.g. 7d, 12h); never running ones."
 )
 @click.option("--status", type=click.Choice(list(STATUS_STYLE)), help="With --older-than: only tasks with this status.")
+@click.option("--keep-branch", is_flag=True, help="Worktree tasks: keep their branches (worktrees are removed).")
 @click.pass_context
-def cleanup(ctx, task_id, older_than, status):
-    """Delete a task (stopping it first if it runs), or finished tasks older than a duration."""
+def cleanup(ctx, task_id, older_than, status, keep_branch):
+    """Delete a task (stopping it first if it runs), or finished tasks older than a duration. A worktree task's
+    worktree is removed, and its branch too unless it was merged or --keep-branch."""
     mgr = _manager(ctx)
     if bool(task_id) == bool(older_than):
         raise click.UsageError("give either a TASK_ID or --older-than DURATION")
     if task_id:
         if status:
             raise click.UsageError("--status goes with --older-than")
-        res = mgr.cleanup(task_id)
+        res = mgr.cleanup(task_id, keep_branch=keep_branch)
         console.print(f"deleted {task_id} (was {res.was_status.value if res.was_status else 'unreadable'})")
+        _worktree_cleanup_line(res)
         return
     from .models import TaskStatus, utcnow
 
@@ -518,11 +576,25 @@ def cleanup(ctx, task_id, older_than, status):
         if not r.status.terminal or (wanted and r.status != wanted):
             continue
         if (r.finished_at or r.created_at) < cutoff:
-            mgr.store.delete(tid)
+            try:
+                _worktree_cleanup_line(mgr.cleanup(tid, keep_branch=keep_branch))
+            except CCTasksError:
+                continue
             deleted += 1
     console.print(
         f"deleted {deleted} finished task(s) older than {older_than}" + (f" with status {status}" if status else "")
     )
+
+
+def _worktree_cleanup_line(res) -> None:
+    if res.worktree_removed is None:
+        return
+    done = [
+        "worktree removed" if res.worktree_removed else "worktree not removed",
+        "branch deleted" if res.branch_deleted else "branch not deleted",
+    ]
+    note = f" ({res.worktree_note})" if res.worktree_note else ""
+    console.print(f"  {res.task_id}: {', '.join(done)}{escape(note)}")
 
 
 @main_group.command()

@@ -24,7 +24,10 @@ STRIP_ENV = (
 )
 
 
-def build_argv(opts: TaskOptions, claude_bin: str) -> list[str]:
+def build_argv(opts: TaskOptions, claude_bin: str, worktree: str | None = None) -> list[str]:
+    """claude's argv for ``opts``. ``worktree`` is the name of the task's worktree (its own id, or for a
+    continuation the id of the task that made it): with the option ``worktree``, claude makes it (or enters
+    it when it exists) and runs the session inside it."""
     argv = [claude_bin, "-p", "--output-format=stream-json", "--verbose"]
 
     def flag(name: str, value: object | None) -> None:
@@ -48,6 +51,10 @@ def build_argv(opts: TaskOptions, claude_bin: str) -> list[str]:
     if opts.mcp_config is not None:
         cfg = opts.mcp_config if isinstance(opts.mcp_config, str) else json.dumps(opts.mcp_config)
         flag("mcp-config", cfg)
+    if opts.worktree:
+        if not worktree:
+            raise ValueError("a task with the option worktree needs its worktree's name")
+        flag("worktree", worktree)
     return argv
 
 

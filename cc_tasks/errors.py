@@ -53,3 +53,11 @@ class WorkerUnavailableError(CCTasksError):
 
 class ReplyTooLargeError(CCTasksError):
     """A tool reply that cannot be made to fit the reply bound (replies.py)."""
+
+
+class GitError(CCTasksError):
+    """A git command failed or timed out (worktrees.py); the message quotes what git said."""
+
+
+class MergeRefusedError(GitError):
+    """merge_task refused, or undid, a merge: the repository was left as it was; the message says why."""

@@ -19,7 +19,7 @@ from typing import Literal
 import anyio
 from pydantic import ValidationError
 
-from . import __version__
+from . import __version__, worktrees
 from .backend import Backend, dependency_preamble
 from .command import STRIP_ENV
 from .config import Settings
@@ -27,7 +27,9 @@ from .errors import (
     CCTasksError,
     CorruptRecordError,
     DepthLimitError,
+    GitError,
     InvalidOptionsError,
+    MergeRefusedError,
     TaskNotFoundError,
     WorkerUnavailableError,
 )
@@ -41,10 +43,13 @@ from .models import (
     BatchStarted,
     Claimed,
     CleanupResult,
+    DiffPage,
     EventPage,
     GroupCancelled,
     LeaseRenewed,
     Listing,
+    MergeInfo,
+    MergeResult,
     Note,
     NoteAdded,
     NotePage,
@@ -57,8 +62,10 @@ from .models import (
     TaskStatus,
     Waited,
     WorkerBrief,
+    WorktreeInfo,
+    clip,
 )
-from .replies import EVENT_PAGE_CHARS, OUTPUT_PAGE_CHARS, fit_page, json_len, squeeze
+from .replies import EVENT_PAGE_CHARS, OUTPUT_PAGE_CHARS, fit_page, json_len, squeeze, text_room, utf8_page
 from .store import TASK_ID_RE, TaskStore, new_task_id, validate_task_id
 from .transcript import Entry, parse_entries
 
@@ -130,6 +137,18 @@ def _check_lease_token(lease: str) -> str:
     if not isinstance(lease, str) or not 8 <= len(lease) <= 200:
         raise InvalidOptionsError("lease is not a lease token: pass the `lease` that claim_task returned")
     return lease
+
+
+def _lacks_changes(r: TaskRecord) -> bool:
+    """A finished worktree task whose record has no ``changes`` though its worktree is there (a stat)."""
+    wt = r.worktree
+    return (
+        r.status.terminal
+        and r.changes is None
+        and wt is not None
+        and wt.base_commit is not None
+        and os.path.isdir(wt.path)
+    )
 
 
 def setup_logging(store: TaskStore) -> None:
@@ -223,9 +242,11 @@ class TaskManager:
         parent_task_id: str | None = None,
         nudge: bool = True,
         early_nudge: bool = False,
+        worktree: WorktreeInfo | None = None,
     ) -> list[TaskRecord]:
         """Validate every item (nothing is written if one is bad), submit them, then nudge the worker. With
-        ``early_nudge``, the worker is nudged once the first ``max_concurrent`` of a long batch exist."""
+        ``early_nudge``, the worker is nudged once the first ``max_concurrent`` of a long batch exist.
+        ``worktree``: the worktree a continuation resumes in (else a worktree task gets one of its own)."""
         if not items:
             raise InvalidOptionsError("no tasks given: pass at least one")
         keys = [it.key for it in items if it.key is not None]
@@ -256,6 +277,7 @@ class TaskManager:
                     ) from None
                 deps.append(d)
             ids[n] = task_id = new_task_id()
+            wt = (worktree or self._new_worktree(cwd, task_id)) if opts.worktree else None
             record = TaskRecord(
                 task_id=task_id,
                 name=opts.name,
@@ -273,6 +295,7 @@ class TaskManager:
                 max_attempts=opts.max_attempts,
                 parent_task_id=parent_task_id,
                 status=TaskStatus.WAITING if deps else TaskStatus.QUEUED,
+                worktree=wt,
             )
             stored_opts = opts.model_copy(update={"depends_on": record.depends_on or None, "cwd": cwd})
             request = TaskRequest(options=stored_opts, cwd=cwd, claude_bin=claude, env=base_env)
@@ -290,8 +313,18 @@ class TaskManager:
             self.nudge()
         return [r for _, r, _ in sorted(prepared, key=lambda p: p[0])]
 
+    @staticmethod
+    def _new_worktree(cwd: str, task_id: str) -> WorktreeInfo:
+        try:
+            return worktrees.for_task(cwd, task_id)
+        except GitError as e:
+            raise InvalidOptionsError(
+                f"worktree: {e}; give a cwd inside a git repository with at least one commit, or leave worktree out"
+            ) from None
+
     def continue_task(self, task_id: str, prompt: str, nudge: bool = True, **overrides) -> TaskRecord:
-        """A new task that resumes a finished task's claude session, in the same cwd, linked to it."""
+        """A new task that resumes a finished task's claude session, in the same cwd (and the same worktree),
+        linked to it."""
         parent = self.get(task_id)
         if parent.runner != "claude":
             raise InvalidOptionsError(
@@ -310,10 +343,23 @@ class TaskManager:
         for k in ("prompt", "name", "metadata", "depends_on", "include_dependency_results", "resume_session_id"):
             base.pop(k, None)
         given = {k: v for k, v in overrides.items() if v is not None}
+        inherited = None
+        if parent.worktree is not None:  # its session, and its work, are in its worktree: resume there
+            if given.get("worktree") is False:
+                raise InvalidOptionsError(
+                    f"task {task_id} ran in the worktree {parent.worktree.path}, where its work is: a continuation "
+                    "resumes there (leave worktree out)"
+                )
+            if not os.path.isdir(parent.worktree.path):
+                raise InvalidOptionsError(
+                    f"the worktree {parent.worktree.path} of task {task_id} is gone: there is nothing to resume in"
+                )
+            given["worktree"] = True
+            inherited = parent.worktree.model_copy(update={"merged": None})
         opts = TaskOptions(
             **{**base, **given, "prompt": prompt, "cwd": parent.cwd, "resume_session_id": parent.session_id}
         )
-        return self.submit([BatchItem(**opts.model_dump())], parent_task_id=task_id, nudge=nudge)[0]
+        return self.submit([BatchItem(**opts.model_dump())], parent_task_id=task_id, nudge=nudge, worktree=inherited)[0]
 
     # -- the worker ------------------------------------------------------------
     def nudge(self) -> None:
@@ -347,7 +393,24 @@ class TaskManager:
             record = record.model_copy(
                 update={"queue_position": self.store.queue_position(task_id), "queue_note": self._queue_note(record)}
             )
+        if _lacks_changes(record):
+            record = self._fill_changes(record)
         return record
+
+    def _fill_changes(self, r: TaskRecord) -> TaskRecord:
+        """A finished worktree task's ``changes`` when its supervisor could not write them (worker lost, git
+        failed): computed now, and kept in the record."""
+        try:
+            changes = worktrees.changes(r.worktree)
+        except GitError as e:
+            log.warning("task %s: reading its worktree's changes: %s", r.task_id, e)
+            return r
+        if changes is None:
+            return r
+        try:
+            return self.store.annotate(r.task_id, changes=changes)
+        except CCTasksError:
+            return r.model_copy(update={"changes": changes})
 
     def _queue_note(self, r: TaskRecord) -> str | None:
         """A queued task with labels that no live worker has says so (the store's own worker has none)."""
@@ -379,7 +442,7 @@ class TaskManager:
         the caller should use ``get`` off the event loop (a lost worker's tree to stop, a queue position)."""
         r = self.store.load(validate_task_id(task_id))
         if r.status.terminal:
-            return r
+            return None if _lacks_changes(r) else r
         if r.status == TaskStatus.RUNNING and r.lease is not None and self.store.lease_alive(r.lease):
             return r
         return None
@@ -652,20 +715,156 @@ class TaskManager:
             task_id, f"cancelled: its worker did not stop it within {CANCEL_WAIT:g}s; its process tree was stopped"
         )
 
-    def cleanup(self, task_id: str) -> CleanupResult:
+    def cleanup(self, task_id: str, keep_branch: bool = False) -> CleanupResult:
         """Stop the task if it still runs, then delete it. A task whose record is unreadable is deleted too
-        (its processes, found by the task id in their environment, are stopped first)."""
+        (its processes, found by the task id in their environment, are stopped first). A worktree task's
+        worktree is removed, and its branch unless it was merged or ``keep_branch``."""
         try:
-            was: TaskStatus | None = self.get(task_id).status
+            record = self.get(task_id)
         except CorruptRecordError:
             self.store.purge(task_id)
             log.info("cleaned up task %s (its record was unreadable)", task_id)
             return CleanupResult(task_id=task_id, deleted=True, was_status=None)
+        was: TaskStatus | None = record.status
         if not was.terminal:
             self.cancel(task_id)
+        removal = self._remove_worktree(record, keep_branch) if record.worktree else {}
         self.store.delete(task_id)
         log.info("cleaned up task %s (was %s)", task_id, was.value if was else "unreadable")
-        return CleanupResult(task_id=task_id, deleted=True, was_status=was)
+        return CleanupResult(task_id=task_id, deleted=True, was_status=was, **removal)
+
+    def _worktree_users(self, r: TaskRecord) -> list[TaskRecord]:
+        """Unfinished tasks other than ``r`` that work in ``r``'s worktree (continuations of it)."""
+        wt = r.worktree
+        users = []
+        for t in self.store.list_ids(include_finished=False):
+            if t == r.task_id:
+                continue
+            try:
+                o = self.store.read(t, cached=True)
+            except CCTasksError:
+                continue
+            if not o.status.terminal and o.worktree and (o.worktree.name, o.worktree.repo) == (wt.name, wt.repo):
+                users.append(o)
+        return users
+
+    def _remove_worktree(self, r: TaskRecord, keep_branch: bool) -> dict:
+        wt = r.worktree
+        users = self._worktree_users(r)
+        if users:
+            return {
+                "worktree_removed": False,
+                "branch_deleted": False,
+                "worktree_note": f"worktree {wt.path} and branch {wt.branch} kept: task {users[0].task_id} "
+                f"({users[0].status.value}) works in it",
+            }
+        try:
+            merged = worktrees.is_merged(wt)
+            why = "it was merged" if merged else "keep_branch" if keep_branch else None
+            removed, deleted, note = worktrees.remove(wt, keep_branch_because=why)
+        except GitError as e:
+            return {"worktree_removed": False, "branch_deleted": False, "worktree_note": f"could not remove it: {e}"}
+        log.info("task %s: worktree %s removed: %s, branch deleted: %s", r.task_id, wt.path, removed, deleted)
+        return {"worktree_removed": removed, "branch_deleted": deleted, "worktree_note": note}
+
+    # -- worktrees: diff and merge -------------------------------------------------
+    def _worktree_of(self, record: TaskRecord, doing: str) -> WorktreeInfo:
+        if record.worktree is None:
+            raise InvalidOptionsError(
+                f"task {record.task_id} did not run in a worktree of its own (option worktree): nothing to {doing}"
+            )
+        if record.worktree.base_commit is None:
+            raise InvalidOptionsError(
+                f"task {record.task_id} is {record.status.value} and has not started in its worktree: "
+                f"nothing to {doing}"
+            )
+        return record.worktree
+
+    def diff(self, task_id: str, offset: int = 0, limit: int = OUTPUT_PAGE_BYTES) -> DiffPage:
+        """A page of the task's changes against its base commit (committed, uncommitted, new files) as a unified
+        diff, the stat first: at most ``limit`` bytes from byte ``offset``, fewer when the page would not fit
+        in a reply; pages never split a UTF-8 character."""
+        record = self.get(task_id)
+        wt = self._worktree_of(record, "show")
+        if offset < 0:
+            raise InvalidOptionsError(
+                "offset must be 0 or more (a byte offset; use next_offset from the previous page)"
+            )
+        limit = max(1, min(int(limit), OUTPUT_PAGE_BYTES))
+        tip, data, total = worktrees.diff(wt, offset, limit)
+        start = min(offset, total)
+        changes = record.changes.model_copy(update={"files": [], "files_truncated": False}) if record.changes else None
+        page = DiffPage(
+            task_id=task_id,
+            status=record.status,
+            branch=wt.branch,
+            base_commit=wt.base_commit,
+            head_commit=tip,
+            offset=start,
+            next_offset=start,
+            total_bytes=total,
+            eof=start >= total,
+            text="",
+            changes=changes,
+        )
+        data = utf8_page(data, fit_page(data, text_room(page)), start + len(data) >= total)
+        end = start + len(data)
+        return page.model_copy(
+            update={"next_offset": end, "eof": end >= total, "text": data.decode("utf-8", "replace")}
+        )
+
+    def merge(self, task_id: str, strategy: str = "merge", message: str | None = None) -> MergeResult:
+        """Bring a completed worktree task's changes into the branch checked out in its original cwd (see
+        worktrees.merge: refused, and the repository left as it was, on uncommitted changes there or a
+        conflict). Its record then says it was merged."""
+        if strategy not in ("merge", "squash", "rebase"):
+            raise InvalidOptionsError(f"strategy {strategy[:40]!r} is none of 'merge', 'squash', 'rebase'")
+        if message is not None and ("\x00" in message or not message.strip()):
+            raise InvalidOptionsError("message is empty or has a NUL character: give a commit message, or none")
+        record = self.get(task_id)
+        wt = self._worktree_of(record, "merge")
+        if record.status != TaskStatus.COMPLETED:
+            raise MergeRefusedError(
+                f"task {task_id} is {record.status.value}: only a task that ended completed is merged (get_task_diff "
+                "shows what it changed; continue_task can finish its work); nothing was done"
+            )
+        if wt.merged is not None:
+            raise MergeRefusedError(
+                f"task {task_id} was already merged into {wt.merged.target_branch} ({wt.merged.strategy}, "
+                f"{wt.merged.commit[:12]}); nothing was done"
+            )
+        users = self._worktree_users(record)
+        if users:
+            raise MergeRefusedError(
+                f"task {users[0].task_id} ({users[0].status.value}) works in the worktree of task {task_id}: wait for "
+                "it to end, then merge; nothing was done"
+            )
+        title = clip(" ".join((record.name or record.prompt_preview).split()), 72) or task_id
+        default = (
+            f"Merge task {task_id} ({wt.branch}): {title}"
+            if strategy == "merge"
+            else f"{title}\n\ncc-tasks task {task_id}, from branch {wt.branch} ({strategy})"
+        )
+        result = worktrees.merge(
+            wt,
+            task_id=task_id,
+            strategy=strategy,  # type: ignore[arg-type]
+            message=message or default,
+            leftovers_message=f"Changes task {task_id} left uncommitted in its worktree\n\n(committed by cc-tasks merge_task)",
+        )
+        merged = wt.model_copy(
+            update={
+                "merged": MergeInfo(strategy=strategy, target_branch=result.target_branch, commit=result.head),
+                **({"base_commit": result.before} if strategy == "rebase" else {}),
+            }
+        )
+        try:
+            changes = worktrees.changes(merged) or record.changes
+        except GitError:
+            changes = record.changes
+        self.store.annotate(task_id, worktree=merged, changes=changes)
+        log.info("merged task %s into %s of %s (%s)", task_id, result.target_branch, result.repo, strategy)
+        return result
 
     # -- wait ----------------------------------------------------------------
     async def wait(

@@ -128,6 +128,12 @@ class TaskOptions(BaseModel):
         description="A group the task belongs to (1-64 letters, digits, '.', '_', ':', '-'): list, wait for, "
         "cancel its tasks together, and share notes (add_note, get_notes).",
     )
+    worktree: bool = Field(
+        False,
+        description="Run the sub-agent in a git worktree of its own (claude --worktree), on branch "
+        "worktree-<task_id> from HEAD, so that parallel sub-agents never overwrite each other's files; cwd must "
+        "be inside a git repository. Its changes stay there (get_task_diff) until merge_task.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -294,6 +300,72 @@ class Progress(BaseModel):
     updated_at: datetime | None = None
 
 
+class MergeInfo(BaseModel):
+    """How merge_task brought a task's changes into the branch of its original checkout."""
+
+    strategy: Literal["merge", "squash", "rebase"]
+    target_branch: str
+    commit: str = Field(description="HEAD of the target branch after the merge.")
+    merged_at: datetime = Field(default_factory=utcnow)
+
+
+class WorktreeInfo(BaseModel):
+    """The git worktree a task runs in (option ``worktree``): made by ``claude --worktree=<name>``."""
+
+    name: str = Field(description="The worktree's name: the id of the task that made it (continuations share it).")
+    path: str = Field(description="Where it is: .claude/worktrees/<name> in the repository's main checkout.")
+    branch: str = Field(description="Its branch, worktree-<name>.")
+    base_commit: str | None = Field(None, description="The commit the branch started from (HEAD when it was made).")
+    repo: str = Field(
+        description="The checkout the task was started in (its cwd's top level); merge_task merges there."
+    )
+    merged: MergeInfo | None = Field(None, description="Set once merge_task merged it.")
+
+
+#: Files listed in a task's ``changes`` (the counts cover them all; get_task_diff has every one).
+CHANGES_FILES = 20
+CHANGES_PATH_CHARS = 200
+
+
+class FileChange(BaseModel):
+    path: str
+    insertions: int | None = Field(description="Lines added; null for a binary file.")
+    deletions: int | None = Field(description="Lines removed; null for a binary file.")
+
+
+class Changes(BaseModel):
+    """What a worktree task changed against its base commit: committed and uncommitted, new files included."""
+
+    files_changed: int
+    insertions: int
+    deletions: int
+    committed: bool = Field(description="True when the sub-agent made commits on its branch.")
+    commits: int = Field(0, description="Commits on the branch since the base commit.")
+    uncommitted_files: int = Field(
+        0, description="Paths with changes left uncommitted in the worktree (new files included)."
+    )
+    head_commit: str | None = None
+    files: list[FileChange] = Field(
+        default_factory=list,
+        description=f"The first {CHANGES_FILES} files (paths cut to {CHANGES_PATH_CHARS} characters).",
+    )
+    files_truncated: bool = False
+    computed_at: datetime = Field(default_factory=utcnow)
+
+
+def change_line(changes: Changes, merged: MergeInfo | None = None) -> str:
+    """A task's changes in one short line: ``2 files changed, +10 -3, 1 commit, 1 uncommitted, merged into main``."""
+    c = changes
+    parts = [f"{c.files_changed} file{'' if c.files_changed == 1 else 's'} changed, +{c.insertions} -{c.deletions}"]
+    if c.commits:
+        parts.append(f"{c.commits} commit{'' if c.commits == 1 else 's'}")
+    if c.uncommitted_files:
+        parts.append(f"{c.uncommitted_files} uncommitted")
+    if merged is not None:
+        parts.append(f"merged into {clip(merged.target_branch, 40)} ({merged.strategy})")
+    return ", ".join(parts)
+
+
 class TaskRecord(BaseModel):
     """Everything known about one task; stored as record.json in the task's folder."""
 
@@ -338,6 +410,10 @@ class TaskRecord(BaseModel):
     supervisor: ProcRef | None = Field(None, description="Records of cc-tasks 0.2 only: the process supervising it.")
     claude: ProcRef | None = None
     metadata: dict[str, Any] | None = None
+    worktree: WorktreeInfo | None = Field(None, description="The git worktree it runs in (option worktree).")
+    changes: Changes | None = Field(
+        None, description="What it changed in its worktree against the base commit; set when it ends."
+    )
 
     @property
     def elapsed_seconds(self) -> float | None:
@@ -435,6 +511,7 @@ class TaskBrief(BaseModel):
     )
     result_truncated: bool = Field(False, description="True when `result` is only the start of it.")
     result_chars: int = Field(0, description="Length of the whole result; get_task_output pages through it.")
+    changes: str | None = Field(None, description="A worktree task's changes in one line (get_task_diff shows them).")
 
     @classmethod
     def of(cls, r: TaskRecord, preview: int) -> TaskBrief:
@@ -450,6 +527,7 @@ class TaskBrief(BaseModel):
             result=None if r.result is None else r.result[:preview],
             result_truncated=r.result_truncated or cut,
             result_chars=r.result_chars,
+            changes=change_line(r.changes, r.worktree.merged if r.worktree else None) if r.changes else None,
         )
 
 
@@ -656,3 +734,40 @@ class GroupCancelled(BaseModel):
     group: str
     cancelled: list[str] = Field(description="The group's tasks that were unfinished and are now cancelled.")
     count: int
+    worktree_removed: bool | None = Field(None, description="Whether its worktree was removed; null: it had none.")
+    branch_deleted: bool | None = Field(None, description="Whether its branch was deleted; null: it had no worktree.")
+    worktree_note: str | None = Field(None, description="What was left in place, and why.")
+
+
+class DiffPage(BaseModel):
+    """A page of a worktree task's changes against its base commit, as a unified diff."""
+
+    task_id: str
+    status: TaskStatus
+    branch: str
+    base_commit: str
+    head_commit: str | None = Field(description="The branch's last commit (uncommitted changes come on top of it).")
+    offset: int = Field(description="Byte offset this page starts at.")
+    next_offset: int = Field(description="Pass as `offset` to read the next page.")
+    total_bytes: int
+    eof: bool = Field(description="True when this page reaches the end of the diff.")
+    text: str = Field(description="git diff --patch-with-stat from the base commit: the stat first, then the patch.")
+    changes: Changes | None = Field(None, description="The counts (the stat at the start of the diff lists the files).")
+
+
+class MergeResult(BaseModel):
+    """What merge_task did."""
+
+    task_id: str
+    strategy: Literal["merge", "squash", "rebase"]
+    repo: str = Field(description="The checkout merged into.")
+    target_branch: str
+    branch: str = Field(description="The task's branch.")
+    before: str = Field(description="HEAD of the target branch before.")
+    head: str = Field(description="HEAD of the target branch after.")
+    leftovers_committed: bool = Field(
+        description="True when changes the sub-agent left uncommitted were first committed on its branch."
+    )
+    files_changed: int
+    insertions: int
+    deletions: int

@@ -23,10 +23,12 @@ from .models import (
     BatchStarted,
     Claimed,
     CleanupResult,
+    DiffPage,
     EventPage,
     GroupCancelled,
     LeaseRenewed,
     Listing,
+    MergeResult,
     NoteAdded,
     NotePage,
     OutputPage,
@@ -37,6 +39,7 @@ from .models import (
     TaskRecord,
     Waited,
     WaitResult,
+    change_line,
     clip,
 )
 
@@ -119,6 +122,25 @@ def fit_page(data: bytes, chars: int) -> int:
         else:
             hi = mid - 1
     return max(1, lo)
+
+
+def utf8_page(data: bytes, fit: int, at_end: bool) -> bytes:
+    """The first ``fit`` bytes of ``data`` (all of it when it fits and ends the text: ``at_end``), cut back to a
+    UTF-8 character boundary so that no page splits a character."""
+    if fit >= len(data) and at_end:
+        return data
+    cut = min(fit, len(data))
+    while cut > 0 and (data[cut - 1] & 0xC0) == 0x80:
+        cut -= 1
+    if cut > 0 and data[cut - 1] >= 0xC0:
+        cut -= 1
+    return data[:cut] or data[:fit]
+
+
+def text_room(page: BaseModel) -> int:
+    """Characters left in a reply for the text of ``page`` (a page model whose ``text`` is still empty), counted
+    as fit_page counts them: JSON-escaped in the structured content plus as plain text."""
+    return max(1, REPLY_CHARS - shape(page).size)
 
 
 def squeeze(value: Any, chars: int) -> Any:
@@ -291,6 +313,8 @@ def brief_line(b: TaskBrief, preview: int) -> str:
     parts.append(f"{b.turns} turns")
     if b.cost_usd is not None:
         parts.append(f"${b.cost_usd:.4f}")
+    if b.changes:
+        parts.append(f"[{b.changes}]")
     if b.error:
         parts.append("error: " + one_line(b.error, min(preview, LINE_PREVIEW_MAX)))
     elif b.result is not None:
@@ -332,6 +356,12 @@ def _(r: TaskRecord) -> str:
         lines.append("last tool: " + one_line(r.progress.last_tool, 100))
     if not r.status.terminal and r.progress.last_text:
         lines.append("last text: " + one_line(r.progress.last_text, 300))
+    if r.worktree is not None:
+        wt = r.worktree
+        base = f", from {wt.base_commit[:12]}" if wt.base_commit else ""
+        lines.append(f"worktree: {clip(wt.path, 300)} (branch {clip(wt.branch, 100)}{base})")
+    if r.changes is not None:
+        lines.append("changes: " + change_line(r.changes, r.worktree.merged if r.worktree else None))
     if r.result is not None:
         whole = max(r.result_chars, len(r.result))
         shown = r.result[:TEXT_RESULT_CHARS]
@@ -348,7 +378,34 @@ def _(s: StartResult) -> str:
 
 @text_of.register
 def _(c: CleanupResult) -> str:
-    return f"task {c.task_id} deleted (it was {c.was_status.value if c.was_status else 'unreadable'})"
+    text = f"task {c.task_id} deleted (it was {c.was_status.value if c.was_status else 'unreadable'})"
+    if c.worktree_removed is not None:
+        text += f"; worktree {'removed' if c.worktree_removed else 'not removed'}"
+        text += f", branch {'deleted' if c.branch_deleted else 'not deleted'}"
+    if c.worktree_note:
+        text += f" ({clip(c.worktree_note, 1_000)})"
+    return text
+
+
+@text_of.register
+def _(p: DiffPage) -> str:
+    where = "the end" if p.eof else f"more from next_offset={p.next_offset}"
+    stat = f"; {change_line(p.changes)}" if p.changes else ""
+    head = (
+        f"[diff of task {p.task_id} ({p.status.value}) against {p.base_commit[:12]}, branch {clip(p.branch, 100)}{stat}: "
+        f"bytes {p.offset}-{p.next_offset} of {p.total_bytes}; {where}]"
+    )
+    return f"{head}\n{p.text}"
+
+
+@text_of.register
+def _(m: MergeResult) -> str:
+    leftovers = "; its uncommitted changes were committed on its branch first" if m.leftovers_committed else ""
+    return (
+        f"task {m.task_id} merged into {clip(m.target_branch, 100)} of {clip(m.repo, 300)} ({m.strategy}): "
+        f"{m.files_changed} files changed, +{m.insertions} -{m.deletions}; HEAD {m.before[:12]} -> {m.head[:12]}"
+        f"{leftovers}"
+    )
 
 
 @text_of.register

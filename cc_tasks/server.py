@@ -31,9 +31,11 @@ from .models import (
     BatchResult,
     Claimed,
     CleanupResult,
+    DiffPage,
     EventPage,
     GroupCancelled,
     LeaseRenewed,
+    MergeResult,
     NoteAdded,
     NotePage,
     OutputPage,
@@ -59,7 +61,9 @@ fail_task / release_task under a lease; groups of tasks share notes (add_note, g
 execute_cc_task runs one and returns when it ends. Every server process of this user shares the tasks,
 and at most CC_TASKS_MAX_CONCURRENT run at once; the rest are queued by priority. Replies are bounded:
 wait_for_tasks and list_active_tasks give a short entry per task (check_task_status has the whole record),
-and `more` with a cursor says where a reply was cut."""
+and `more` with a cursor says where a reply was cut. Sub-agents editing the same repository in parallel:
+start them with `worktree: true` (each works in a git worktree of its own), read what each changed
+(`changes`, get_task_diff), bring the changes in with merge_task, then cleanup_task."""
 
 
 def _validation_message(e: ValidationError) -> str:
@@ -289,9 +293,52 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
             return await anyio.to_thread.run_sync(mgr.cancel_group, group)
         return await anyio.to_thread.run_sync(mgr.cancel, task_id)
 
-    async def cleanup_task(task_id: TaskId) -> CleanupResult:
-        """Stop the task if it still runs, then delete its files."""
-        return await anyio.to_thread.run_sync(mgr.cleanup, task_id)
+    async def cleanup_task(
+        task_id: TaskId,
+        keep_branch: Annotated[
+            bool, Field(description="A worktree task: keep its branch (its worktree is removed all the same).")
+        ] = False,
+    ) -> CleanupResult:
+        """Stop the task if it still runs, then delete its files. A worktree task's worktree is removed, and its
+        branch too unless it was merged or keep_branch (never while another task works in that worktree)."""
+        return await anyio.to_thread.run_sync(functools.partial(mgr.cleanup, task_id, keep_branch=keep_branch))
+
+    async def get_task_diff(
+        task_id: TaskId,
+        offset: Annotated[
+            int, Field(ge=0, description="Byte offset to read from; pass next_offset of the previous page.")
+        ] = 0,
+        limit: Annotated[
+            int,
+            Field(
+                ge=1,
+                le=OUTPUT_PAGE_BYTES,
+                description="Most bytes to return (fewer when the text, JSON-escaped, would make the reply too long).",
+            ),
+        ] = OUTPUT_PAGE_BYTES,
+    ) -> DiffPage:
+        """What a worktree task changed against its base commit (its commits, uncommitted edits and new files), as
+        a unified diff with the stat first, in pages (next_offset, eof)."""
+        return await anyio.to_thread.run_sync(functools.partial(mgr.diff, task_id, offset=offset, limit=limit))
+
+    async def merge_task(
+        task_id: TaskId,
+        strategy: Annotated[
+            Literal["merge", "squash", "rebase"],
+            Field(
+                description="'merge': a merge commit (--no-ff); 'squash': one commit of all its changes; 'rebase': "
+                "its commits replayed on top, then a fast-forward."
+            ),
+        ] = "merge",
+        message: Annotated[
+            str | None,
+            Field(max_length=10_000, description="Commit message (merge and squash); default names the task."),
+        ] = None,
+    ) -> MergeResult:
+        """Bring a completed worktree task's changes (changes it left uncommitted are committed on its branch
+        first) into the branch checked out in its original cwd. Refused, with the repository left exactly as
+        it was, if that checkout has uncommitted changes or on a conflict (the error names the files)."""
+        return await anyio.to_thread.run_sync(functools.partial(mgr.merge, task_id, strategy=strategy, message=message))
 
     async def get_task_output(
         task_id: TaskId,
@@ -445,6 +492,8 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         (list_active_tasks, _annotations(True, idempotent=True)),
         (cancel_task, _annotations(False, destructive=True, idempotent=True)),
         (cleanup_task, _annotations(False, destructive=True)),
+        (get_task_diff, _annotations(True, idempotent=True)),
+        (merge_task, _annotations(False, destructive=True)),
         (get_task_output, _annotations(True, idempotent=True)),
         (wait_for_tasks, _annotations(True, idempotent=True)),
         (get_server_info, _annotations(True, idempotent=True)),

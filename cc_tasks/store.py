@@ -470,6 +470,17 @@ class TaskStore:
         os.rename(d, trash)  # disappears at once for every reader
         shutil.rmtree(trash, ignore_errors=True)
 
+    def annotate(self, task_id: str, **fields) -> TaskRecord:
+        """Set fields of a finished task's record that no worker writes any more (a worktree task's ``changes``,
+        its ``worktree`` once merged). Never its status; a task that has not finished is left alone."""
+        if "status" in fields or "lease" in fields:
+            raise ValueError("annotate never changes a task's status or lease")
+
+        def fn(r: TaskRecord) -> TaskRecord | None:
+            return r.model_copy(update=fields) if r.status.terminal else None
+
+        return self.update(validate_task_id(task_id), fn)
+
     # -- cancel (client side) ------------------------------------------------
     def request_cancel(self, task_id: str) -> TaskRecord:
         """A task that has not started, or an agent's task, is cancelled at once (an agent's lease is dropped:

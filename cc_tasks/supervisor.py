@@ -21,10 +21,10 @@ from pathlib import Path
 
 import psutil
 
-from . import procs
+from . import procs, worktrees
 from .backend import Backend, dependency_preamble
 from .command import build_argv, build_env
-from .errors import CCTasksError, LeaseLostError
+from .errors import CCTasksError, GitError, LeaseLostError
 from .models import RESULT_PREVIEW_CHARS, Attempt, Progress, TaskRecord, utcnow
 from .states import TaskStatus
 from .store import atomic_write
@@ -56,6 +56,7 @@ class Supervisor:
         self._out = None
         self._stopped = False
         self.claude_ref = None
+        self.worktree = record.worktree
         self._last_text_event = -1e9
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -121,7 +122,41 @@ class Supervisor:
                 pass
 
     def _end(self, status: TaskStatus, result_text: str | None = None, **fields) -> TaskRecord:
-        return self.backend.finish(self.lease, status, result_text, **fields)
+        return self.backend.finish(self.lease, status, result_text, **fields, **self._worktree_fields())
+
+    # -- the task's git worktree (option worktree) ---------------------------------
+    def _prepare_worktree(self, cwd: str) -> str | None:
+        """Before claude makes (or enters) the task's worktree: keep .claude/worktrees/ out of the user's git
+        status, refuse a branch left without its worktree, and record the base commit. An error, or None."""
+        wt = self.worktree
+        assert wt is not None
+        try:
+            worktrees.exclude_worktrees(wt.repo)
+            if worktrees.orphan_branch(wt):
+                return (
+                    f"its branch {wt.branch} exists but its worktree {wt.path} is gone (removed by hand, or by "
+                    "cleanup_task with keep_branch): claude --worktree would reset the branch and lose its commits; "
+                    "restore the worktree (git worktree add) or start a new task"
+                )
+            if wt.base_commit is None:
+                self.worktree = wt.model_copy(update={"base_commit": worktrees.head(cwd)})
+                self.backend.progress(self.lease, worktree=self.worktree)
+        except GitError as e:
+            return f"could not prepare its git worktree: {e}"
+        return None
+
+    def _worktree_fields(self) -> dict:
+        """The final record's ``worktree`` (where git has it) and ``changes``; nothing if git fails (they are
+        then computed when the record is read)."""
+        wt = self.worktree
+        if wt is None:
+            return {}
+        try:
+            wt = worktrees.locate(wt, made_here=wt.name == self.task_id)
+            return {"worktree": wt, "changes": worktrees.changes(wt)}
+        except GitError as e:
+            log.warning("task %s: reading its worktree's changes: %s", self.task_id, e)
+            return {}
 
     def _run(self) -> None:
         record = self.record
@@ -131,7 +166,12 @@ class Supervisor:
         request = self.backend.request(self.task_id)
         opts = request.options
         env = build_env(request.env, opts, depth=record.depth - 1, task_id=self.task_id, store_dir=self.backend.address)
-        argv = build_argv(opts, request.claude_bin)
+        if self.worktree is not None:
+            problem = self._prepare_worktree(request.cwd)
+            if problem:
+                self._end(TaskStatus.FAILED, error=problem)
+                return
+        argv = build_argv(opts, request.claude_bin, self.worktree.name if self.worktree else None)
         prompt = opts.prompt
         if opts.include_dependency_results and record.depends_on:
             prompt = dependency_preamble(self.backend, record.depends_on) + prompt

@@ -8,7 +8,12 @@ prompt changes what it does: ``sleep`` (seconds before answering), ``exit`` (exi
 and write its pid to grandchild.pid), ``argv`` (write argv and selected env to argv.json), ``track`` (a
 directory: count how many copies run at once there, and log this run's task id and that count),
 ``log`` (a file: append "start NAME" and "end NAME" lines), ``wait_file`` (wait until that file exists),
-``no_tools`` (no tool_use event: a run that used no tool).
+``no_tools`` (no tool_use event: a run that used no tool), ``files`` (``{path: text}``: write these files),
+``commit`` (a message: commit everything with it), ``dirty`` (``{path: text}``: write these after the commit).
+
+``--worktree=NAME`` is emulated as the pinned claude does it: make ``.claude/worktrees/NAME`` in the main
+checkout on branch ``worktree-NAME`` from HEAD (``-B``: a branch left without its worktree is reset), locked,
+or enter it when it exists; the run then happens inside it.
 """
 
 import fcntl
@@ -20,6 +25,22 @@ import sys
 import time
 import uuid
 
+
+def enter_worktree(name):
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    common = git("rev-parse", "--path-format=absolute", "--git-common-dir")
+    path = os.path.join(os.path.dirname(common), ".claude", "worktrees", name)
+    if not os.path.isdir(path):
+        git("worktree", "add", "-q", "-B", f"worktree-{name}", path, "HEAD")
+        git("worktree", "lock", "--reason", f"fake claude session {name} (pid {os.getpid()})", path)
+    os.chdir(path)
+
+
+for arg in sys.argv:
+    if arg.startswith("--worktree="):
+        enter_worktree(arg.split("=", 1)[1])
 prompt = sys.stdin.read()
 cfg = {}
 for line in prompt.splitlines():
@@ -38,6 +59,17 @@ if cfg.get("argv"):
         json.dump(
             {"argv": sys.argv, "prompt": prompt, "env": {k: os.environ.get(k) for k in cfg.get("env_keys", [])}}, f
         )
+for rel, content in (cfg.get("files") or {}).items():
+    os.makedirs(os.path.dirname(os.path.abspath(rel)), exist_ok=True)
+    with open(rel, "w") as f:
+        f.write(content)
+if cfg.get("commit"):
+    subprocess.run(["git", "add", "-A"], check=True)
+    ident = ["-c", "user.name=fake", "-c", "user.email=fake@localhost"]
+    subprocess.run(["git", *ident, "commit", "-q", "-m", cfg["commit"]], check=True)
+for rel, content in (cfg.get("dirty") or {}).items():
+    with open(rel, "w") as f:
+        f.write(content)
 if cfg.get("ignore_signals"):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

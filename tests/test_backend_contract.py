@@ -263,3 +263,20 @@ def test_read_list_events_output_and_delete(backend):
     with pytest.raises(TaskNotFoundError):
         backend.read(old.task_id)
     assert list(backend.list_ids(include_finished=True)) == [new.task_id]
+
+
+def test_annotate_sets_fields_of_a_finished_task_only(backend):
+    from cc_tasks.models import Changes, WorktreeInfo
+
+    t = submit(backend, "wt")
+    w = registered(backend)
+    (claimed,) = backend.claim(w, 1)
+    changes = Changes(files_changed=2, insertions=3, deletions=1, committed=False)
+    assert backend.annotate(t.task_id, changes=changes).changes is None  # running: left alone
+    backend.finish(claimed.lease, TaskStatus.COMPLETED)
+    wt = WorktreeInfo(name=t.task_id, path="/r/.claude/worktrees/x", branch="worktree-x", repo="/r")
+    r = backend.annotate(t.task_id, changes=changes, worktree=wt)
+    assert r.changes == changes and r.worktree == wt and r.status == TaskStatus.COMPLETED
+    assert backend.read(t.task_id).changes == changes
+    with pytest.raises(ValueError):
+        backend.annotate(t.task_id, status=TaskStatus.FAILED)

@@ -41,7 +41,7 @@ def cli(cc_env, fake_claude, monkeypatch):
 
 def test_every_subcommand_has_help(cli):
     for cmd in ("serve", "list", "show", "logs", "run", "cancel", "cleanup", "doctor", "install-claude", "worker",
-                "post", "claim", "renew", "complete", "fail", "release", "notes"):  # fmt: skip
+                "post", "claim", "renew", "complete", "fail", "release", "notes", "diff", "merge"):  # fmt: skip
         r = cli(cmd, "--help")
         assert r.returncode == 0 and "Usage: cc-tasks " + cmd in r.stdout, (cmd, r.stderr)
 

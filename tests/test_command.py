@@ -1,5 +1,7 @@
 """The claude command line and environment: pure functions."""
 
+import pytest
+
 from cc_tasks.command import STRIP_ENV, build_argv, build_env
 from cc_tasks.models import TaskOptions
 
@@ -50,6 +52,16 @@ def test_argv_minimal():
         "--output-format=stream-json",
         "--verbose",
     ]
+
+
+def test_worktree_names_the_task_worktree():
+    opts = TaskOptions(prompt="hi", worktree=True, max_turns=2)
+    argv = build_argv(opts, "claude", "20260101-000000-000-1a2b3c4d")
+    assert argv[4:] == ["--max-turns=2", "--worktree=20260101-000000-000-1a2b3c4d"]
+    # without the option the name changes nothing; with it, a name is required
+    assert build_argv(TaskOptions(prompt="hi"), "claude", "x") == build_argv(TaskOptions(prompt="hi"), "claude")
+    with pytest.raises(ValueError, match="worktree"):
+        build_argv(opts, "claude")
 
 
 def test_env_strips_nesting_variables_and_bumps_depth():

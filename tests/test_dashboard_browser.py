@@ -118,3 +118,26 @@ def test_dashboard_shows_agent_tasks_with_their_holder_and_the_groups_notes(http
     wait.until(lambda d: "window-7" in d.find_element(By.ID, "holder").text)
     assert "lease until" in browser.find_element(By.ID, "holder").text
     wait.until(lambda d: "the API moved to /v2" in d.find_element(By.ID, "notes").text)
+
+
+def test_dashboard_shows_a_worktree_tasks_changes(http_server, browser, fake_manager, tmp_path):  # noqa: F811
+    import json
+
+    from .test_http import http
+    from .test_worktrees import make_repo
+
+    repo = make_repo(tmp_path / "repo")
+    cfg = {"files": {"one.txt": "1\n", "two.txt": "2\n2\n"}, "commit": "two files"}
+    t = fake_manager.start(TaskOptions(prompt=fake(cfg), cwd=str(repo), worktree=True, name="in a worktree"))
+    wait_until(lambda: fake_manager.get(t.task_id).status == TaskStatus.COMPLETED)
+    status, _, body = http(http_server.base + f"/api/tasks/{t.task_id}", headers={"Authorization": f"Bearer {TOKEN}"})
+    record = json.loads(body)
+    assert status == 200 and record["changes"]["files_changed"] == 2 and record["worktree"]["name"] == t.task_id
+    browser.get(http_server.base + f"/?token={TOKEN}")
+    wait = WebDriverWait(browser, 40, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+    wait.until(lambda d: row_status(d, t.task_id) == "completed")
+    click(wait, f'tr[data-task-id="{t.task_id}"]')
+    wait.until(lambda d: d.find_elements(By.ID, "changes"))
+    shown = browser.find_element(By.ID, "changes").text
+    assert "2 files changed, +3 -0 · 1 commit" in shown and "one.txt +1 -0" in shown and "two.txt +2 -0" in shown
+    assert f"worktree-{t.task_id}" in browser.find_element(By.ID, "detail").text

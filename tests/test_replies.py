@@ -10,12 +10,14 @@ import pytest
 from fastmcp import Client
 from fastmcp.exceptions import ToolError
 
+from cc_tasks import worktrees
 from cc_tasks.models import MAX_BATCH, REPLY_CHARS, Listing, TaskRecord, TaskStatus, Waited
 from cc_tasks.replies import cut_json, fit_page, json_len, list_reply, wait_reply
 from cc_tasks.server import create_server
 
 from .test_coordination import cap
 from .test_manager import fake
+from .test_worktrees import make_repo
 
 #: Characters JSON escapes the most: a control character (6 characters), a quote and a backslash (2), and one
 #: outside the BMP (12, as json.dumps writes it).
@@ -181,6 +183,27 @@ async def test_every_reply_stays_bounded_with_200_big_tasks(fake_manager, workdi
             await client.call_tool("add_note", {"group": "big", "text": worst(10_000)})
         await call("get_notes", {"group": "big", "limit": 1000})
         await call("cancel_task", {"group": "big"})
+        # a worktree task whose diff is of the most-escaped text, with the longest name and metadata: its record,
+        # its entry, its diff pages (put back together exactly), its merge and its cleanup
+        repo = make_repo(workdir.parent / "repo")
+        args = {"prompt": fake({"files": {"big.txt": worst(60_000)}}), "cwd": str(repo), "worktree": True}
+        wt_task = (await call("start_cc_task_async", args | {"name": worst(200), "metadata": METADATA})).data.task_id
+        one = (await call("wait_for_tasks", {"task_ids": [wt_task], "timeout_seconds": 60})).structured_content
+        assert one["done"] and one["tasks"][0]["changes"] == "1 file changed, +1 -0, 1 uncommitted"
+        rec = (await call("check_task_status", {"task_id": wt_task})).structured_content
+        assert rec["changes"]["files_changed"] == 1 and rec["worktree"]["branch"] == f"worktree-{wt_task}"
+        text, offset, pages = "", 0, 0
+        while True:
+            args = {"task_id": wt_task, "offset": offset, "limit": 20_000}
+            page = (await call("get_task_diff", args)).structured_content
+            text, offset, pages = text + page["text"], page["next_offset"], pages + 1
+            if page["eof"]:
+                break
+        _, whole, total = worktrees.diff(fake_manager.get(wt_task).worktree, 0, 1 << 20)
+        assert text == whole.decode() and offset == total and pages > 5
+        merged = await call("merge_task", {"task_id": wt_task, "strategy": "squash", "message": "m" * 10_000})
+        assert merged.structured_content["leftovers_committed"]
+        await call("cleanup_task", {"task_id": wt_task, "keep_branch": True})
         tools = {t.name for t in await client.list_tools()}
     assert set(call.largest) == tools
     print("largest reply per tool (characters):", json.dumps(call.largest, indent=1, sort_keys=True))

@@ -128,6 +128,8 @@ async def test_python_m_entry_point_serves(cc_env):
         "release_task",
         "add_note",
         "get_notes",
+        "get_task_diff",
+        "merge_task",
     }
 
 
