@@ -733,30 +733,39 @@ class TaskManager:
         log.info("cleaned up task %s (was %s)", task_id, was.value if was else "unreadable")
         return CleanupResult(task_id=task_id, deleted=True, was_status=was, **removal)
 
-    def _worktree_users(self, r: TaskRecord) -> list[TaskRecord]:
-        """Unfinished tasks other than ``r`` that work in ``r``'s worktree (continuations of it)."""
+    def _worktree_users(self, r: TaskRecord, include_finished: bool = False) -> list[TaskRecord]:
+        """Tasks other than ``r`` that work in ``r``'s worktree (the task it continues, its continuations):
+        the unfinished ones, or with ``include_finished`` all of them."""
         wt = r.worktree
         users = []
-        for t in self.store.list_ids(include_finished=False):
+        for t in self.store.list_ids(include_finished=include_finished):
             if t == r.task_id:
                 continue
             try:
                 o = self.store.read(t, cached=True)
             except CCTasksError:
                 continue
-            if not o.status.terminal and o.worktree and (o.worktree.name, o.worktree.repo) == (wt.name, wt.repo):
+            if (
+                (include_finished or not o.status.terminal)
+                and o.worktree
+                and (o.worktree.name, o.worktree.repo)
+                == (
+                    wt.name,
+                    wt.repo,
+                )
+            ):
                 users.append(o)
         return users
 
     def _remove_worktree(self, r: TaskRecord, keep_branch: bool) -> dict:
         wt = r.worktree
-        users = self._worktree_users(r)
-        if users:
+        users = self._worktree_users(r, include_finished=True)  # (a chain of continuations shares one worktree:
+        if users:  # it goes with the last of them, so that cleaning one never loses another's work)
             return {
                 "worktree_removed": False,
                 "branch_deleted": False,
                 "worktree_note": f"worktree {wt.path} and branch {wt.branch} kept: task {users[0].task_id} "
-                f"({users[0].status.value}) works in it",
+                f"({users[0].status.value}) shares it; they go with the last task of the worktree",
             }
         try:
             merged = worktrees.is_merged(wt)

@@ -665,6 +665,9 @@ class CleanupResult(BaseModel):
     task_id: str
     deleted: bool
     was_status: TaskStatus | None = Field(description="The status it had; null if its record was unreadable.")
+    worktree_removed: bool | None = Field(None, description="Whether its worktree was removed; null: it had none.")
+    branch_deleted: bool | None = Field(None, description="Whether its branch was deleted; null: it had no worktree.")
+    worktree_note: str | None = Field(None, description="What was left in place, and why.")
 
 
 class PostOptions(BaseModel):
@@ -734,9 +737,6 @@ class GroupCancelled(BaseModel):
     group: str
     cancelled: list[str] = Field(description="The group's tasks that were unfinished and are now cancelled.")
     count: int
-    worktree_removed: bool | None = Field(None, description="Whether its worktree was removed; null: it had none.")
-    branch_deleted: bool | None = Field(None, description="Whether its branch was deleted; null: it had no worktree.")
-    worktree_note: str | None = Field(None, description="What was left in place, and why.")
 
 
 class DiffPage(BaseModel):

@@ -435,7 +435,9 @@ def _merge(info: WorktreeInfo, task_id: str, strategy: Strategy, message: str, l
         )
 
     def undo(why: str, conflicts: list[str]) -> MergeRefusedError:
-        exact = _restore(repo, saved_head, saved_status)
+        # (the merge is made outside the checkout and comes in by a fast-forward, which changes nothing
+        # when it fails: there is nothing to undo, only to check)
+        exact = head(repo) == saved_head and _status(repo) == saved_status
         where = f"merging task {task_id} (branch {info.branch}) into {branch} of {repo}"
         if conflicts:
             shown = ", ".join(conflicts[:20]) + (f" and {len(conflicts) - 20} more" if len(conflicts) > 20 else "")
@@ -443,9 +445,9 @@ def _merge(info: WorktreeInfo, task_id: str, strategy: Strategy, message: str, l
         else:
             head_line = f"merge refused: {where} failed: {why}."
         state_line = (
-            f" The merge was undone: {repo} is exactly as it was (HEAD {saved_head[:12]}, same status)."
+            f" Nothing was changed: {repo} is exactly as it was (HEAD {saved_head[:12]}, same status)."
             if exact
-            else f" WARNING: {repo} could not be put back exactly as it was (it was at {saved_head}): check it."
+            else f" cc-tasks changed nothing in {repo}, but it changed meanwhile (it was at {saved_head}): check it."
         )
         todo = (
             f" To go on: continue_task the task to bring {branch} into its branch and resolve the conflict there, "
@@ -456,22 +458,23 @@ def _merge(info: WorktreeInfo, task_id: str, strategy: Strategy, message: str, l
         return MergeRefusedError(head_line + state_line + todo)
 
     try:
-        if strategy == "merge":
-            r = run(repo, *ident, "merge", "--no-ff", "--no-edit", f"--message={message}", commit, check=False)
-            if r.rc != 0:
-                raise undo(r.err, git.unmerged_paths(git.parse_status(_status(repo))))
-        elif strategy == "squash":
-            r = run(repo, *ident, "merge", "--squash", commit, check=False)
-            if r.rc != 0:
-                raise undo(r.err, git.unmerged_paths(git.parse_status(_status(repo))))
-            r = run(repo, *ident, "commit", "--no-edit", f"--message={message}", check=False)
-            if r.rc != 0:
-                raise undo(r.err or "git commit failed", [])
+        # The result is made away from the user's checkout (merge-tree, commit-tree; a rebase in a scratch
+        # worktree), then brought in with a fast-forward: git refuses that, touching nothing, if HEAD moved
+        # meanwhile or if it would overwrite local changes. So a failure never needs a reset of the checkout.
+        if strategy in ("merge", "squash"):
+            r = run(repo, "merge-tree", "--write-tree", "--name-only", "--no-messages", saved_head, commit, check=False)
+            lines = r.out.decode("utf-8", "surrogateescape").splitlines()
+            if r.rc == 1:
+                raise undo("conflict", [line for line in lines[1:] if line])
+            if r.rc != 0 or not lines:
+                raise undo(r.err or "git merge-tree failed", [])
+            parents = ["-p", saved_head, *(["-p", commit] if strategy == "merge" else [])]
+            result = run(repo, *ident, "commit-tree", lines[0], *parents, "-m", message).text
         else:
-            commit = _rebased(repo, ident, commit, saved_head, undo)
-            r = run(repo, "merge", "--ff-only", commit, check=False)
-            if r.rc != 0:
-                raise undo(r.err, [])
+            result = commit = _rebased(repo, ident, commit, saved_head, undo)
+        r = run(repo, "merge", "--ff-only", result, check=False)
+        if r.rc != 0:
+            raise undo(r.err, [])
     except MergeRefusedError:
         raise
     except BaseException as e:
@@ -510,20 +513,6 @@ def _rebased(repo: str, ident: tuple[str, ...], commit: str, onto: str, undo) ->
         run(repo, "worktree", "remove", "--force", path, check=False)
         shutil.rmtree(scratch, ignore_errors=True)
         run(repo, "worktree", "prune", check=False)
-
-
-def _restore(repo: str, saved_head: str, saved_status: bytes) -> bool:
-    """Put the checkout back as it was before a failed merge (its tracked files were clean then); True if
-    HEAD and status are exactly as they were."""
-    try:
-        if os.path.exists(git_path(repo, "MERGE_HEAD")):
-            run(repo, "merge", "--abort", check=False)
-        if head(repo) != saved_head or _status(repo) != saved_status:
-            run(repo, "reset", "--quiet", "--hard", saved_head, check=False)
-        return head(repo) == saved_head and _status(repo) == saved_status
-    except GitError as e:
-        log.error("restoring %s after a failed merge: %s", repo, e)
-        return False
 
 
 def _advance_branch(info: WorktreeInfo, st: State, commit: str, strategy: Strategy) -> None:

@@ -449,3 +449,34 @@ async def test_a_worktree_task_that_never_ran(fake_manager, repo):
     res = fake_manager.cleanup(queued.task_id)
     assert res.worktree_removed is False and res.branch_deleted is False and "never ran" in res.worktree_note
     assert worktree_paths(repo) == [str(repo)] and branches(repo) == {"main"}
+
+
+async def test_cleaning_one_task_of_a_chain_keeps_the_worktree_the_others_share(fake_manager, repo):
+    parent = await run(fake_manager, fake_task(repo, files={"p.txt": "p\n"}))
+    child = fake_manager.continue_task(parent.task_id, fake({"files": {"c.txt": "c\n"}}))
+    done = (await fake_manager.wait([child.task_id], timeout=30)).tasks[0]
+    assert done.status == TaskStatus.COMPLETED  # both finished: cleaning the parent must not lose the child's work
+    res = fake_manager.cleanup(parent.task_id)
+    assert res.worktree_removed is False and child.task_id in res.worktree_note
+    assert fake_manager.diff(child.task_id).changes.files_changed == 2
+    res = fake_manager.cleanup(child.task_id)
+    assert res.worktree_removed and worktree_paths(repo) == [str(repo)]
+
+
+async def test_a_user_commit_during_a_merge_is_never_undone(fake_manager, repo, monkeypatch):
+    t = await run(fake_manager, fake_task(repo, files={"t.txt": "t\n"}, commit="t"))
+    real = worktrees.run
+
+    def user_commits_meanwhile(cwd, *args, **kw):
+        if args[:2] == ("merge", "--ff-only"):  # just before the result comes in: the user commits and edits
+            (repo / "user.txt").write_text("mine\n")
+            git(repo, "add", "user.txt")
+            git(repo, "commit", "-q", "-m", "the user's own commit")
+            (repo / "shared.txt").write_text("being edited\n")
+        return real(cwd, *args, **kw)
+
+    monkeypatch.setattr(worktrees, "run", user_commits_meanwhile)
+    with pytest.raises(MergeRefusedError, match="changed nothing"):
+        fake_manager.merge(t.task_id, "merge")
+    assert git(repo, "log", "-1", "--format=%s").strip() == "the user's own commit"  # kept
+    assert (repo / "shared.txt").read_text() == "being edited\n" and (repo / "user.txt").exists()
