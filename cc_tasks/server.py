@@ -144,6 +144,15 @@ async def _report(elapsed: float, message: str) -> None:
         pass
 
 
+PageOffset = Annotated[int, Field(ge=0, description="Byte offset to read from; pass next_offset of the previous page.")]
+PageLimit = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=OUTPUT_PAGE_BYTES,
+        description="Most bytes to return (fewer when the text, JSON-escaped, would make the reply too long).",
+    ),
+]
 TaskId = Annotated[str, Field(description="A task id returned by start_cc_task_async or list_active_tasks.")]
 _CONTINUE_FIRST = [
     inspect.Parameter(
@@ -305,17 +314,8 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
 
     async def get_task_diff(
         task_id: TaskId,
-        offset: Annotated[
-            int, Field(ge=0, description="Byte offset to read from; pass next_offset of the previous page.")
-        ] = 0,
-        limit: Annotated[
-            int,
-            Field(
-                ge=1,
-                le=OUTPUT_PAGE_BYTES,
-                description="Most bytes to return (fewer when the text, JSON-escaped, would make the reply too long).",
-            ),
-        ] = OUTPUT_PAGE_BYTES,
+        offset: PageOffset = 0,
+        limit: PageLimit = OUTPUT_PAGE_BYTES,
     ) -> DiffPage:
         """What a worktree task changed against its base commit (its commits, uncommitted edits and new files), as
         a unified diff with the stat first, in pages (next_offset, eof)."""
@@ -342,17 +342,8 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
 
     async def get_task_output(
         task_id: TaskId,
-        offset: Annotated[
-            int, Field(ge=0, description="Byte offset to read from; pass next_offset of the previous page.")
-        ] = 0,
-        limit: Annotated[
-            int,
-            Field(
-                ge=1,
-                le=OUTPUT_PAGE_BYTES,
-                description="Most bytes to return (fewer when the text, JSON-escaped, would make the reply too long).",
-            ),
-        ] = OUTPUT_PAGE_DEFAULT,
+        offset: PageOffset = 0,
+        limit: PageLimit = OUTPUT_PAGE_DEFAULT,
         source: Annotated[
             Literal["result", "transcript", "stderr", "prompt"],
             Field(
