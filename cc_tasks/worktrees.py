@@ -213,10 +213,16 @@ def branch_tip(repo: str, branch: str) -> str | None:
 
 
 def registered(info: WorktreeInfo) -> git.WorktreeEntry | None:
-    """The task's worktree as git knows it (found by its branch), or None."""
+    """The task's worktree as git knows it: found by its branch, else by its path (a sub-agent may have
+    switched branches in it: its work is then on the branch checked out there); or None."""
     if not os.path.isdir(info.repo):
         return None
-    return git.worktree_of_branch(worktree_list(info.repo), info.branch)
+    entries = worktree_list(info.repo)
+    found = git.worktree_of_branch(entries, info.branch)
+    if found is None and info.path:
+        where = os.path.realpath(info.path)
+        found = next((e for e in entries if os.path.realpath(e.path) == where), None)
+    return found
 
 
 def orphan_branch(info: WorktreeInfo) -> bool:

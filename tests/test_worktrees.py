@@ -480,3 +480,16 @@ async def test_a_user_commit_during_a_merge_is_never_undone(fake_manager, repo, 
         fake_manager.merge(t.task_id, "merge")
     assert git(repo, "log", "-1", "--format=%s").strip() == "the user's own commit"  # kept
     assert (repo / "shared.txt").read_text() == "being edited\n" and (repo / "user.txt").exists()
+
+
+async def test_a_sub_agent_that_switched_branches_keeps_its_work_visible(fake_manager, repo):
+    t = await run(fake_manager, fake_task(repo, files={"f.txt": "f\n"}, commit="on its branch"))
+    git(t.worktree.path, "checkout", "-q", "-b", "feature")
+    (Path(t.worktree.path) / "g.txt").write_text("g\n")
+    git(t.worktree.path, "add", "g.txt")
+    git(t.worktree.path, "commit", "-q", "-m", "on another branch")
+    page = fake_manager.diff(t.task_id)
+    assert "+g" in page.text and "+f" in page.text and "2 files changed" in page.text  # (the diff is live)
+    assert not worktrees.orphan_branch(t.worktree)  # its worktree is there: a continuation may enter it
+    merged = fake_manager.merge(t.task_id, "merge")
+    assert merged.files_changed == 2 and (repo / "g.txt").exists()
