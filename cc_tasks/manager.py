@@ -685,12 +685,16 @@ class TaskManager:
         return out
 
     def cancel_group(self, group: str) -> GroupCancelled:
-        if not self.group_ids(group):
+        members = self.group_ids(group)  # (one scan of the store: every task of the group, finished or not)
+        if not members:
             raise InvalidOptionsError(f"group {group!r} has no tasks (list_active_tasks shows the groups in use)")
         cancelled = []
-        for t in self.group_ids(group, include_finished=False):
+        for t in members:
             try:
-                if self.cancel(t).status == TaskStatus.CANCELLED:
+                if (
+                    not self.store.read(t, cached=True).status.terminal
+                    and self.cancel(t).status == TaskStatus.CANCELLED
+                ):
                     cancelled.append(t)
             except TaskNotFoundError:
                 continue

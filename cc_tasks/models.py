@@ -232,9 +232,6 @@ class ProcRef(BaseModel):
     create_time: float
     start_ticks: int | None = Field(None, description="Start time in clock ticks since boot; compared exactly.")
 
-    def same_process(self, other: ProcRef) -> bool:
-        return (self.pid, self.start_ticks) == (other.pid, other.start_ticks)
-
 
 class Lease(BaseModel):
     """A worker's claim on a task. Every write the worker makes is fenced by it: once the task's record holds
