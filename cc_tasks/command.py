@@ -8,8 +8,9 @@ so it is never read as a flag either and is not bounded by the argv size limit.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from .config import DEFAULT_MAX_DEPTH
 from .models import TaskOptions
 
 #: Variables that make a nested claude believe it runs inside its parent's session.
@@ -24,10 +25,33 @@ STRIP_ENV = (
 )
 
 
-def build_argv(opts: TaskOptions, claude_bin: str, worktree: str | None = None) -> list[str]:
+#: The names cc-tasks is registered under with Claude Code (``claude mcp add ... cc-tasks``, the plugin's).
+DEFAULT_SERVER_NAMES = ("cc-tasks", "plugin:cc-tasks:cc-tasks")
+
+
+def servers_to_deny(env: Mapping[str, str]) -> list[str]:
+    """The MCP servers a sub-agent with this environment is kept from starting: cc-tasks itself, when the
+    sub-agent may not start tasks (CC_TASKS_DEPTH has reached CC_TASKS_MAX_DEPTH), since starting it would
+    only cost the sub-agent time and memory before its first turn. ``CC_TASKS_SERVER_NAMES`` (comma-separated)
+    names it when it is registered under other names."""
+    try:
+        depth = int(env.get("CC_TASKS_DEPTH") or 0)
+        max_depth = int(env.get("CC_TASKS_MAX_DEPTH") or DEFAULT_MAX_DEPTH)
+    except ValueError:
+        return []
+    if depth < max_depth:
+        return []
+    names = env.get("CC_TASKS_SERVER_NAMES")
+    return [n.strip() for n in names.split(",") if n.strip()] if names else list(DEFAULT_SERVER_NAMES)
+
+
+def build_argv(
+    opts: TaskOptions, claude_bin: str, worktree: str | None = None, *, deny_servers: Sequence[str] = ()
+) -> list[str]:
     """claude's argv for ``opts``. ``worktree`` is the name of the task's worktree (its own id, or for a
     continuation the id of the task that made it): with the option ``worktree``, claude makes it (or enters
-    it when it exists) and runs the session inside it."""
+    it when it exists) and runs the session inside it. ``deny_servers``: MCP servers (by name) the session
+    must not start, through claude's ``deniedMcpServers`` setting (see ``servers_to_deny``)."""
     argv = [claude_bin, "-p", "--output-format=stream-json", "--verbose"]
 
     def flag(name: str, value: object | None) -> None:
@@ -55,6 +79,8 @@ def build_argv(opts: TaskOptions, claude_bin: str, worktree: str | None = None) 
         if not worktree:
             raise ValueError("a task with the option worktree needs its worktree's name")
         flag("worktree", worktree)
+    if deny_servers:
+        flag("settings", json.dumps({"deniedMcpServers": [{"serverName": n} for n in deny_servers]}))
     return argv
 
 

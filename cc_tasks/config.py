@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
 from pydantic import BaseModel, Field
 
+from .checks import NUMERIC_SETTINGS, default_store_dir, number
 from .errors import ClaudeNotFoundError, ConfigError
-
-
-def default_store_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"cc_tasks-{os.getuid()}"
 
 
 def default_max_concurrent() -> int:
@@ -34,20 +30,9 @@ def default_max_concurrent() -> int:
     return max(2, min(16, 2 * cpus, gib))
 
 
-def _number(name: str, raw: str, conv: type, lo: float) -> float:
-    """``raw`` (the value of variable ``name``) as a number of at least ``lo``, or a clear error."""
-    try:
-        value = conv(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number; unset it or give a {conv.__name__}") from None
-    if value < lo:
-        raise ConfigError(f"{name}={raw!r} must be at least {lo:g}")
-    return value
-
-
 def _env_float(name: str, default: float, lo: float) -> float:
     raw = os.environ.get(name)
-    return _number(name, raw, float, lo) if raw else default
+    return number(name, raw, float, lo) if raw else default
 
 
 def default_lease_seconds() -> float:
@@ -61,11 +46,15 @@ def default_worker_idle() -> float:
     return _env_float("CC_TASKS_WORKER_IDLE", 600.0, 1.0)
 
 
+#: How deep sub-agents may nest by default (CC_TASKS_MAX_DEPTH): the user's session is depth 0.
+DEFAULT_MAX_DEPTH = 2
+
+
 class Settings(BaseModel):
     store_dir: Path = Field(default_factory=default_store_dir)
     claude_bin: str = "claude"
     default_timeout: float = 3600.0
-    max_depth: int = 2
+    max_depth: int = DEFAULT_MAX_DEPTH
     depth: int = 0
     max_concurrent: int = Field(default_factory=default_max_concurrent)
     lease_seconds: float = Field(default_factory=default_lease_seconds)
@@ -78,16 +67,10 @@ class Settings(BaseModel):
             values["store_dir"] = Path(env["CC_TASKS_DIR"]).expanduser()
         if env.get("CC_TASKS_CLAUDE_BIN"):
             values["claude_bin"] = env["CC_TASKS_CLAUDE_BIN"]
-        for var, key, conv, lo in (
-            ("CC_TASKS_DEFAULT_TIMEOUT", "default_timeout", float, 1.0),
-            ("CC_TASKS_MAX_DEPTH", "max_depth", int, 0),
-            ("CC_TASKS_DEPTH", "depth", int, 0),
-            ("CC_TASKS_MAX_CONCURRENT", "max_concurrent", int, 1),
-            ("CC_TASKS_LEASE_SECONDS", "lease_seconds", float, 1.0),
-        ):
+        for var, key, conv, lo in NUMERIC_SETTINGS:
             raw = env.get(var)
             if raw:
-                values[key] = _number(var, raw, conv, lo)
+                values[key] = number(var, raw, conv, lo)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

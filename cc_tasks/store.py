@@ -39,7 +39,6 @@ import re
 import secrets
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -52,6 +51,7 @@ import psutil
 from filelock import FileLock, Timeout
 
 from . import control, procs
+from .checks import ensure_private_dir
 from .config import default_lease_seconds, default_max_concurrent
 from .errors import (
     CorruptRecordError,
@@ -59,7 +59,6 @@ from .errors import (
     InvalidTaskIdError,
     LeaseLostError,
     TaskNotFoundError,
-    UnsafeStoreError,
     WorkerUnavailableError,
 )
 from .models import Attempt, Lease, ProcRef, Progress, TaskRecord, TaskRequest, WorkerInfo, check_group, utcnow
@@ -94,35 +93,6 @@ def validate_task_id(task_id: object) -> str:
             "(use an id returned by start_cc_task_async or list_active_tasks)"
         )
     return task_id
-
-
-def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` with mode 0700 if missing; refuse it if it is unsafe."""
-    path = Path(os.path.abspath(path))
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise UnsafeStoreError(f"task store {path} is a symlink; refusing it (set CC_TASKS_DIR to a real directory)")
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeStoreError(f"task store {path} is not a directory")
-    if st.st_uid != os.getuid():
-        raise UnsafeStoreError(
-            f"task store {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
-            "remove it or set CC_TASKS_DIR to a directory of your own"
-        )
-    if st.st_mode & 0o022:
-        raise UnsafeStoreError(
-            f"task store {path} is group- or world-writable (mode {oct(st.st_mode & 0o777)}); "
-            f"run 'chmod 700 {path}' or set CC_TASKS_DIR elsewhere"
-        )
-    return path
 
 
 def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:

@@ -23,7 +23,7 @@ import psutil
 
 from . import procs, worktrees
 from .backend import Backend, dependency_preamble
-from .command import build_argv, build_env
+from .command import build_argv, build_env, servers_to_deny
 from .errors import CCTasksError, GitError, LeaseLostError
 from .models import RESULT_PREVIEW_CHARS, Attempt, Progress, TaskRecord, utcnow
 from .states import TaskStatus
@@ -171,7 +171,9 @@ class Supervisor:
             if problem:
                 self._end(TaskStatus.FAILED, error=problem)
                 return
-        argv = build_argv(opts, request.claude_bin, self.worktree.name if self.worktree else None)
+        argv = build_argv(
+            opts, request.claude_bin, self.worktree.name if self.worktree else None, deny_servers=servers_to_deny(env)
+        )
         prompt = opts.prompt
         if opts.include_dependency_results and record.depends_on:
             prompt = dependency_preamble(self.backend, record.depends_on) + prompt

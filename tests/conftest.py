@@ -135,6 +135,16 @@ def processes_with(marker: str) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def handshake_cache(tmp_path_factory):
+    """One handshake cache (cc_tasks/front.py) for the whole run, whatever HOME a test gives its servers: the
+    first server start builds it (in the background), the others answer the handshake from it."""
+    d = tmp_path_factory.mktemp("xdg-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(d))
+        yield d
+
+
+@pytest.fixture(scope="session", autouse=True)
 def no_stray_workers(tmp_path_factory):
     """At the end, stop workers that tests' servers started on their stores (they would idle-exit anyway)."""
     yield

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cc_tasks.command import STRIP_ENV, build_argv, build_env
+from cc_tasks.command import STRIP_ENV, build_argv, build_env, servers_to_deny
 from cc_tasks.models import TaskOptions
 
 
@@ -70,3 +70,18 @@ def test_env_strips_nesting_variables_and_bumps_depth():
     assert env["PATH"] == "/bin" and env["ANTHROPIC_BASE_URL"] == "http://x" and env["FOO"] == "bar"
     assert not set(STRIP_ENV) & set(env)
     assert env["CC_TASKS_DEPTH"] == "2" and env["CC_TASKS_TASK_ID"] == "t" and env["CC_TASKS_DIR"] == "/s"
+
+
+def test_sub_agents_at_the_nesting_limit_are_kept_from_starting_cc_tasks():
+    assert servers_to_deny({"CC_TASKS_DEPTH": "1"}) == []  # the default limit is 2: it may start tasks
+    assert servers_to_deny({"CC_TASKS_DEPTH": "2"}) == ["cc-tasks", "plugin:cc-tasks:cc-tasks"]
+    assert servers_to_deny({"CC_TASKS_DEPTH": "1", "CC_TASKS_MAX_DEPTH": "1"}) == [
+        "cc-tasks",
+        "plugin:cc-tasks:cc-tasks",
+    ]
+    named = {"CC_TASKS_DEPTH": "3", "CC_TASKS_MAX_DEPTH": "2", "CC_TASKS_SERVER_NAMES": "tasks, mine ,"}
+    assert servers_to_deny(named) == ["tasks", "mine"]
+    assert servers_to_deny({"CC_TASKS_DEPTH": "x"}) == []
+    argv = build_argv(TaskOptions(prompt="p"), "claude", deny_servers=["cc-tasks"])
+    assert argv[-1] == '--settings={"deniedMcpServers": [{"serverName": "cc-tasks"}]}'
+    assert not any(a.startswith("--settings") for a in build_argv(TaskOptions(prompt="p"), "claude"))

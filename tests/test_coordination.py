@@ -275,7 +275,11 @@ async def test_continue_task_resumes_the_session(manager, workdir, mock_api):
     assert "remember the word kiwi" in json.dumps(last["messages"])  # the mock saw the earlier conversation
     with pytest.raises(InvalidOptionsError, match="no claude session|finish"):
         running = manager.start(
-            TaskOptions(prompt=mock_prompt([{"bash": "sleep 30"}]), cwd=str(workdir), allowed_tools=["Bash"])
+            TaskOptions(
+                prompt=mock_prompt([{"bash": "python3 -c 'import time; time.sleep(30)'"}]),
+                cwd=str(workdir),
+                allowed_tools=["Bash"],
+            )
         )
         manager.continue_task(running.task_id, "too early")
 

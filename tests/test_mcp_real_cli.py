@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,10 +12,10 @@ from fastmcp.exceptions import ToolError
 
 from cc_tasks.config import Settings
 from cc_tasks.manager import TaskManager
-from cc_tasks.models import TaskStatus
+from cc_tasks.models import TaskOptions, TaskStatus
 from cc_tasks.server import create_server
 
-from .conftest import mock_prompt, pid_alive, zombies_of_this_process
+from .conftest import ROOT, mock_prompt, pid_alive, zombies_of_this_process
 from .test_manager import wait_until
 
 
@@ -268,3 +270,22 @@ async def test_status_answers_fast_while_a_sync_execution_runs(client, manager, 
     assert worst < 1.0, f"status calls blocked for {worst:.2f}s while execute_cc_task ran"
     assert not call.done()
     assert data(await call)["status"] == "completed"
+
+
+def test_sub_agents_that_may_not_nest_do_not_start_cc_tasks(manager, workdir, real_claude, monkeypatch):
+    """cc-tasks registered at user scope (as the README says): a sub-agent at CC_TASKS_MAX_DEPTH could not use
+    it, so claude is told not to start it (deniedMcpServers); one that may nest gets it."""
+    add = [real_claude, "mcp", "add", "--scope", "user", "cc-tasks", "--", sys.executable, str(ROOT / "main.py")]
+    subprocess.run(add, check=True, capture_output=True, timeout=60)
+
+    def servers(max_depth: str) -> list[tuple[str, str]]:
+        monkeypatch.setenv("CC_TASKS_MAX_DEPTH", max_depth)  # (what the sub-agent's environment says)
+        r = manager.start(TaskOptions(prompt="say hi", cwd=str(workdir)))
+        assert wait_until(lambda: manager.get(r.task_id).status.terminal, 90)
+        assert manager.get(r.task_id).status == TaskStatus.COMPLETED
+        page = manager.output(r.task_id, source="transcript", limit=200_000)
+        init = next(e for e in map(json.loads, page.text.splitlines()) if e.get("subtype") == "init")
+        return [(s["name"], s["status"]) for s in init.get("mcp_servers", [])]
+
+    assert servers("1") == []  # depth 1 of at most 1: not started
+    assert servers("2") == [("cc-tasks", "connected")]

@@ -15,6 +15,9 @@ from cc_tasks import __version__
 from .conftest import ROOT, mock_prompt, pid_alive
 from .test_manager import wait_until
 
+#: A long-running tool call (claude's Bash tool refuses a standalone long ``sleep``).
+SLEEPER = "python3 -c 'import time; time.sleep(300)'"
+
 
 def server(tag: str) -> Client:
     """A client driving a fresh `python main.py` process; ``tag`` marks its command line."""
@@ -74,7 +77,7 @@ async def test_two_servers_see_cancel_and_clean_up_each_others_tasks(cc_env, wor
             await a.call_tool(
                 "start_cc_task_async",
                 {
-                    "prompt": mock_prompt([{"bash": "sleep 300"}, {"text": "never"}]),
+                    "prompt": mock_prompt([{"bash": SLEEPER}, {"text": "never"}]),
                     "cwd": str(workdir),
                     "allowed_tools": ["Bash"],
                     "name": "long one",

@@ -1,0 +1,75 @@
+"""The checks a server makes of its environment before it answers anything: standard library only, since the
+stdio front (front.py) runs them before it has imported the rest. config.py and store.py use them too."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from .errors import ConfigError, UnsafeStoreError
+
+#: Numeric settings: variable, Settings field, type, least value.
+NUMERIC_SETTINGS = (
+    ("CC_TASKS_DEFAULT_TIMEOUT", "default_timeout", float, 1.0),
+    ("CC_TASKS_MAX_DEPTH", "max_depth", int, 0),
+    ("CC_TASKS_DEPTH", "depth", int, 0),
+    ("CC_TASKS_MAX_CONCURRENT", "max_concurrent", int, 1),
+    ("CC_TASKS_LEASE_SECONDS", "lease_seconds", float, 1.0),
+)
+
+
+def number(name: str, raw: str, conv: type, lo: float) -> float:
+    """``raw`` (the value of variable ``name``) as a number of at least ``lo``, or a clear error."""
+    try:
+        value = conv(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number; unset it or give a {conv.__name__}") from None
+    if value < lo:
+        raise ConfigError(f"{name}={raw!r} must be at least {lo:g}")
+    return value
+
+
+def default_store_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"cc_tasks-{os.getuid()}"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` with mode 0700 if missing; refuse it if it is unsafe."""
+    path = Path(os.path.abspath(path))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeStoreError(f"task store {path} is a symlink; refusing it (set CC_TASKS_DIR to a real directory)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeStoreError(f"task store {path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise UnsafeStoreError(
+            f"task store {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
+            "remove it or set CC_TASKS_DIR to a directory of your own"
+        )
+    if st.st_mode & 0o022:
+        raise UnsafeStoreError(
+            f"task store {path} is group- or world-writable (mode {oct(st.st_mode & 0o777)}); "
+            f"run 'chmod 700 {path}' or set CC_TASKS_DIR elsewhere"
+        )
+    return path
+
+
+def check_environment(env: Mapping[str, str]) -> None:
+    """What a server refuses to start with: a numeric setting that is not a number or too small, and (on
+    the local store) a store directory that is unsafe (created if missing)."""
+    for var, _, conv, lo in NUMERIC_SETTINGS:
+        if env.get(var):
+            number(var, env[var], conv, lo)
+    if not env.get("CC_TASKS_BACKEND"):
+        ensure_private_dir(Path(env["CC_TASKS_DIR"]).expanduser() if env.get("CC_TASKS_DIR") else default_store_dir())
