@@ -63,6 +63,8 @@ def default_worker_idle() -> float:
 
 class Settings(BaseModel):
     store_dir: Path = Field(default_factory=default_store_dir)
+    #: CC_TASKS_BACKEND: a nats:// or tls:// URL (NATS JetStream), else None: the local store at ``store_dir``
+    backend: str | None = None
     claude_bin: str = "claude"
     default_timeout: float = 3600.0
     max_depth: int = 2
@@ -76,6 +78,8 @@ class Settings(BaseModel):
         values: dict = {}
         if env.get("CC_TASKS_DIR"):
             values["store_dir"] = Path(env["CC_TASKS_DIR"]).expanduser()
+        if env.get("CC_TASKS_BACKEND"):
+            values["backend"] = env["CC_TASKS_BACKEND"]
         if env.get("CC_TASKS_CLAUDE_BIN"):
             values["claude_bin"] = env["CC_TASKS_CLAUDE_BIN"]
         for var, key, conv, lo in (
