@@ -87,6 +87,7 @@ LIVE_UPLOAD_MAX = 8 << 20
 REQ_INLINE_MAX = 512 << 10
 CANCEL_POLL = 0.5
 RETRY_FOR = 30.0
+CONNECT_WAIT = 15.0
 TRANSIENT = (
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
@@ -121,16 +122,41 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[1], parts.path, parts.query, parts.fragment))
 
 
-async def _connect(server: str) -> nats.NATS:
-    """The connection (swapped for nats_conn's, which adds credentials and TLS options, when it lands)."""
-    return await nats.connect(
-        servers=[server],
-        name=f"cc-tasks {HOST} {os.getpid()}",
-        allow_reconnect=True,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
+async def _connect(server: str, wait: float = CONNECT_WAIT) -> nats.NATS:
+    """The connection (swapped for nats_conn's, which adds credentials and TLS options, when it lands). Once
+    connected it reconnects for ever; the first connection fails after ``wait`` seconds, or at once when the
+    server refuses the credentials."""
+    errors: list[Exception] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(e)
+
+    async def on_disconnect() -> None:
+        log.warning("nats: disconnected from %s; reconnecting", redact(server))
+
+    task = asyncio.ensure_future(
+        nats.connect(
+            servers=[server],
+            name=f"cc-tasks {HOST} {os.getpid()}",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+        )
     )
+    deadline = time.monotonic() + wait
+    while not task.done():
+        refused = [e for e in errors if "authorization" in str(e).lower() or "authentication" in str(e).lower()]
+        if refused or time.monotonic() > deadline:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            why = str(refused[0] if refused else errors[-1] if errors else "no answer")
+            raise ConfigError(f"cannot connect to the NATS server {redact(server)}: {why}")
+        await asyncio.sleep(0.05)
+    return task.result()
 
 
 async def _retrying(fn: Callable[[], Awaitable], what: str = "nats"):

