@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import io
@@ -159,15 +160,20 @@ async def _connect(server: str, wait: float = CONNECT_WAIT) -> nats.NATS:
     return task.result()
 
 
+#: Set in a worker's writes for its tasks: they wait for the server as long as it takes (a worker cut off
+#: keeps its tasks running and writes when it reconnects; the fence decides whether the writes still count).
+_PATIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("patient", default=False)
+
+
 async def _retrying(fn: Callable[[], Awaitable], what: str = "nats"):
     """``await fn()``, again with backoff while it fails for a transient reason (leader election,
-    reconnect), for up to RETRY_FOR seconds."""
+    reconnect), for up to RETRY_FOR seconds (without end in a worker's writes: ``_PATIENT``)."""
     delay, deadline = 0.05, time.monotonic() + RETRY_FOR
     while True:
         try:
             return await fn()
         except TRANSIENT as e:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline and not _PATIENT.get():
                 raise
             log.info("%s: %s; retrying in %.2f s", what, type(e).__name__, delay)
             await asyncio.sleep(delay)
@@ -218,8 +224,17 @@ class NatsBackend:
         return redact(self.url)
 
     # -- the event loop ----------------------------------------------------------
-    def _run(self, coro, timeout: float = 300.0):
+    def _run(self, coro, timeout: float | None = 300.0):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _run_patient(self, coro):
+        """``_run`` for a worker's writes: retried until the server answers (see _PATIENT)."""
+
+        async def go():
+            _PATIENT.set(True)
+            return await coro
+
+        return self._run(go(), timeout=None)
 
     async def _setup(self) -> None:
         self.nc = await _connect(self.server)
@@ -406,7 +421,13 @@ class NatsBackend:
         await self._kv_put(self.kv_req, t, data)
         if record.runner == "agent":
             await self._obj_put(f"{t}.0.prompt", request.options.prompt.encode("utf-8", "surrogatepass"))
-        await _retrying(lambda: self.kv_tasks.create(t, record.model_dump_json().encode()), "kv create")
+        data = record.model_dump_json().encode()
+        try:
+            await _retrying(lambda: self.kv_tasks.create(t, data), "kv create")
+        except jserr.KeyWrongLastSequenceError:  # (a retry after a lost acknowledgement finds our own write)
+            e = await self._kv_get(self.kv_tasks, t)
+            if e is None or e.value != data:
+                raise
         await self._kv_put(self.kv_idx, f"a.{t}", record.status.value.encode())
         if record.status == TaskStatus.WAITING:
             await self._kv_put(self.kv_idx, f"w.{t}", b"")
@@ -770,7 +791,7 @@ class NatsBackend:
             e = await self._kv_get(self.kv_workers, worker_id)
             return e is not None and await self._cas(self.kv_workers, worker_id, e.value, e.revision)
 
-        return self._run(go())
+        return self._run_patient(go())
 
     def unregister(self, worker_id: str) -> None:
         self._run(self._kv_delete(self.kv_workers, worker_id))
@@ -1078,7 +1099,7 @@ class NatsBackend:
 
     def holds(self, lease: Lease) -> bool:
         try:
-            self._run(self._holds(lease))
+            self._run_patient(self._holds(lease))
             return True
         except LeaseLostError:
             return False
@@ -1086,7 +1107,7 @@ class NatsBackend:
     def renew(self, lease: Lease) -> None:
         """The heartbeat for one lease: raises LeaseLostError if it is no longer the task's."""
         self.heartbeat(lease.worker)
-        self._run(self._holds(lease))
+        self._run_patient(self._holds(lease))
 
     def event(self, lease: Lease, kind: str, **data) -> None:
         """Append to the task's events if ``lease`` still holds it (each carries the lease's epoch)."""
@@ -1095,7 +1116,7 @@ class NatsBackend:
             await self._holds(lease)
             await self._append_event(lease.task_id, kind, epoch=lease.epoch, **data)
 
-        self._run(go())
+        self._run_patient(go())
 
     def progress(self, lease: Lease, **fields) -> TaskRecord:
         """Record live progress under ``lease``; the transcript so far is uploaded every LIVE_UPLOAD_EVERY
@@ -1115,7 +1136,7 @@ class NatsBackend:
                 await self._upload_workspace(lease, ("transcript",))
             return r
 
-        return self._run(go())
+        return self._run_patient(go())
 
     def finish(self, lease: Lease, status: TaskStatus, result_text: str | None = None, **fields) -> TaskRecord:
         """End the task under ``lease``: upload its result and workspace files under the lease's epoch, then the
@@ -1137,7 +1158,7 @@ class NatsBackend:
             await self._resolve_waiting()
             return new
 
-        new = self._run(go())
+        new = self._run_patient(go())
         shutil.rmtree(
             Path(tempfile.gettempdir()) / f"cc_tasks-nats-{os.getuid()}" / self.ns / lease.task_id, ignore_errors=True
         )

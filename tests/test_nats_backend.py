@@ -176,3 +176,32 @@ async def test_credentials_never_reach_records_replies_or_claude(tmp_path, fake_
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+async def test_a_worker_cut_off_from_the_server_finishes_its_task_when_it_reconnects(
+    tmp_path, fake_claude, workdir, monkeypatch
+):
+    store = tmp_path / "nats-restart"
+    proc, plain = start_nats(store)
+    port = int(plain.rsplit(":", 1)[1])
+    url = f"{plain}/{namespace()}"
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    monkeypatch.setenv("CC_TASKS_LEASE_SECONDS", "20")
+    m = TaskManager(Settings.from_env())
+    worker = start_worker(url, fake_claude)
+    try:
+        go = tmp_path / "go"
+        r = m.start(TaskOptions(prompt=fake({"wait_file": str(go), "result": "survived"}), cwd=str(workdir)))
+        wait_until(lambda: m.get(r.task_id).claude)
+        proc.terminate()  # the server goes away for a while; the task goes on
+        proc.wait(10)
+        go.touch()
+        time.sleep(2)  # (the outage: nothing to wait for; the worker retries its final write meanwhile)
+        proc, _ = start_nats(store, port=port)
+        done = (await m.wait([r.task_id], timeout=60)).tasks[0]
+        assert done.status == TaskStatus.COMPLETED and done.result == "survived" and done.epoch == 1
+    finally:
+        stop(worker)
+        m.store.close()
+        proc.terminate()
+        proc.wait(10)
