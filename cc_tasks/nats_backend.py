@@ -100,7 +100,8 @@ TRANSIENT = (
 
 
 def parse_url(url: str) -> tuple[str, str, int]:
-    """``(server URL without path and query, namespace, replicas)`` of a backend URL."""
+    """``(server URL without path and query, namespace, replicas)`` of a backend URL (several servers of a
+    cluster: ``nats://h1:4222,h2:4222,h3:4222/NS``)."""
     parts = urlsplit(url)
     if parts.scheme not in ("nats", "tls"):
         raise ConfigError(f"backend URL {redact(url)!r}: the scheme must be nats:// or tls://")
@@ -135,9 +136,12 @@ async def _connect(server: str, wait: float = CONNECT_WAIT) -> nats.NATS:
     async def on_disconnect() -> None:
         log.warning("nats: disconnected from %s; reconnecting", redact(server))
 
+    scheme, _, hosts = server.partition("://")
+    creds, _, hosts = hosts.rpartition("@")
+    servers = [f"{scheme}://{creds + '@' if creds else ''}{h}" for h in hosts.split(",") if h]
     task = asyncio.ensure_future(
         nats.connect(
-            servers=[server],
+            servers=servers,
             name=f"cc-tasks {HOST} {os.getpid()}",
             allow_reconnect=True,
             max_reconnect_attempts=-1,
@@ -256,9 +260,7 @@ class NatsBackend:
                 await self.js.stream_info(name)
             except jserr.NotFoundError:
                 with contextlib.suppress(jserr.BadRequestError):
-                    await self.js.add_stream(
-                        StreamConfig(name=name, subjects=[subject], num_replicas=r, allow_direct=True)
-                    )
+                    await self.js.add_stream(StreamConfig(name=name, subjects=[subject], num_replicas=r))
         info = await self.js.stream_info(f"KV_{NS}_WORKERS")
         if info.config.max_age:  # the bucket's TTL is the lease (its first opener set it)
             self.lease_seconds = float(info.config.max_age)
@@ -268,7 +270,10 @@ class NatsBackend:
             return await self.js.key_value(name)
         except jserr.NotFoundError:
             try:
-                return await self.js.create_key_value(bucket=name, history=1, ttl=ttl, replicas=self.replicas)
+                # (direct=False: reads go to the stream's leader, so a reader sees every write acknowledged before)
+                return await self.js.create_key_value(
+                    bucket=name, history=1, ttl=ttl, replicas=self.replicas, direct=False
+                )
             except jserr.BadRequestError:  # made meanwhile by another process
                 return await self.js.key_value(name)
 
@@ -293,27 +298,17 @@ class NatsBackend:
         return await _retrying(lambda: kv.put(key, value), "kv put")
 
     async def _kv_delete(self, kv, key: str) -> None:
-        with contextlib.suppress(jserr.KeyNotFoundError, jserr.KeyDeletedError):
-            await _retrying(lambda: kv.delete(key), "kv delete")
+        """Remove the key's messages (no delete marker is left: listings count subjects, see _kv_keys)."""
+        await _retrying(lambda: self.js.purge_stream(kv._stream, subject=f"{kv._pre}{key}"), "kv remove")
 
     async def _kv_keys(self, kv, prefix: str = "") -> list[str]:
-        """The keys (less ``prefix``) that start with ``prefix`` (a watcher on the bucket's subjects: the
-        filter is applied by the server, unlike KeyValue.keys's)."""
-
-        async def go():
-            w = await kv.watch(f"{prefix}>" if prefix else ">", ignore_deletes=True, meta_only=True)
-            keys = []
-            try:
-                while True:
-                    e = await w.updates(timeout=10)
-                    if e is None:
-                        break
-                    keys.append(e.key[len(prefix) :])
-            finally:
-                await w.stop()
-            return keys
-
-        return await _retrying(go, "kv keys")
+        """The keys (less ``prefix``) that start with ``prefix``: the subjects holding a message, as the stream's
+        leader has them (a listing sees every write acknowledged before it; a watcher's consumer may lag)."""
+        info = await _retrying(
+            lambda: self.js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{prefix}>"), "stream info"
+        )
+        n = len(kv._pre) + len(prefix)
+        return [subject[n:] for subject in (info.state.subjects or {})]
 
     async def _cas(self, kv, key: str, value: bytes, rev: int) -> bool:
         """Write ``value`` if the key is still at ``rev``; True if it is there now (also when a retry after a
@@ -475,11 +470,12 @@ class NatsBackend:
         return True
 
     def activity_stamp(self) -> object:
-        """Changes whenever a task changes status (the index bucket's last sequence: one request)."""
+        """Changes whenever a task changes status (the index bucket's last sequence and message count: an index
+        write or removal at each change; one request)."""
 
         async def go():
             info = await _retrying(lambda: self.js.stream_info(f"KV_{self.NS}_IDX"), "stream info")
-            return info.state.last_seq
+            return info.state.last_seq, info.state.messages
 
         return self._run(go())
 
