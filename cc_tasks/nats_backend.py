@@ -932,8 +932,8 @@ class NatsBackend:
         out: list[TaskRecord] = []
         async with self._queue_locked():
             records = await self._read_all(await self._active_ids())
-            for t, r in list(records.items()):
-                records[t] = await self._check_lease(r)
+            for t, r in list(records.items()):  # (a worker seen alive in this pass is not looked up again)
+                records[t] = await self._check_lease(r, ALIVE_CACHE)
                 if records[t].status.terminal:  # (a marker left behind by a crash or a race)
                     await self._kv_delete(self.kv_idx, f"a.{t}")
             records.update(await self._resolve_waiting(records))
