@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .backend import Backend
-from .config import Settings
-from .nats_backend import NatsBackend, redact
+from .config import Settings, redact
 from .store import TaskStore
 
 REMOTE_SCHEMES = ("nats://", "tls://")
@@ -31,6 +30,9 @@ def open_backend(
     cap = max_concurrent or s.max_concurrent
     lease = lease_seconds or s.lease_seconds
     if is_remote(url):
+        # (imported here, not for a cycle: nats-py is a fifth of a local server's start-up, and only NATS needs it)
+        from .nats_backend import NatsBackend
+
         return NatsBackend(url, max_concurrent=cap, lease_seconds=lease)
     root = Path(url).expanduser() if url else s.store_dir
     return TaskStore(root, max_concurrent=cap, lease_seconds=lease)

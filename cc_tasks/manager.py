@@ -66,7 +66,6 @@ from .models import (
     WorktreeInfo,
     clip,
 )
-from .nats_backend import NatsBackend
 from .replies import EVENT_PAGE_CHARS, OUTPUT_PAGE_CHARS, fit_page, json_len, squeeze, text_room, utf8_page
 from .store import TASK_ID_RE, TaskStore, new_task_id, validate_task_id
 from .transcript import Entry, parse_entries
@@ -435,7 +434,8 @@ class TaskManager:
         workers = self.store.workers()
         if self.remote and not workers:
             return "no worker is running on this backend: start one with `cc-tasks worker --backend URL`"
-        said = self.store.queue_note(r.task_id) if isinstance(self.store, NatsBackend) else None
+        note = getattr(self.store, "queue_note", None)  # (NATS: what the workers that passed it over said)
+        said = note(r.task_id) if note is not None else None
         if not r.labels or any(set(r.labels) <= set(w.labels) for w in workers):
             return f"passed over: {said}" if said else None
         flags = " ".join(f"--label {label}" for label in r.labels)

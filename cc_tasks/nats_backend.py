@@ -60,7 +60,7 @@ from filelock import Timeout
 from nats.js.api import StreamConfig
 
 from . import procs
-from .config import default_lease_seconds, default_max_concurrent
+from .config import default_lease_seconds, default_max_concurrent, redact
 from .errors import (
     ConfigError,
     CorruptRecordError,
@@ -87,6 +87,8 @@ LIVE_UPLOAD_MAX = 8 << 20
 #: A request larger than this goes to the object store (the KV value limit is the server's max_payload).
 REQ_INLINE_MAX = 512 << 10
 CANCEL_POLL = 0.5
+#: Finished tasks' outputs kept in memory for paging (in all; each at most a quarter of it).
+OBJ_CACHE_BYTES = 128 << 20
 RETRY_FOR = 30.0
 CONNECT_WAIT = 15.0
 TRANSIENT = (
@@ -114,14 +116,6 @@ def parse_url(url: str) -> tuple[str, str, int]:
     except ValueError:
         raise ConfigError(f"backend URL {redact(url)!r}: replicas must be a whole number") from None
     return urlunsplit((parts.scheme, parts.netloc, "", "", "")), ns, replicas
-
-
-def redact(url: str) -> str:
-    """The URL without user name or password."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[1], parts.path, parts.query, parts.fragment))
 
 
 async def _connect(server: str, wait: float = CONNECT_WAIT) -> nats.NATS:
@@ -579,9 +573,9 @@ class NatsBackend:
                 data = await self._obj_get(name)
                 if data is None:
                     continue
-                if r.status.terminal:
+                if r.status.terminal and len(data) <= OBJ_CACHE_BYTES // 4:
                     self._obj_cache[key] = data
-                    while len(self._obj_cache) > 16:
+                    while sum(map(len, self._obj_cache.values())) > OBJ_CACHE_BYTES:
                         self._obj_cache.popitem(last=False)
                 return data
             return b""
