@@ -205,3 +205,34 @@ async def test_a_worker_cut_off_from_the_server_finishes_its_task_when_it_reconn
         m.store.close()
         proc.terminate()
         proc.wait(10)
+
+
+async def test_a_killed_workers_task_goes_to_another_worker_once_its_lease_runs_out(
+    url, tmp_path, fake_claude, workdir, monkeypatch
+):
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    monkeypatch.setenv("CC_TASKS_LEASE_SECONDS", "2")  # (the first opener sets the workers bucket's TTL)
+    m = TaskManager(Settings.from_env())
+    assert m.store.lease_seconds == 2
+    first = start_worker(url, fake_claude)
+    second = None
+    try:
+        go = tmp_path / "go"
+        r = m.start(TaskOptions(prompt=fake({"wait_file": str(go), "no_tools": True, "result": "again"}), cwd=str(workdir)))  # fmt: skip
+        rec = wait_until(lambda: (x := m.get(r.task_id)).claude and x)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        t0 = time.monotonic()
+        requeued = wait_until(lambda: (x := m.get(r.task_id)).status == TaskStatus.QUEUED and x, timeout=15)
+        assert time.monotonic() - t0 < 6 and "worker lost" in requeued.attempts[0].reason
+        wait_until(lambda: not pid_alive(rec.claude.pid), timeout=10)  # (its claude, on this host, was stopped)
+        go.touch()
+        second = start_worker(url, fake_claude)
+        done = (await m.wait([r.task_id], timeout=60)).tasks[0]
+        assert done.status == TaskStatus.COMPLETED and done.result == "again" and done.epoch == 2
+        assert done.lease.worker != rec.lease.worker
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
+        m.store.close()
