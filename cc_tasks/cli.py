@@ -50,11 +50,29 @@ def parse_duration(text: str) -> timedelta:
 
 
 def _manager(ctx: click.Context):
-    from .config import Settings
     from .manager import TaskManager
 
-    store = ctx.obj.get("store") if ctx.obj else None
-    return TaskManager(Settings.from_env(store_dir=Path(store) if store else None))
+    return TaskManager(_settings(ctx))
+
+
+def _settings(ctx: click.Context):
+    from .config import Settings
+
+    obj = ctx.find_root().obj or {}
+    store = obj.get("store")
+    return Settings.from_env(store_dir=Path(store) if store else None, backend=obj.get("backend"))
+
+
+def _set_backend(ctx: click.Context, param, value: str | None) -> None:
+    if value:
+        root = ctx.find_root()
+        root.obj = {**(root.obj or {}), "backend": value}
+
+
+BACKEND_HELP = (
+    "Backend: a nats://HOST:4222[/NAMESPACE] URL (NATS JetStream), else the local store "
+    "(default: CC_TASKS_BACKEND, else the store)."
+)
 
 
 def _elapsed(seconds: float | None) -> str:
@@ -72,7 +90,15 @@ def _status(s: str) -> str:
 
 
 class Group(click.Group):
-    """Turns this package's errors (and invalid options) into a one-line message and exit code 2."""
+    """Turns this package's errors (and invalid options) into a one-line message and exit code 2; every
+    subcommand takes ``--backend URL`` too (``cc-tasks worker --backend nats://...``)."""
+
+    def add_command(self, cmd, name=None):
+        if not any(p.name == "backend" for p in cmd.params):
+            cmd.params.append(
+                click.Option(["--backend"], expose_value=False, is_eager=True, callback=_set_backend, help=BACKEND_HELP)
+            )
+        super().add_command(cmd, name)
 
     def invoke(self, ctx):
         try:
@@ -91,10 +117,11 @@ class Group(click.Group):
 @click.option(
     "--store", type=click.Path(file_okay=False), help="Task store (default: CC_TASKS_DIR, else <tmp>/cc_tasks-<uid>)."
 )
+@click.option("--backend", help=BACKEND_HELP)
 @click.pass_context
-def main_group(ctx: click.Context, store: str | None) -> None:
+def main_group(ctx: click.Context, store: str | None, backend: str | None) -> None:
     """Run Claude Code sub-agents in parallel. Without a command: serve MCP over stdio."""
-    ctx.obj = {"store": store}
+    ctx.obj = {"store": store, "backend": backend}
     if ctx.invoked_subcommand is None:
         ctx.invoke(serve)
 
@@ -637,7 +664,7 @@ def worker(ctx, slots, labels, cancel_on_exit):
 @click.pass_context
 def doctor(ctx):
     """Check the setup: claude binary and version, store path and permissions, API credentials, free disk."""
-    from .config import Settings
+    from .connect import shown
     from .store import ensure_private_dir
 
     ok = True
@@ -649,10 +676,29 @@ def doctor(ctx):
         console.print(f"{mark} [bold]{what}[/]: {escape(detail)}")
 
     try:
-        settings = Settings.from_env(store_dir=Path(ctx.obj["store"]) if ctx.obj.get("store") else None)
+        settings = _settings(ctx)
     except CCTasksError as e:
         line(False, "configuration", str(e))
         sys.exit(1)
+    from .connect import is_remote, open_backend
+
+    if is_remote(settings.backend):  # claude and the store are the workers' business
+        try:
+            backend = open_backend(settings=settings)
+            n = sum(1 for _ in backend.list_ids(include_finished=False))
+            line(True, "backend", f"{backend.address} (NATS JetStream, {n} unfinished tasks)")
+            workers = backend.workers()
+            line(
+                bool(workers),
+                "workers",
+                ", ".join(f"{w.worker_id} on {w.host} ({w.slots} slots, labels {w.labels})" for w in workers)
+                or "none running: start one with `cc-tasks worker --backend URL` on a worker machine",
+                essential=False,
+            )
+        except Exception as e:  # (any failure to reach the server is the finding)
+            line(False, "backend", f"{shown(settings.backend)}: {type(e).__name__}: {e}")
+        line(True, "limits", f"CC_TASKS_MAX_CONCURRENT={settings.max_concurrent} (this process's claims)")
+        sys.exit(0 if ok else 1)
     try:
         claude = settings.resolve_claude()
         try:

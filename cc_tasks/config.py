@@ -6,12 +6,21 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 from pydantic import BaseModel, Field
 
 from .checks import NUMERIC_SETTINGS, default_store_dir, number
 from .errors import ClaudeNotFoundError, ConfigError
+
+
+def redact(url: str) -> str:
+    """A backend URL without its user name or password (for logs, replies, claude's environment)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[1], parts.path, parts.query, parts.fragment))
 
 
 def default_max_concurrent() -> int:
@@ -52,6 +61,8 @@ DEFAULT_MAX_DEPTH = 2
 
 class Settings(BaseModel):
     store_dir: Path = Field(default_factory=default_store_dir)
+    #: CC_TASKS_BACKEND: a nats:// or tls:// URL (NATS JetStream), else None: the local store at ``store_dir``
+    backend: str | None = None
     claude_bin: str = "claude"
     default_timeout: float = 3600.0
     max_depth: int = DEFAULT_MAX_DEPTH
@@ -65,6 +76,8 @@ class Settings(BaseModel):
         values: dict = {}
         if env.get("CC_TASKS_DIR"):
             values["store_dir"] = Path(env["CC_TASKS_DIR"]).expanduser()
+        if env.get("CC_TASKS_BACKEND"):
+            values["backend"] = env["CC_TASKS_BACKEND"]
         if env.get("CC_TASKS_CLAUDE_BIN"):
             values["claude_bin"] = env["CC_TASKS_CLAUDE_BIN"]
         for var, key, conv, lo in NUMERIC_SETTINGS:

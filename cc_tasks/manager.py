@@ -23,6 +23,7 @@ from . import __version__, worktrees
 from .backend import Backend, dependency_preamble
 from .command import STRIP_ENV
 from .config import Settings
+from .connect import open_backend
 from .errors import (
     CCTasksError,
     CorruptRecordError,
@@ -151,9 +152,10 @@ def _lacks_changes(r: TaskRecord) -> bool:
     )
 
 
-def setup_logging(store: TaskStore) -> None:
+def setup_logging(store: Backend) -> None:
+    """The log file in the local store (a NATS server's log goes wherever its process's stderr goes)."""
     logger = logging.getLogger("cc_tasks")
-    if any(getattr(h, "_cc_tasks", False) for h in logger.handlers):
+    if not isinstance(store, TaskStore) or any(getattr(h, "_cc_tasks", False) for h in logger.handlers):
         return
     handler = logging.handlers.RotatingFileHandler(store.root / "cc_tasks.log", maxBytes=1_000_000, backupCount=3)
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
@@ -167,11 +169,7 @@ class TaskManager:
 
     def __init__(self, settings: Settings | None = None, env: Mapping[str, str] | None = None):
         self.settings = settings or Settings.from_env()
-        self.store: Backend = TaskStore(
-            self.settings.store_dir,
-            max_concurrent=self.settings.max_concurrent,
-            lease_seconds=self.settings.lease_seconds,
-        )
+        self.store: Backend = open_backend(settings=self.settings)
         self._env = env
         setup_logging(self.store)
 
@@ -188,6 +186,11 @@ class TaskManager:
         self.store.reap(wait)
 
     # -- start ---------------------------------------------------------------
+    @property
+    def remote(self) -> bool:
+        """Tasks run on other machines (NATS): paths and claude are the workers', not this server's."""
+        return self.store.kind != "local"
+
     def _check_start(self, opts: TaskOptions) -> tuple[str, str]:
         s = self.settings
         if s.depth >= s.max_depth:
@@ -195,6 +198,14 @@ class TaskManager:
                 f"sub-agent nesting limit reached: this server runs at depth {s.depth} (CC_TASKS_DEPTH) and "
                 f"CC_TASKS_MAX_DEPTH is {s.max_depth}; do this work yourself instead of starting another sub-agent"
             )
+        if self.remote:  # the worker that claims it checks its cwd; claude is the worker's (CC_TASKS_CLAUDE_BIN)
+            cwd = opts.cwd or os.getcwd()
+            if not os.path.isabs(cwd):
+                raise InvalidOptionsError(
+                    f"cwd {opts.cwd!r} is not an absolute path: on the {self.store.kind} backend a task runs on a "
+                    "worker, where its cwd must exist; give an absolute path"
+                )
+            return os.path.normpath(cwd), ""
         cwd = os.path.abspath(os.path.expanduser(opts.cwd)) if opts.cwd else os.getcwd()
         if not os.path.isdir(cwd):
             raise InvalidOptionsError(
@@ -256,7 +267,10 @@ class TaskManager:
         ids: dict[int, str] = {}
         key_index = {it.key: n for n, it in enumerate(items) if it.key is not None}
         prepared: list[tuple[int, TaskRecord, TaskRequest]] = []
-        base_env = {k: v for k, v in (os.environ if self._env is None else self._env).items() if k not in STRIP_ENV}
+        # the local store's worker runs claude with the submitter's environment; a remote worker with its own
+        # (plus the task's ``env``): the submitter's (secrets) never leaves this machine
+        source = {} if self.remote else (os.environ if self._env is None else self._env)
+        base_env = {k: v for k, v in source.items() if k not in STRIP_ENV}
         for n in order:
             item = items[n]
             opts = TaskOptions(**item.model_dump(exclude={"key", "runner"}))
@@ -413,11 +427,23 @@ class TaskManager:
             return r.model_copy(update={"changes": changes})
 
     def _queue_note(self, r: TaskRecord) -> str | None:
-        """A queued task with labels that no live worker has says so (the store's own worker has none)."""
-        if r.runner != "claude" or not r.labels or any(set(r.labels) <= set(w.labels) for w in self.store.workers()):
+        """A queued task with labels that no live worker has says so (the store's own worker has none); on
+        NATS, also what the workers that passed it over said (no such cwd, missing labels)."""
+        if r.runner != "claude":
             return None
+        workers = self.store.workers()
+        if self.remote and not workers:
+            return "no worker is running on this backend: start one with `cc-tasks worker --backend URL`"
+        note = getattr(self.store, "queue_note", None)  # (NATS: what the workers that passed it over said)
+        said = note(r.task_id) if note is not None else None
+        if not r.labels or any(set(r.labels) <= set(w.labels) for w in workers):
+            return f"passed over: {said}" if said else None
         flags = " ".join(f"--label {label}" for label in r.labels)
-        return f"no running worker has all of its labels {r.labels}: start one with `cc-tasks worker {flags}`"
+        seen = ", ".join(f"{w.worker_id} on {w.host} {w.labels}" for w in workers[:5]) or "none"
+        return (
+            f"no running worker has all of its labels {r.labels} (workers: {seen}): start one with "
+            f"`cc-tasks worker {flags}`" + (f"; passed over: {said}" if said else "")
+        )
 
     def server_info(self) -> ServerInfo:
         s = self.settings

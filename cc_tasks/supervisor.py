@@ -24,6 +24,7 @@ import psutil
 from . import procs, worktrees
 from .backend import Backend, dependency_preamble
 from .command import build_argv, build_env, servers_to_deny
+from .config import Settings
 from .errors import CCTasksError, GitError, LeaseLostError
 from .models import RESULT_PREVIEW_CHARS, Attempt, Progress, TaskRecord, utcnow
 from .states import TaskStatus
@@ -165,14 +166,32 @@ class Supervisor:
             return
         request = self.backend.request(self.task_id)
         opts = request.options
-        env = build_env(request.env, opts, depth=record.depth - 1, task_id=self.task_id, store_dir=self.backend.address)
+        remote = self.backend.kind != "local"
+        # a remote worker runs claude with its own environment plus the task's env (the submitter's stays home)
+        env = build_env(
+            os.environ if remote else request.env,
+            opts,
+            depth=record.depth - 1,
+            task_id=self.task_id,
+            store_dir=self.backend.address,
+        )
+        if remote:  # a cc-tasks server inside the task uses the same backend
+            env.pop("CC_TASKS_DIR", None)
+            env["CC_TASKS_BACKEND"] = self.backend.address
+        claude_bin = request.claude_bin
+        if not claude_bin:  # the worker's claude (CC_TASKS_CLAUDE_BIN, else claude on its PATH)
+            try:
+                claude_bin = Settings.from_env().resolve_claude()
+            except CCTasksError as e:
+                self._end(TaskStatus.FAILED, error=f"could not start claude on worker {self.lease.worker}: {e}")
+                return
         if self.worktree is not None:
             problem = self._prepare_worktree(request.cwd)
             if problem:
                 self._end(TaskStatus.FAILED, error=problem)
                 return
         argv = build_argv(
-            opts, request.claude_bin, self.worktree.name if self.worktree else None, deny_servers=servers_to_deny(env)
+            opts, claude_bin, self.worktree.name if self.worktree else None, deny_servers=servers_to_deny(env)
         )
         prompt = opts.prompt
         if opts.include_dependency_results and record.depends_on:

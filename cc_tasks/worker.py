@@ -34,6 +34,7 @@ from filelock import Timeout
 from . import __version__, control, procs
 from .backend import Backend
 from .config import default_worker_idle
+from .connect import open_backend
 from .errors import CCTasksError
 from .models import TaskRecord, WorkerInfo
 from .states import TaskStatus
@@ -104,6 +105,12 @@ class Worker:
     def _on_signal(self, signum, frame) -> None:
         self.stop(cancel=self.cancel_on_term or self.draining)  # a second SIGTERM cancels
 
+    def _nudged(self) -> None:
+        """A nudge or a cancel came from the backend (in its thread: only flags and the wake pipe)."""
+        self.nudged = True
+        self.last_beat = 0.0  # look for cancels now
+        self.wake()
+
     def wake(self) -> None:
         if self._wake_w >= 0:
             try:
@@ -122,6 +129,9 @@ class Worker:
                 signal.signal(sig, self._on_signal)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.backend.register(self.info)
+        on_nudge = getattr(self.backend, "on_nudge", None)
+        if on_nudge is not None:  # (a remote backend's nudges and cancels come as messages)
+            on_nudge(self._nudged)
         beating = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         beating.start()
         if self.listen:
@@ -299,15 +309,18 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cc_tasks.worker --store DIR``: a worker on the local store (see ``cc-tasks worker``)."""
+    """``python -m cc_tasks.worker --store DIR`` (a worker on the local store) or ``--backend URL`` (see
+    ``cc-tasks worker``)."""
     parser = argparse.ArgumentParser(prog="python -m cc_tasks.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--store", required=True, help="the task store directory")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--store", help="the task store directory")
+    where.add_argument("--backend", help="a nats:// URL, or a store directory (default: CC_TASKS_BACKEND)")
     parser.add_argument("--slots", type=int, default=None, help="tasks at once (default: the global cap)")
     parser.add_argument("--label", action="append", default=[], help="a label this worker advertises")
     parser.add_argument("--on-demand", action="store_true", help="started by a server: idle exit, SIGTERM cancels")
     parser.add_argument("--cancel-on-exit", action="store_true", help="SIGTERM cancels running tasks")
     args = parser.parse_args(argv)
-    backend = TaskStore(Path(args.store))
+    backend = TaskStore(Path(args.store)) if args.store else open_backend(args.backend)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     gc.freeze()  # the imported modules live as long as the process: keep the collector off them
     worker = Worker(

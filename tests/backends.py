@@ -8,15 +8,27 @@ import time
 
 from cc_tasks import __version__, procs
 from cc_tasks.models import WorkerInfo
+from cc_tasks.nats_backend import NatsBackend
 from cc_tasks.store import HOST, TaskStore
 
-KINDS = ["local"]
+KINDS = ["local", "nats"]
 
 
 def open_backend(kind: str, address: str, **settings):
     if kind == "local":
         return TaskStore(address, **settings)
+    if kind == "nats":
+        return NatsBackend(address, **settings)
     raise ValueError(f"unknown backend kind {kind!r}")
+
+
+def address_for(kind: str, tmp_path, request) -> str:
+    """A fresh backend address: a store folder, or a namespace of its own on the session's nats-server."""
+    if kind == "nats":
+        from .nats_fixture import namespace
+
+        return f"{request.getfixturevalue('nats_url')}/{namespace()}"
+    return str(tmp_path / "store")
 
 
 def worker_info(labels: tuple[str, ...] = (), slots: int = 4) -> WorkerInfo:
@@ -36,6 +48,10 @@ def expire(backend, worker: WorkerInfo) -> None:
     if backend.kind == "local":
         beat = backend.workers_dir / f"{worker.worker_id}.beat"
         beat.write_text(f"{time.monotonic() - 10 * backend.lease_seconds:20.3f}")
+        backend._seen_alive.clear()
+        return
+    if backend.kind == "nats":  # its key in the workers bucket is gone, as when its TTL runs out
+        backend._run(backend.kv_workers.purge(worker.worker_id))
         backend._seen_alive.clear()
         return
     raise ValueError(backend.kind)

@@ -19,7 +19,7 @@ from cc_tasks.models import Progress, TaskOptions, TaskRecord, TaskRequest
 from cc_tasks.states import TaskStatus
 from cc_tasks.store import new_task_id
 
-from .backends import KINDS, expire, open_backend, worker_info
+from .backends import KINDS, address_for, expire, open_backend, worker_info
 from .conftest import ROOT
 
 
@@ -29,8 +29,8 @@ def kind(request) -> str:
 
 
 @pytest.fixture
-def address(kind, tmp_path) -> str:
-    return str(tmp_path / "store")
+def address(kind, tmp_path, request) -> str:
+    return address_for(kind, tmp_path, request)
 
 
 @pytest.fixture

@@ -1,0 +1,1388 @@
+"""The NATS JetStream backend: tasks shared by servers and workers on several machines.
+
+Everything lives in JetStream under a namespace taken from the URL (``nats://host:4222/NAME`` or
+``nats://host:4222?ns=NAME``; default ``cc_tasks``), so several deployments (and tests) share a server:
+
+    KV   <NS>_TASKS     <task_id> -> the TaskRecord (JSON). Every change is a compare-and-set on the key's
+                        revision, through ``_update`` and states.TRANSITIONS, like TaskStore.update.
+    KV   <NS>_REQ       <task_id> -> the TaskRequest (a large one goes to the object store, ``<id>.request``).
+    KV   <NS>_IDX       a.<task_id> -> status of an unfinished task; w.<task_id>: waiting for dependencies;
+                        n.<task_id> -> why no worker takes a queued task (missing cwd or labels).
+    KV   <NS>_WORKERS   <worker_id> -> WorkerInfo; the bucket's TTL is the lease: a worker is alive while its
+                        key exists (its heartbeat re-puts it every second; the server removes it lease_seconds
+                        after the last one, by the server's clock).
+    KV   <NS>_LOCK      ``queue``: the claim lock (create-if-absent; the bucket's 30 s TTL frees a dead holder's).
+    OBJ  <NS>_OUT       <task_id>.<epoch>.<source>: result, transcript, stderr, prompt of each claim (epoch), so
+                        a superseded worker's late upload is never the one read.
+    STREAM <NS>_EV      subject <ns>.ev.<task_id>: the task's events (position = order on the subject).
+    STREAM <NS>_NOTES   subject <ns>.notes.<hex group>: group notes (appended by compare-and-set on the subject).
+    core   <ns>.nudge (workers look at the queue now), <ns>.cancel.<task_id> (a running task's worker stops it).
+
+Claims: a claimer takes the queue lock, reads the unfinished records, ends the leases of workers that are gone
+(``worker_lost``), resolves dependencies, and leases the ready tasks in priority-then-age order within the
+global cap, each by compare-and-set on its record (queued and unleased -> running, epoch + 1). The record's
+lease (worker id and epoch) fences every worker write: a write checks it by compare-and-set before any
+visible effect. The WorkQueue-stream mapping was not used: a FIFO consumer cannot give priorities, labels,
+dependencies and a cap counted over the records, and JetStream accepts a superseded worker's late ack, so
+the epoch in the record is the fence anyway.
+
+nats-py is asyncio: each backend object runs one event loop in a daemon thread and its sync methods (the
+``Backend`` protocol) submit coroutines to it with ``asyncio.run_coroutine_threadsafe``. Writes that fail
+for a while (a JetStream leader election) are retried with backoff (``_retrying``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import hashlib
+import hmac
+import io
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import nats
+import nats.errors
+import nats.js.errors as jserr
+from filelock import Timeout
+from nats.js.api import StreamConfig
+
+from . import procs
+from .config import default_lease_seconds, default_max_concurrent, redact
+from .errors import (
+    ConfigError,
+    CorruptRecordError,
+    InvalidOptionsError,
+    LeaseLostError,
+    TaskNotFoundError,
+)
+from .models import Attempt, Lease, Progress, TaskRecord, TaskRequest, WorkerInfo, check_group, utcnow
+from .queue import QueueView, queue_order, ready
+from .states import DEP_FAILED, TRANSITIONS, TaskStatus, check_transition
+from .store import HOST, ensure_private_dir, validate_task_id
+
+log = logging.getLogger("cc_tasks")
+DEFAULT_NS = "cc_tasks"
+SOURCES = ("result", "transcript", "stderr", "prompt")
+WORKSPACE_FILES = {"transcript": "stdout.jsonl", "stderr": "stderr.log", "prompt": "prompt.txt"}
+#: A worker found alive this recently is not looked at again (pollers reading many of its tasks).
+ALIVE_CACHE = 0.2
+LOCK_TTL = 30.0
+LOCK_WAIT = 60.0
+#: Seconds between uploads of a running task's transcript (only while it is smaller than LIVE_UPLOAD_MAX).
+LIVE_UPLOAD_EVERY = 5.0
+LIVE_UPLOAD_MAX = 8 << 20
+#: A request larger than this goes to the object store (the KV value limit is the server's max_payload).
+REQ_INLINE_MAX = 512 << 10
+CANCEL_POLL = 0.5
+#: Finished tasks' outputs kept in memory for paging (in all; each at most a quarter of it).
+OBJ_CACHE_BYTES = 128 << 20
+RETRY_FOR = 30.0
+CONNECT_WAIT = 15.0
+TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    jserr.ServiceUnavailableError,
+    jserr.NoStreamResponseError,
+)
+
+
+def parse_url(url: str) -> tuple[str, str, int]:
+    """``(server URL without path and query, namespace, replicas)`` of a backend URL (several servers of a
+    cluster: ``nats://h1:4222,h2:4222,h3:4222/NS``)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("nats", "tls"):
+        raise ConfigError(f"backend URL {redact(url)!r}: the scheme must be nats:// or tls://")
+    query = parse_qs(parts.query)
+    ns = (query.get("ns") or [parts.path.strip("/")])[0] or DEFAULT_NS
+    if not ns.replace("_", "a").replace("-", "a").isalnum() or not ns.isascii() or len(ns) > 64:
+        raise ConfigError(f"backend URL {redact(url)!r}: namespace {ns!r} must be 1-64 letters, digits, '_' or '-'")
+    try:
+        replicas = int((query.get("replicas") or ["1"])[0])
+    except ValueError:
+        raise ConfigError(f"backend URL {redact(url)!r}: replicas must be a whole number") from None
+    return urlunsplit((parts.scheme, parts.netloc, "", "", "")), ns, replicas
+
+
+async def _connect(server: str, wait: float = CONNECT_WAIT) -> nats.NATS:
+    """The connection (swapped for nats_conn's, which adds credentials and TLS options, when it lands). Once
+    connected it reconnects for ever; the first connection fails after ``wait`` seconds, or at once when the
+    server refuses the credentials."""
+    errors: list[Exception] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(e)
+
+    async def on_disconnect() -> None:
+        log.warning("nats: disconnected from %s; reconnecting", redact(server))
+
+    scheme, _, hosts = server.partition("://")
+    creds, _, hosts = hosts.rpartition("@")
+    servers = [f"{scheme}://{creds + '@' if creds else ''}{h}" for h in hosts.split(",") if h]
+    task = asyncio.ensure_future(
+        nats.connect(
+            servers=servers,
+            name=f"cc-tasks {HOST} {os.getpid()}",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+        )
+    )
+    deadline = time.monotonic() + wait
+    while not task.done():
+        refused = [e for e in errors if "authorization" in str(e).lower() or "authentication" in str(e).lower()]
+        if refused or time.monotonic() > deadline:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            why = str(refused[0] if refused else errors[-1] if errors else "no answer")
+            raise ConfigError(f"cannot connect to the NATS server {redact(server)}: {why}")
+        await asyncio.sleep(0.05)
+    return task.result()
+
+
+#: Set in a worker's writes for its tasks: they wait for the server as long as it takes (a worker cut off
+#: keeps its tasks running and writes when it reconnects; the fence decides whether the writes still count).
+_PATIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("patient", default=False)
+
+
+async def _retrying(fn: Callable[[], Awaitable], what: str = "nats"):
+    """``await fn()``, again with backoff while it fails for a transient reason (leader election,
+    reconnect), for up to RETRY_FOR seconds (without end in a worker's writes: ``_PATIENT``)."""
+    delay, deadline = 0.05, time.monotonic() + RETRY_FOR
+    while True:
+        try:
+            return await fn()
+        except TRANSIENT as e:
+            if time.monotonic() > deadline and not _PATIENT.get():
+                raise
+            log.info("%s: %s; retrying in %.2f s", what, type(e).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+
+def _event_bytes(kind: str, **data) -> bytes:
+    return json.dumps(
+        {"ts": time.time(), "kind": kind, **{k: v for k, v in data.items() if v is not None}}, default=str
+    ).encode()
+
+
+class NatsBackend:
+    """The NATS backend (see the module docstring). ``url``: ``nats://[user:pass@]host:port[/NS][?ns=NS&replicas=N]``."""
+
+    kind = "nats"
+
+    def __init__(self, url: str, *, max_concurrent: int | None = None, lease_seconds: float | None = None):
+        self.url = url
+        self.server, self.ns, self.replicas = parse_url(url)
+        self.max_concurrent = max_concurrent or default_max_concurrent()
+        self.lease_seconds = lease_seconds or default_lease_seconds()
+        self.NS = self.ns.upper()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats-{self.ns}", daemon=True)
+        self._thread.start()
+        self._seen_alive: dict[str, float] = {}
+        self._cancels: set[str] = set()
+        self._cancel_checked: dict[str, tuple[float, bool]] = {}
+        self._ev_seqs: dict[str, list[int]] = {}
+        self._obj_cache: OrderedDict[str, bytes] = OrderedDict()
+        self._uploaded: dict[str, tuple[float, int]] = {}
+        self._noted: dict[tuple[str, str], float] = {}
+        self._nudge_handlers: list[Callable[[], None]] = []
+        self._cancel_sub = None
+        try:
+            self._run(self._setup())
+        except Exception:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
+
+    def __repr__(self) -> str:
+        return f"NatsBackend({self.address!r})"
+
+    @property
+    def address(self) -> str:
+        """The backend URL without credentials."""
+        return redact(self.url)
+
+    # -- the event loop ----------------------------------------------------------
+    def _run(self, coro, timeout: float | None = 300.0):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _run_patient(self, coro):
+        """``_run`` for a worker's writes: retried until the server answers (see _PATIENT)."""
+
+        async def go():
+            _PATIENT.set(True)
+            return await coro
+
+        return self._run(go(), timeout=None)
+
+    async def _setup(self) -> None:
+        self.nc = await _connect(self.server)
+        self.js = self.nc.jetstream(timeout=5.0)
+        NS, r = self.NS, self.replicas
+        self.kv_tasks = await self._bucket(f"{NS}_TASKS")
+        self.kv_req = await self._bucket(f"{NS}_REQ")
+        self.kv_idx = await self._bucket(f"{NS}_IDX")
+        self.kv_workers = await self._bucket(f"{NS}_WORKERS", ttl=self.lease_seconds)
+        self.kv_lock = await self._bucket(f"{NS}_LOCK", ttl=LOCK_TTL)
+        try:
+            self.obs = await self.js.object_store(f"{NS}_OUT")
+        except jserr.NotFoundError:
+            self.obs = await self.js.create_object_store(f"{NS}_OUT", replicas=r)
+        self.ev_stream = f"{NS}_EV"
+        self.notes_stream = f"{NS}_NOTES"
+        for name, subject in ((self.ev_stream, f"{self.ns}.ev.*"), (self.notes_stream, f"{self.ns}.notes.*")):
+            try:
+                await self.js.stream_info(name)
+            except jserr.NotFoundError:
+                with contextlib.suppress(jserr.BadRequestError):
+                    await self.js.add_stream(StreamConfig(name=name, subjects=[subject], num_replicas=r))
+        info = await self.js.stream_info(f"KV_{NS}_WORKERS")
+        if info.config.max_age:  # the bucket's TTL is the lease (its first opener set it)
+            self.lease_seconds = float(info.config.max_age)
+
+    async def _bucket(self, name: str, ttl: float | None = None):
+        try:
+            return await self.js.key_value(name)
+        except jserr.NotFoundError:
+            try:
+                # (direct=False: reads go to the stream's leader, so a reader sees every write acknowledged before)
+                return await self.js.create_key_value(
+                    bucket=name, history=1, ttl=ttl, replicas=self.replicas, direct=False
+                )
+            except jserr.BadRequestError:  # made meanwhile by another process
+                return await self.js.key_value(name)
+
+    def close(self) -> None:
+        async def _close():
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+        with contextlib.suppress(Exception):
+            self._run(_close(), timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    # -- KV primitives ---------------------------------------------------------------
+    async def _kv_get(self, kv, key: str):
+        """The entry, or None if the key does not exist."""
+        try:
+            return await _retrying(lambda: kv.get(key), "kv get")
+        except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
+            return None
+
+    async def _kv_put(self, kv, key: str, value: bytes) -> int:
+        return await _retrying(lambda: kv.put(key, value), "kv put")
+
+    async def _kv_delete(self, kv, key: str) -> None:
+        """Remove the key's messages (no delete marker is left: listings count subjects, see _kv_keys)."""
+        await _retrying(lambda: self.js.purge_stream(kv._stream, subject=f"{kv._pre}{key}"), "kv remove")
+
+    async def _kv_keys(self, kv, prefix: str = "") -> list[str]:
+        """The keys (less ``prefix``) that start with ``prefix``: the subjects holding a message, as the stream's
+        leader has them (a listing sees every write acknowledged before it; a watcher's consumer may lag)."""
+        info = await _retrying(
+            lambda: self.js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{prefix}>"), "stream info"
+        )
+        n = len(kv._pre) + len(prefix)
+        return [subject[n:] for subject in (info.state.subjects or {})]
+
+    async def _cas(self, kv, key: str, value: bytes, rev: int) -> bool:
+        """Write ``value`` if the key is still at ``rev``; True if it is there now (also when a retry after a
+        lost acknowledgement finds our own write)."""
+        retried = False
+
+        async def attempt():
+            nonlocal retried
+            try:
+                return await kv.update(key, value, last=rev)
+            except TRANSIENT:
+                retried = True
+                raise
+
+        try:
+            await _retrying(attempt, "kv update")
+            return True
+        except jserr.KeyWrongLastSequenceError:
+            if retried:
+                e = await self._kv_get(kv, key)
+                return e is not None and e.value == value
+            return False
+
+    # -- records -----------------------------------------------------------------------
+    def _parse(self, task_id: str, data: bytes) -> TaskRecord:
+        try:
+            return TaskRecord.model_validate_json(data)
+        except ValueError as e:
+            first = str(e).strip().splitlines()
+            raise CorruptRecordError(
+                f"task {task_id}: its record is unreadable ({first[0] if first else 'invalid'}); "
+                "cleanup_task deletes the task"
+            ) from None
+
+    def _not_found(self, task_id: str) -> TaskNotFoundError:
+        return TaskNotFoundError(
+            f"no task {task_id} in this backend ({self.address}); list_active_tasks shows the known ones"
+        )
+
+    async def _entry(self, task_id: str):
+        e = await self._kv_get(self.kv_tasks, task_id)
+        if e is None:
+            raise self._not_found(task_id)
+        return e
+
+    async def _load(self, task_id: str) -> TaskRecord:
+        e = await self._entry(task_id)
+        return self._parse(task_id, e.value)
+
+    async def _peek(self, task_id: str) -> TaskRecord | None:
+        try:
+            return await self._load(task_id)
+        except (TaskNotFoundError, CorruptRecordError):
+            return None
+
+    async def _read_all(self, ids: list[str]) -> dict[str, TaskRecord]:
+        recs = await asyncio.gather(*(self._peek(t) for t in ids))
+        return {t: r for t, r in zip(ids, recs, strict=True) if r is not None}
+
+    async def _update(self, task_id: str, fn: Callable[[TaskRecord], TaskRecord | None]) -> TaskRecord:
+        """Read, change and compare-and-set the record (again from a fresh read if another write came first).
+        ``fn`` returns None for no change, and may raise to refuse it. Every status change goes through here
+        and the TRANSITIONS table."""
+        while True:
+            e = await self._entry(task_id)
+            current = self._parse(task_id, e.value)
+            new = fn(current)
+            if new is None:
+                return current
+            if new.status != current.status:
+                check_transition(current.status, new.status)
+                if new.status.terminal:
+                    new.finished_at = new.finished_at or utcnow()
+            if await self._cas(self.kv_tasks, task_id, new.model_dump_json().encode(), e.revision):
+                break
+        if new.status != current.status:
+            if current.status == TaskStatus.WAITING:
+                await self._kv_delete(self.kv_idx, f"w.{task_id}")
+            if new.status.terminal:
+                await self._kv_delete(self.kv_idx, f"a.{task_id}")
+            else:
+                await self._kv_put(self.kv_idx, f"a.{task_id}", new.status.value.encode())
+            worker = new.lease.worker if new.status == TaskStatus.RUNNING and new.lease else None
+            await self._append_event(task_id, "status", status=new.status.value, error=new.error, worker=worker)
+        return new
+
+    async def _transition(self, task_id: str, status: TaskStatus, **fields) -> TaskRecord:
+        def fn(r: TaskRecord) -> TaskRecord | None:
+            if r.status == status or status not in TRANSITIONS[r.status]:
+                return None
+            return r.model_copy(update={"status": status, **fields})
+
+        return await self._update(task_id, fn)
+
+    # -- submit and read (client side) -----------------------------------------------
+    def submit(self, record: TaskRecord, request: TaskRequest) -> None:
+        self._run(self._submit(record, request))
+
+    async def _submit(self, record: TaskRecord, request: TaskRequest) -> None:
+        t = validate_task_id(record.task_id)
+        data = request.model_dump_json().encode("utf-8", "surrogatepass")
+        if len(data) > REQ_INLINE_MAX:
+            await self._obj_put(f"{t}.request", data)
+            data = b"@object"
+        await self._kv_put(self.kv_req, t, data)
+        if record.runner == "agent":
+            await self._obj_put(f"{t}.0.prompt", request.options.prompt.encode("utf-8", "surrogatepass"))
+        data = record.model_dump_json().encode()
+        try:
+            await _retrying(lambda: self.kv_tasks.create(t, data), "kv create")
+        except jserr.KeyWrongLastSequenceError:  # (a retry after a lost acknowledgement finds our own write)
+            e = await self._kv_get(self.kv_tasks, t)
+            if e is None or e.value != data:
+                raise
+        await self._kv_put(self.kv_idx, f"a.{t}", record.status.value.encode())
+        if record.status == TaskStatus.WAITING:
+            await self._kv_put(self.kv_idx, f"w.{t}", b"")
+        await self._append_event(t, "status", status=record.status.value)
+
+    def load(self, task_id: str) -> TaskRecord:
+        return self._run(self._load(validate_task_id(task_id)))
+
+    def read(self, task_id: str, cached: bool = False) -> TaskRecord:
+        """The task's record; a running task whose worker is gone is handed to ``worker_lost`` first."""
+
+        async def go():
+            r = await self._load(validate_task_id(task_id))
+            return await self._check_lease(r, ALIVE_CACHE if cached else 0.0)
+
+        return self._run(go())
+
+    def request(self, task_id: str) -> TaskRequest:
+        async def go():
+            e = await self._kv_get(self.kv_req, validate_task_id(task_id))
+            if e is None:
+                raise TaskNotFoundError(f"task {task_id} has no request (deleted, or not a task)")
+            data = e.value if e.value != b"@object" else await self._obj_get(f"{task_id}.request")
+            if data is None:
+                raise TaskNotFoundError(f"task {task_id}: its request is gone from the object store")
+            try:
+                return TaskRequest.model_validate_json(data)
+            except ValueError as err:
+                raise CorruptRecordError(f"task {task_id}: its request is unreadable ({err})") from None
+
+        return self._run(go())
+
+    async def _active_ids(self) -> list[str]:
+        return sorted(await self._kv_keys(self.kv_idx, "a."), reverse=True)
+
+    def list_ids(self, include_finished: bool) -> Iterator[str]:
+        if include_finished:
+            return iter(sorted(self._run(self._kv_keys(self.kv_tasks)), reverse=True))
+        return iter(self._run(self._active_ids()))
+
+    def has_active(self) -> bool:
+        return bool(self._run(self._active_ids()))
+
+    def usable(self) -> bool:
+        return True
+
+    def activity_stamp(self) -> object:
+        """Changes whenever a task changes status (the index bucket's last sequence and message count: an index
+        write or removal at each change; one request)."""
+
+        async def go():
+            info = await _retrying(lambda: self.js.stream_info(f"KV_{self.NS}_IDX"), "stream info")
+            return info.state.last_seq, info.state.messages
+
+        return self._run(go())
+
+    def queue_position(self, task_id: str) -> int | None:
+        async def go():
+            records = await self._read_all(await self._active_ids())
+            mine = records.get(task_id)
+            return QueueView(records, mine.runner).position(task_id) if mine else None
+
+        return self._run(go())
+
+    def queue_note(self, task_id: str) -> str | None:
+        """Why workers that saw this queued task did not take it (missing cwd, missing labels), if any did."""
+        e = self._run(self._kv_get(self.kv_idx, f"n.{validate_task_id(task_id)}"))
+        if e is None:
+            return None
+        try:
+            seen = json.loads(e.value)
+        except ValueError:
+            return None
+        return "; ".join(f"worker {w}: {why}" for w, why in list(seen.items())[:5]) or None
+
+    # -- events --------------------------------------------------------------------
+    async def _append_event(self, task_id: str, kind: str, **data) -> None:
+        subject = f"{self.ns}.ev.{task_id}"
+        await _retrying(lambda: self.js.publish(subject, _event_bytes(kind, **data), stream=self.ev_stream), "event")
+
+    async def _walk(
+        self, stream: str, subject: str, since: int, cache: dict[str, list[int]]
+    ) -> list[tuple[int, bytes]]:
+        """The messages on ``subject`` from position ``since`` (positions: order on the subject). The stream
+        sequence of every position seen is kept, so the next walk starts where this one ended."""
+        seqs = cache.setdefault(subject, [])
+        out: list[tuple[int, bytes]] = []
+        if since < len(seqs):
+            seq, pos = seqs[since], since
+        else:
+            seq, pos = (seqs[-1] + 1 if seqs else 1), len(seqs)  # (walk the positions not seen yet)
+        while True:
+            try:
+                m = await _retrying(lambda s=seq: self.js.get_msg(stream, seq=s, subject=subject, next=True), "get")
+            except jserr.NotFoundError:
+                break
+            if pos == len(seqs):
+                seqs.append(m.seq)
+            if pos >= since:
+                out.append((pos, m.data or b""))
+            pos, seq = pos + 1, m.seq + 1
+        if len(cache) > 2000:
+            cache.clear()
+        return out
+
+    def iter_events(self, task_id: str, since: int = 0) -> Iterator[tuple[int, dict]]:
+        msgs = self._run(self._walk(self.ev_stream, f"{self.ns}.ev.{validate_task_id(task_id)}", since, self._ev_seqs))
+        for i, raw in msgs:
+            try:
+                ev = json.loads(raw)
+            except ValueError:
+                ev = {"kind": "unreadable"}
+            yield i, ev if isinstance(ev, dict) else {"kind": "unreadable"}
+
+    # -- objects: results, transcripts ---------------------------------------------------
+    async def _obj_put(self, name: str, data: bytes | io.BufferedIOBase) -> None:
+        async def put():
+            if not isinstance(data, bytes):
+                data.seek(0)
+            return await self.obs.put(name, data)
+
+        await _retrying(put, "object put")
+
+    async def _obj_get(self, name: str) -> bytes | None:
+        buf = io.BytesIO()  # (writeinto: get without it is quadratic in the object's size)
+        try:
+            await _retrying(lambda: self.obs.get(name, writeinto=buf), "object get")
+        except (jserr.ObjectNotFoundError, jserr.ObjectDeletedError, jserr.NotFoundError):
+            return None
+        return buf.getvalue()
+
+    async def _obj_delete(self, name: str) -> None:
+        with contextlib.suppress(jserr.ObjectNotFoundError, jserr.ObjectDeletedError, jserr.NotFoundError):
+            await _retrying(lambda: self.obs.delete(name), "object delete")
+
+    def read_output(self, task_id: str, source: str, offset: int, limit: int) -> tuple[bytes, int]:
+        """Up to ``limit`` bytes of a task's output from ``offset``, and the output's current size. The output
+        of the record's claim (epoch); a finished task's is kept in memory (it no longer changes)."""
+        if source not in SOURCES:
+            raise ValueError(f"unknown output source {source!r}")
+
+        async def go():
+            r = await self._peek(validate_task_id(task_id))
+            if r is None:
+                return b""
+            if source == "result" and not r.status.terminal:
+                return b""  # (an upload of a claim that never finished is not a result)
+            names = [f"{task_id}.{r.epoch}.{source}"] + ([f"{task_id}.0.prompt"] if source == "prompt" else [])
+            for name in names:
+                key = f"{name}:{r.finished_at}"
+                if r.status.terminal and key in self._obj_cache:
+                    self._obj_cache.move_to_end(key)
+                    return self._obj_cache[key]
+                data = await self._obj_get(name)
+                if data is None:
+                    continue
+                if r.status.terminal and len(data) <= OBJ_CACHE_BYTES // 4:
+                    self._obj_cache[key] = data
+                    while sum(map(len, self._obj_cache.values())) > OBJ_CACHE_BYTES:
+                        self._obj_cache.popitem(last=False)
+                return data
+            return b""
+
+        data = self._run(go())
+        return data[offset : offset + limit] if offset < len(data) else b"", len(data)
+
+    def workspace(self, task_id: str) -> Path:
+        """A local folder (on the worker) where the supervisor keeps the task's prompt, transcript and stderr;
+        they are uploaded to the object store as the task runs and when it ends."""
+        root = ensure_private_dir(Path(tempfile.gettempdir()) / f"cc_tasks-nats-{os.getuid()}")
+        return ensure_private_dir(ensure_private_dir(root / self.ns) / validate_task_id(task_id))
+
+    async def _upload_workspace(self, lease: Lease, sources=tuple(WORKSPACE_FILES)) -> None:
+        d = Path(tempfile.gettempdir()) / f"cc_tasks-nats-{os.getuid()}" / self.ns / lease.task_id
+        for source in sources:
+            path = d / WORKSPACE_FILES[source]
+            try:
+                with open(path, "rb") as f:
+                    await self._obj_put(f"{lease.task_id}.{lease.epoch}.{source}", f)
+            except FileNotFoundError:
+                continue
+
+    # -- delete, annotate -------------------------------------------------------------
+    def delete(self, task_id: str) -> None:
+        async def go():
+            e = await self._entry(validate_task_id(task_id))
+            try:
+                epoch = self._parse(task_id, e.value).epoch
+            except CorruptRecordError:
+                epoch = 20
+            await self._kv_delete(self.kv_tasks, task_id)
+            for key in (f"a.{task_id}", f"w.{task_id}", f"n.{task_id}"):
+                await self._kv_delete(self.kv_idx, key)
+            req = await self._kv_get(self.kv_req, task_id)
+            if req is not None and req.value == b"@object":
+                await self._obj_delete(f"{task_id}.request")
+            await self._kv_delete(self.kv_req, task_id)
+            names = [f"{task_id}.{n}.{s}" for n in range(epoch + 1) for s in SOURCES]
+            await asyncio.gather(*(self._obj_delete(n) for n in names))
+            subject = f"{self.ns}.ev.{task_id}"
+            await _retrying(lambda: self.js.purge_stream(self.ev_stream, subject=subject), "purge")
+            self._ev_seqs.pop(subject, None)
+
+        self._run(go())
+
+    def purge(self, task_id: str) -> None:
+        """Delete a task whose record cannot be read, after stopping the processes that carry its id here."""
+        procs.stop_tree(None, others=procs.task_processes(validate_task_id(task_id)))
+        self.delete(task_id)
+
+    def annotate(self, task_id: str, **fields) -> TaskRecord:
+        if "status" in fields or "lease" in fields:
+            raise ValueError("annotate never changes a task's status or lease")
+
+        def fn(r: TaskRecord) -> TaskRecord | None:
+            return r.model_copy(update=fields) if r.status.terminal else None
+
+        return self._run(self._update(validate_task_id(task_id), fn))
+
+    # -- cancel (client side) -----------------------------------------------------------
+    def request_cancel(self, task_id: str) -> TaskRecord:
+        """A task that has not started, or an agent's task, is cancelled at once; a running claude task is
+        marked and its worker is told on ``<ns>.cancel.<id>`` (it also sees the mark in the record)."""
+
+        def fn(r: TaskRecord) -> TaskRecord | None:
+            if r.status.terminal or (r.cancel_requested and r.runner == "claude"):
+                return None
+            if r.status in (TaskStatus.WAITING, TaskStatus.QUEUED):
+                error = "cancelled before it started"
+            elif r.runner == "agent":
+                held = f" (it was held by {r.lease.worker!r})" if r.lease else ""
+                error = f"cancelled{held}"
+            else:
+                return r.model_copy(update={"cancel_requested": True})
+            return r.model_copy(update={"status": TaskStatus.CANCELLED, "cancel_requested": True, "error": error})
+
+        async def go():
+            r = await self._update(validate_task_id(task_id), fn)
+            if r.status == TaskStatus.RUNNING:
+                self._cancels.add(task_id)
+                await self.nc.publish(f"{self.ns}.cancel.{task_id}", b"")
+                await self._append_event(task_id, "cancel_requested", by_pid=os.getpid(), by_host=HOST)
+            elif r.status.terminal:
+                await self._resolve_waiting()
+            return r
+
+        return self._run(go())
+
+    def cancel_requested(self, task_id: str) -> bool:
+        """Whether a cancel was asked for: told on the cancel subject (at once), or seen in the record (read
+        at most every CANCEL_POLL seconds per task)."""
+        if task_id in self._cancels:
+            return True
+        now = time.monotonic()
+        hit = self._cancel_checked.get(task_id)
+        if hit is not None and now - hit[0] < CANCEL_POLL:
+            return hit[1]
+
+        async def go():
+            if self._cancel_sub is None:
+                self._cancel_sub = await self.nc.subscribe(f"{self.ns}.cancel.*", cb=self._on_cancel)
+            r = await self._peek(task_id)
+            return r is not None and r.cancel_requested
+
+        yes = self._run(go())
+        if len(self._cancel_checked) > 1000:
+            self._cancel_checked.clear()
+        self._cancel_checked[task_id] = (now, yes)
+        if yes:
+            self._cancels.add(task_id)
+        return yes
+
+    async def _on_cancel(self, msg) -> None:
+        task_id = msg.subject.rsplit(".", 1)[-1]
+        self._cancels.add(task_id)
+        for handler in list(self._nudge_handlers):
+            with contextlib.suppress(Exception):
+                handler()
+
+    def force_cancel(self, task_id: str, error: str) -> TaskRecord:
+        """End a running task whose worker did not stop it in time: its record first (cancelled, lease dropped:
+        the worker's later writes are refused; its worker stops claude), then its processes on this host."""
+        doomed: list[TaskRecord] = []
+
+        def fn(cur: TaskRecord) -> TaskRecord | None:
+            doomed.clear()
+            if cur.status.terminal:
+                return None
+            doomed.append(cur)
+            return cur.model_copy(update={"status": TaskStatus.CANCELLED, "error": error, "lease": None})
+
+        async def go():
+            r = await self._update(validate_task_id(task_id), fn)
+            if doomed:
+                await self.nc.publish(f"{self.ns}.cancel.{task_id}", b"")
+                await self._resolve_waiting()
+            return r
+
+        r = self._run(go())
+        if doomed:
+            self._stop_local(doomed[0], wait=True)
+        return r
+
+    def _stop_local(self, r: TaskRecord, wait: bool) -> None:
+        """Stop the task's processes if they run on this host (a lost worker's claude and tools)."""
+        if r.runner != "claude" or r.lease is None or r.lease.host != HOST:
+            return
+        root = procs.process_of(r.claude) if r.claude is not None else None
+        others = [p for p in procs.task_processes(r.task_id) if root is None or p.pid != root.pid]
+        if root is None and not others:
+            return
+        if wait:
+            procs.stop_tree(root, others=others, grace_int=1.0)
+        else:
+            threading.Thread(
+                target=procs.stop_tree, args=(root,), kwargs={"others": others, "grace_int": 1.0}, name="stop-lost"
+            ).start()
+
+    # -- nudges ---------------------------------------------------------------------
+    def nudge(self) -> None:
+        """Tell every worker to look at the queue now (a message on ``<ns>.nudge``)."""
+
+        async def go():
+            await self.nc.publish(f"{self.ns}.nudge", b"")
+
+        self._run(go())
+
+    def on_nudge(self, handler: Callable[[], None]) -> None:
+        """Call ``handler`` (in the backend's thread: it must only set flags) on a nudge or a cancel."""
+        self._nudge_handlers.append(handler)
+
+        async def go():
+            async def cb(msg):
+                for h in list(self._nudge_handlers):
+                    with contextlib.suppress(Exception):
+                        h()
+
+            await self.nc.subscribe(f"{self.ns}.nudge", cb=cb)
+            if self._cancel_sub is None:
+                self._cancel_sub = await self.nc.subscribe(f"{self.ns}.cancel.*", cb=self._on_cancel)
+
+        self._run(go())
+
+    def worker_known(self) -> bool:
+        return True  # (workers run on their own; a nudge is one publish, never a start)
+
+    def stop_worker(self) -> bool:
+        return False
+
+    def reap(self, wait: float = 0.0) -> None:
+        return None
+
+    # -- workers ------------------------------------------------------------------
+    def register(self, info: WorkerInfo) -> None:
+        self._run(self._kv_put(self.kv_workers, info.worker_id, info.model_dump_json().encode()))
+
+    def heartbeat(self, worker_id: str) -> bool:
+        """Keep the worker's leases alive (re-put its key, which the bucket's TTL would remove). False if it
+        is not registered any more (expired or removed): it registers again."""
+
+        async def go():
+            e = await self._kv_get(self.kv_workers, worker_id)
+            return e is not None and await self._cas(self.kv_workers, worker_id, e.value, e.revision)
+
+        return self._run_patient(go())
+
+    def unregister(self, worker_id: str) -> None:
+        self._run(self._kv_delete(self.kv_workers, worker_id))
+
+    def workers(self) -> list[WorkerInfo]:
+        """Registered workers whose heartbeat is fresh (their key has not expired)."""
+
+        async def go():
+            keys = await self._kv_keys(self.kv_workers)
+            entries = await asyncio.gather(*(self._kv_get(self.kv_workers, k) for k in keys))
+            out = []
+            for e in entries:
+                if e is not None and e.value:
+                    with contextlib.suppress(ValueError):
+                        out.append(WorkerInfo.model_validate_json(e.value))
+            return out
+
+        return self._run(go())
+
+    async def _worker_alive(self, worker_id: str, max_age: float = 0.0) -> bool:
+        now = time.monotonic()
+        if now - self._seen_alive.get(worker_id, -1e9) < max_age:
+            return True
+        e = await self._kv_get(self.kv_workers, worker_id)
+        alive = e is not None and bool(e.value)
+        if alive:
+            if len(self._seen_alive) > 1000:
+                self._seen_alive.clear()
+            self._seen_alive[worker_id] = now
+        else:
+            self._seen_alive.pop(worker_id, None)
+        return alive
+
+    async def _lease_alive(self, lease: Lease, max_age: float = 0.0) -> bool:
+        if lease.expires_at is not None:
+            return utcnow() < lease.expires_at
+        return await self._worker_alive(lease.worker, max_age)
+
+    def lease_alive(self, lease: Lease, max_age: float = 0.0) -> bool:
+        return self._run(self._lease_alive(lease, max_age))
+
+    # -- the worker is gone --------------------------------------------------------------
+    async def _check_lease(self, r: TaskRecord, max_age: float = 0.0) -> TaskRecord:
+        if r.status != TaskStatus.RUNNING or (r.lease is not None and await self._lease_alive(r.lease, max_age)):
+            return r
+        if r.lease is None:
+            return await self._worker_lost(r, "it has no lease")
+        if r.lease.expires_at is not None:
+            return await self._worker_lost(
+                r, f"{r.lease.worker!r} did not renew it by {r.lease.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+            )
+        who = f"worker {r.lease.worker} (pid {r.lease.pid} on {r.lease.host})"
+        return await self._worker_lost(r, f"{who} stopped renewing its lease (exited, killed, hung or cut off)")
+
+    def worker_lost(self, r: TaskRecord, reason: str) -> TaskRecord:
+        return self._run(self._worker_lost(r, reason))
+
+    async def _worker_lost(self, r: TaskRecord, reason: str) -> TaskRecord:
+        """The one place for "the worker is gone" (as TaskStore.worker_lost): the lease is dropped, so the
+        lost worker's writes are refused from here on (its supervisor then stops claude); the task goes back
+        to the queue as a new attempt when its run used no tool and attempts remain, else it ends failed (or
+        cancelled if a cancel was asked for). Its processes are stopped if they run on this host."""
+        lease = r.lease
+        doomed: list[TaskRecord] = []
+        alive = await self._lease_alive(lease) if lease is not None else False
+
+        def fn(cur: TaskRecord) -> TaskRecord | None:
+            doomed.clear()
+            if cur.status != TaskStatus.RUNNING or (lease is not None and not lease.same(cur.lease)):
+                return None  # someone else dealt with it
+            if alive:
+                return None  # renewed since ``r`` was read
+            doomed.append(cur)
+            now = utcnow()
+            n = len(cur.attempts) + 1
+            agent = cur.runner == "agent"
+            acted = not agent and bool(cur.progress.tool_calls)
+            requeue = not cur.cancel_requested and not acted and n < cur.max_attempts
+            what = "lease expired" if agent else "worker lost"
+            attempt = Attempt(attempt=n, started_at=cur.started_at or now, finished_at=now, status=TaskStatus.FAILED,
+                              reason=f"{what}: {reason}", retried=requeue)  # fmt: skip
+            fields: dict = {"attempts": [*cur.attempts, attempt], "lease": None, "claude": None}
+            if cur.cancel_requested:
+                fields.update(status=TaskStatus.CANCELLED, error=f"cancelled; {what}: {reason}")
+            elif requeue:
+                fields.update(status=TaskStatus.QUEUED, started_at=None, progress=Progress())
+            elif agent:
+                fields.update(status=TaskStatus.FAILED, error=f"lease expired: {reason} (no attempts left)")
+            else:
+                why = "its run had used tools, so it is not run again" if acted else "no attempts left"
+                fields.update(
+                    status=TaskStatus.FAILED, error=f"worker lost: {reason}; its process tree was stopped ({why})"
+                )
+            return cur.model_copy(update=fields)
+
+        try:
+            new = await self._update(r.task_id, fn)
+        except (TaskNotFoundError, CorruptRecordError):
+            return r
+        if not doomed:
+            return new
+        if new.status == TaskStatus.QUEUED:
+            await self._append_event(r.task_id, "requeued", reason=reason, attempt=len(new.attempts) + 1)
+            await self.nc.publish(f"{self.ns}.nudge", b"")
+        self._stop_local(doomed[0], wait=False)
+        if new.status.terminal:
+            await self._resolve_waiting()
+        return new
+
+    # -- claim (worker side) -------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _queue_locked(self):
+        """The claim lock: a key created if absent (the bucket's TTL frees a dead holder's after LOCK_TTL)."""
+        token = f"{HOST} {os.getpid()} {secrets.token_hex(4)}".encode()
+        deadline = time.monotonic() + LOCK_WAIT
+        delay = 0.002
+        while True:
+            try:
+                rev = await _retrying(lambda: self.kv_lock.create("queue", token), "lock")
+                break
+            except jserr.KeyWrongLastSequenceError:
+                if time.monotonic() > deadline:
+                    raise Timeout(f"{self.address} queue lock") from None
+                await asyncio.sleep(delay * (0.5 + secrets.randbelow(100) / 100))
+                delay = min(0.05, delay * 1.5)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await self.kv_lock.delete("queue", last=rev)
+
+    def claim(self, worker: WorkerInfo, free_slots: int, fresh: bool = True) -> list[TaskRecord]:
+        """Lease up to ``free_slots`` ready tasks to ``worker`` (highest priority, then oldest; only tasks whose
+        labels it has and whose cwd exists here; never more running than ``max_concurrent``), under the queue
+        lock, each by compare-and-set on its record. A task this worker cannot run says why in the index
+        (``queue_note``)."""
+        if free_slots <= 0:
+            return []
+        return self._run(self._claim(worker, free_slots))
+
+    async def _claim(self, worker: WorkerInfo, free_slots: int) -> list[TaskRecord]:
+        out: list[TaskRecord] = []
+        async with self._queue_locked():
+            records = await self._read_all(await self._active_ids())
+            for t, r in list(records.items()):  # (a worker seen alive in this pass is not looked up again)
+                records[t] = await self._check_lease(r, ALIVE_CACHE)
+                if records[t].status.terminal:  # (a marker left behind by a crash or a race)
+                    await self._kv_delete(self.kv_idx, f"a.{t}")
+            records.update(await self._resolve_waiting(records))
+            running = sum(r.status == TaskStatus.RUNNING and r.runner == "claude" for r in records.values())
+            free = min(free_slots, self.max_concurrent - running)
+            labels = set(worker.labels)
+            for r in sorted((r for r in records.values() if ready(r) and r.runner == "claude"), key=queue_order):
+                if free <= 0:
+                    break
+                missing = sorted(set(r.labels) - labels)
+                if missing:
+                    await self._note(r.task_id, worker, f"lacks labels {missing}")
+                    continue
+                if not os.path.isdir(r.cwd):
+                    await self._note(r.task_id, worker, f"has no directory {r.cwd}")
+                    continue
+                rec = await self._take(r.task_id, worker)
+                if rec is not None:
+                    out.append(rec)
+                    free -= 1
+        return out
+
+    async def _note(self, task_id: str, worker: WorkerInfo, why: str) -> None:
+        """Say in the index why ``worker`` does not take ``task_id`` (at most once a minute per worker)."""
+        now = time.monotonic()
+        if now - self._noted.get((task_id, worker.worker_id), -1e9) < 60:
+            return
+        if len(self._noted) > 10_000:
+            self._noted.clear()
+        self._noted[(task_id, worker.worker_id)] = now
+        key = f"n.{task_id}"
+        for _ in range(5):
+            e = await self._kv_get(self.kv_idx, key)
+            seen = {}
+            if e is not None:
+                with contextlib.suppress(ValueError):
+                    seen = json.loads(e.value)
+            seen[f"{worker.worker_id} on {worker.host}"] = why
+            data = json.dumps(dict(list(seen.items())[-10:])).encode()
+            if e is None:
+                try:
+                    await self.kv_idx.create(key, data)
+                    return
+                except jserr.KeyWrongLastSequenceError:
+                    continue
+            if await self._cas(self.kv_idx, key, data, e.revision):
+                return
+
+    async def _lease_task(
+        self, task_id: str, runner: str, make_lease: Callable[[TaskRecord], Lease]
+    ) -> TaskRecord | None:
+        taken: list[TaskRecord] = []
+
+        def fn(r: TaskRecord) -> TaskRecord | None:
+            taken.clear()
+            if not ready(r) or r.runner != runner:
+                return None
+            lease = make_lease(r)
+            update = {
+                "status": TaskStatus.RUNNING,
+                "started_at": lease.acquired_at,
+                "epoch": lease.epoch,
+                "lease": lease,
+            }
+            taken.append(r.model_copy(update=update))
+            return taken[0]
+
+        try:
+            await self._update(task_id, fn)
+        except (TaskNotFoundError, CorruptRecordError):
+            return None
+        return taken[0] if taken else None
+
+    async def _take(self, task_id: str, worker: WorkerInfo) -> TaskRecord | None:
+        def lease(r: TaskRecord) -> Lease:
+            return Lease(task_id=task_id, worker=worker.worker_id, epoch=r.epoch + 1, host=worker.host,
+                         pid=worker.proc.pid)  # fmt: skip
+
+        rec = await self._take_lease(task_id, lease)
+        if rec is not None:
+            self._cancels.discard(task_id)
+            self._cancel_checked.pop(task_id, None)
+        return rec
+
+    async def _take_lease(self, task_id, lease):
+        return await self._lease_task(task_id, "claude", lease)
+
+    def resolve_waiting(self) -> dict[str, TaskRecord]:
+        return self._run(self._resolve_waiting())
+
+    async def _resolve_waiting(self, records: dict[str, TaskRecord] | None = None) -> dict[str, TaskRecord]:
+        """Move waiting tasks whose dependencies all completed to queued; skip those with one that did not
+        (cascading). Runs when a task ends (and in every claim); returns the records it changed."""
+        ids = await self._kv_keys(self.kv_idx, "w.")
+        if not ids:
+            return {}
+        known = dict(records or {})
+        changed: dict[str, TaskRecord] = {}
+        again = True
+        while again:
+            again = False
+            for t in ids:
+                r = known.get(t) or await self._peek(t)
+                if r is None or r.status != TaskStatus.WAITING:
+                    if r is not None and r.status != TaskStatus.WAITING:
+                        await self._kv_delete(self.kv_idx, f"w.{t}")
+                    continue
+                verdict, reason = TaskStatus.QUEUED, None
+                for dep in r.depends_on:
+                    d = known.get(dep) or await self._peek(dep)
+                    if d is None:
+                        verdict, reason = TaskStatus.SKIPPED, f"dependency {dep} was deleted or is unreadable"
+                        break
+                    if d.status in DEP_FAILED:
+                        verdict, reason = TaskStatus.SKIPPED, f"dependency {dep} ended {d.status.value}"
+                        break
+                    if d.status != TaskStatus.COMPLETED:
+                        verdict = None
+                if verdict is None:
+                    continue
+                try:
+                    new = await self._transition(t, verdict, **({"error": reason} if reason else {}))
+                except (TaskNotFoundError, CorruptRecordError):
+                    continue
+                known[t] = changed[t] = new
+                again = again or new.status != r.status
+        if any(r.status == TaskStatus.QUEUED for r in changed.values()):
+            await self.nc.publish(f"{self.ns}.nudge", b"")
+        return changed
+
+    # -- fenced writes (worker side) ---------------------------------------------------
+    @staticmethod
+    def _lost_message(lease: Lease, r: TaskRecord | None) -> str:
+        if r is None:
+            return f"task {lease.task_id}: the lease of worker {lease.worker} is no longer valid: the task is gone"
+        holder = f"held by worker {r.lease.worker} (epoch {r.lease.epoch})" if r.lease else "held by no worker"
+        return (
+            f"task {lease.task_id}: the lease of worker {lease.worker} (epoch {lease.epoch}) is no longer valid: "
+            f"the task is {r.status.value}, {holder}"
+        )
+
+    async def _fenced(self, lease: Lease, changes: Callable[[TaskRecord], dict]) -> TaskRecord:
+        def fn(r: TaskRecord) -> TaskRecord:
+            if r.status != TaskStatus.RUNNING or not lease.same(r.lease):
+                raise LeaseLostError(self._lost_message(lease, r))
+            return r.model_copy(update=changes(r))
+
+        try:
+            return await self._update(lease.task_id, fn)
+        except (TaskNotFoundError, CorruptRecordError) as e:
+            raise LeaseLostError(f"task {lease.task_id}: {e}") from None
+
+    async def _holds(self, lease: Lease) -> TaskRecord | None:
+        """The record if ``lease`` is still its lease, else raises LeaseLostError."""
+        r = await self._peek(lease.task_id)
+        if r is None or r.status != TaskStatus.RUNNING or not lease.same(r.lease):
+            raise LeaseLostError(self._lost_message(lease, r))
+        return r
+
+    def holds(self, lease: Lease) -> bool:
+        try:
+            self._run_patient(self._holds(lease))
+            return True
+        except LeaseLostError:
+            return False
+
+    def renew(self, lease: Lease) -> None:
+        """The heartbeat for one lease: raises LeaseLostError if it is no longer the task's."""
+        self.heartbeat(lease.worker)
+        self._run_patient(self._holds(lease))
+
+    def event(self, lease: Lease, kind: str, **data) -> None:
+        """Append to the task's events if ``lease`` still holds it (each carries the lease's epoch)."""
+
+        async def go():
+            await self._holds(lease)
+            await self._append_event(lease.task_id, kind, epoch=lease.epoch, **data)
+
+        self._run_patient(go())
+
+    def progress(self, lease: Lease, **fields) -> TaskRecord:
+        """Record live progress under ``lease``; the transcript so far is uploaded every LIVE_UPLOAD_EVERY
+        seconds while it is small (readers elsewhere follow it; all of it is uploaded when the task ends)."""
+
+        async def go():
+            r = await self._fenced(lease, lambda r: fields)
+            path = self.workspace(lease.task_id) / WORKSPACE_FILES["transcript"]
+            try:
+                size = path.stat().st_size
+            except OSError:
+                return r
+            last = self._uploaded.get(lease.task_id, (0.0, -1))
+            now = time.monotonic()
+            if size != last[1] and size <= LIVE_UPLOAD_MAX and now - last[0] >= LIVE_UPLOAD_EVERY:
+                self._uploaded[lease.task_id] = (now, size)
+                await self._upload_workspace(lease, ("transcript",))
+            return r
+
+        return self._run_patient(go())
+
+    def finish(self, lease: Lease, status: TaskStatus, result_text: str | None = None, **fields) -> TaskRecord:
+        """End the task under ``lease``: upload its result and workspace files under the lease's epoch, then the
+        final record (compare-and-set, fenced); then release or skip the tasks that wait for it."""
+
+        async def go():
+            await self._holds(lease)
+            result_name = f"{lease.task_id}.{lease.epoch}.result"
+            if result_text is not None:
+                await self._obj_put(result_name, result_text.encode("utf-8", "surrogatepass"))
+            await self._upload_workspace(lease)
+            try:
+                new = await self._fenced(lease, lambda r: {"status": status, **fields})
+            except LeaseLostError:
+                if result_text is not None:
+                    await self._obj_delete(result_name)
+                raise
+            self._uploaded.pop(lease.task_id, None)
+            await self._resolve_waiting()
+            return new
+
+        new = self._run_patient(go())
+        shutil.rmtree(
+            Path(tempfile.gettempdir()) / f"cc_tasks-nats-{os.getuid()}" / self.ns / lease.task_id, ignore_errors=True
+        )
+        return new
+
+    # -- agents: a task board ---------------------------------------------------------
+    def claim_agent(
+        self, claimer: str, labels: list[str], group: str | None, lease_seconds: float
+    ) -> tuple[TaskRecord, str] | None:
+        """As TaskStore.claim_agent: the highest-priority, oldest ready agent task ``claimer`` may take, leased
+        for ``lease_seconds``; returns the record and the lease token (only its SHA-256 is stored)."""
+        mine = set(labels)
+
+        async def go():
+            async with self._queue_locked():
+                records = await self._read_all(await self._active_ids())
+                for t, r in list(records.items()):
+                    if r.runner == "agent" and r.status == TaskStatus.RUNNING:
+                        records[t] = await self._check_lease(r)
+                records.update(await self._resolve_waiting(records))
+                candidates = sorted(
+                    (r for r in records.values() if ready(r) and r.runner == "agent" and set(r.labels) <= mine
+                     and (group is None or r.group == group)),
+                    key=queue_order,
+                )  # fmt: skip
+                for r in candidates:
+                    token = secrets.token_urlsafe(24)
+
+                    def lease(rec: TaskRecord, token=token) -> Lease:
+                        now = utcnow()
+                        return Lease(task_id=rec.task_id, worker=claimer, epoch=rec.epoch + 1, acquired_at=now,
+                                     expires_at=now + timedelta(seconds=lease_seconds), lease_seconds=lease_seconds,
+                                     token_sha256=hashlib.sha256(token.encode()).hexdigest())  # fmt: skip
+
+                    got = await self._lease_task(r.task_id, "agent", lease)
+                    if got is not None:
+                        return got, token
+            return None
+
+        return self._run(go())
+
+    def sweep_agent_leases(self) -> int:
+        async def go():
+            n = 0
+            for r in (await self._read_all(await self._active_ids())).values():
+                if r.runner == "agent" and r.status == TaskStatus.RUNNING and r.lease is not None:
+                    if not await self._lease_alive(r.lease):
+                        await self._check_lease(r)
+                        n += 1
+            return n
+
+        return self._run(go())
+
+    def has_ready_agent_task(self, labels: list[str], group: str | None) -> bool:
+        mine = set(labels)
+
+        async def go():
+            records = await self._read_all(await self._active_ids())
+            for r in records.values():
+                if r.runner != "agent":
+                    continue
+                if r.status == TaskStatus.RUNNING and r.lease is not None and not await self._lease_alive(r.lease):
+                    return True
+                if r.status == TaskStatus.WAITING:
+                    deps = [records.get(d) or await self._peek(d) for d in r.depends_on]
+                    if all(d is None or d.status.terminal for d in deps):
+                        return True
+                    continue
+                if ready(r) and set(r.labels) <= mine and (group is None or r.group == group):
+                    return True
+            return False
+
+        return self._run(go())
+
+    async def _agent_op(self, task_id: str, token: str, changes: Callable[[TaskRecord], dict]) -> TaskRecord:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        expired: list[TaskRecord] = []
+
+        def fn(r: TaskRecord) -> TaskRecord:
+            expired.clear()
+            if r.runner != "agent":
+                raise InvalidOptionsError(
+                    f"task {task_id} is not an agent task (a worker runs claude for it); only tasks posted with "
+                    "post_task (or runner 'agent') are claimed, renewed, completed or failed by agents"
+                )
+            lease = r.lease
+            if r.status != TaskStatus.RUNNING or lease is None or lease.token_sha256 is None:
+                raise LeaseLostError(
+                    f"task {task_id} is {r.status.value}, held by no lease: that lease is stale; claim_task for work"
+                )
+            if not hmac.compare_digest(lease.token_sha256, digest):
+                raise LeaseLostError(
+                    f"task {task_id}: that lease is not the one that holds it (it is held by {lease.worker!r}, "
+                    f"claim {lease.epoch}); use the lease claim_task gave you, or claim_task again"
+                )
+            if lease.expires_at is not None and utcnow() >= lease.expires_at:
+                expired.append(r)
+                raise LeaseLostError(
+                    f"task {task_id}: the lease expired at {lease.expires_at:%Y-%m-%d %H:%M:%S} UTC (renew_task "
+                    "keeps it); the task went back to the queue or failed: claim_task again"
+                )
+            return r.model_copy(update=changes(r))
+
+        try:
+            return await self._update(validate_task_id(task_id), fn)
+        finally:
+            if expired:
+                await self._check_lease(expired[0])
+
+    def renew_agent(self, task_id: str, token: str, note: str | None = None) -> TaskRecord:
+        def changes(r: TaskRecord) -> dict:
+            lease = r.lease.model_copy(update={"expires_at": utcnow() + timedelta(seconds=r.lease.lease_seconds or 0)})
+            fields: dict = {"lease": lease}
+            if note:
+                fields["progress"] = r.progress.model_copy(update={"last_text": note[-500:], "updated_at": utcnow()})
+            return fields
+
+        async def go():
+            r = await self._agent_op(task_id, token, changes)
+            await self._append_event(task_id, "renewed", by=r.lease.worker, until=r.lease.expires_at, note=note)
+            return r
+
+        return self._run(go())
+
+    def complete_agent(self, task_id: str, token: str, result: str, preview_chars: int) -> TaskRecord:
+        async def go():
+            r0 = await self._load(validate_task_id(task_id))
+            epoch = r0.lease.epoch if r0.lease else r0.epoch
+            name = f"{task_id}.{epoch}.result"
+            await self._obj_put(name, result.encode("utf-8", "surrogatepass"))
+
+            def changes(r: TaskRecord) -> dict:
+                if r.epoch != epoch:
+                    raise LeaseLostError(f"task {task_id}: it was claimed again meanwhile; claim_task again")
+                attempt = Attempt(attempt=len(r.attempts) + 1, started_at=r.started_at or utcnow(),
+                                  finished_at=utcnow(), status=TaskStatus.COMPLETED)  # fmt: skip
+                return {"status": TaskStatus.COMPLETED, "result": result[:preview_chars],
+                        "result_truncated": len(result) > preview_chars, "result_chars": len(result),
+                        "is_error": False, "attempts": [*r.attempts, attempt]}  # fmt: skip
+
+            try:
+                r = await self._agent_op(task_id, token, changes)
+            except LeaseLostError:
+                await self._obj_delete(name)
+                raise
+            await self._resolve_waiting()
+            return r
+
+        return self._run(go())
+
+    def fail_agent(self, task_id: str, token: str, error: str, retry: bool) -> TaskRecord:
+        def changes(r: TaskRecord) -> dict:
+            n = len(r.attempts) + 1
+            again = retry and n < r.max_attempts
+            attempt = Attempt(attempt=n, started_at=r.started_at or utcnow(), finished_at=utcnow(),
+                              status=TaskStatus.FAILED, reason=error, retried=again)  # fmt: skip
+            if again:
+                return {"status": TaskStatus.QUEUED, "lease": None, "started_at": None,
+                        "attempts": [*r.attempts, attempt]}  # fmt: skip
+            left = " (no attempts left)" if retry else ""
+            return {"status": TaskStatus.FAILED, "error": f"{error}{left}", "is_error": True,
+                    "attempts": [*r.attempts, attempt]}  # fmt: skip
+
+        async def go():
+            r = await self._agent_op(task_id, token, changes)
+            if r.status == TaskStatus.QUEUED:
+                await self._append_event(
+                    task_id, "requeued", reason=f"failed: {error[:500]}", attempt=len(r.attempts) + 1
+                )
+            else:
+                await self._resolve_waiting()
+            return r
+
+        return self._run(go())
+
+    def release_agent(self, task_id: str, token: str) -> TaskRecord:
+        by: list[str] = []
+
+        def changes(r: TaskRecord) -> dict:
+            by[:] = [r.lease.worker]
+            return {"status": TaskStatus.QUEUED, "lease": None, "started_at": None}
+
+        async def go():
+            r = await self._agent_op(task_id, token, changes)
+            await self._append_event(task_id, "released", by=by[0] if by else None)
+            return r
+
+        return self._run(go())
+
+    # -- group notes ---------------------------------------------------------------
+    def _notes_subject(self, group: str) -> str:
+        try:
+            check_group(group)
+        except ValueError as e:
+            raise InvalidOptionsError(str(e)) from None
+        return f"{self.ns}.notes.{group.encode().hex()}"
+
+    def add_note(self, group: str, text: str, key: str | None = None, by: str | None = None) -> int:
+        """Append a note to the group's notes (a compare-and-set on the subject's last sequence); returns its
+        position."""
+        subject = self._notes_subject(group)
+
+        async def go():
+            while True:
+                try:
+                    last = await _retrying(lambda: self.js.get_msg(self.notes_stream, subject=subject), "get")
+                    last_seq, seq = last.seq, json.loads(last.data)["seq"] + 1
+                except jserr.NotFoundError:
+                    last_seq, seq = 0, 0
+                line = {"seq": seq, "ts": time.time(), "key": key, "by": by, "text": text}
+                data = json.dumps(line).encode("utf-8", "surrogatepass")
+                headers = {"Nats-Expected-Last-Subject-Sequence": str(last_seq)}
+                try:
+                    await _retrying(
+                        lambda d=data, h=headers: self.js.publish(subject, d, stream=self.notes_stream, headers=h),
+                        "note",
+                    )
+                    return seq
+                except jserr.APIError as e:
+                    if e.err_code in (10071, 10164):
+                        continue
+                    raise
+
+        return self._run(go())
+
+    def iter_notes(self, group: str, since: int = 0) -> Iterator[dict]:
+        subject = self._notes_subject(group)
+        notes = []
+        for _, raw in self._run(self._walk(self.notes_stream, subject, 0, {})):
+            with contextlib.suppress(ValueError):
+                n = json.loads(raw)
+                if isinstance(n, dict) and isinstance(n.get("seq"), int):
+                    notes.append(n)
+        last = {n["key"]: n["seq"] for n in notes if n.get("key")}
+        for n in notes:
+            if n["seq"] >= since and (not n.get("key") or last[n["key"]] == n["seq"]):
+                yield n

@@ -1,0 +1,238 @@
+"""The NATS backend end to end: a worker process (``python -m cc_tasks.worker --backend URL``) runs fake-claude
+tasks that a server submitted without a claude binary or a local store; cancels from another process reach a
+running task; results are read by other backend objects; a task no worker can run stays queued and says why;
+credentials never reach a record, a reply or claude's environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cc_tasks.config import Settings
+from cc_tasks.manager import TaskManager
+from cc_tasks.models import TaskOptions, TaskStatus
+from cc_tasks.nats_backend import NatsBackend, parse_url, redact
+
+from .conftest import ROOT, pid_alive
+from .nats_fixture import namespace, start_nats
+from .test_manager import fake, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def start_worker(url: str, claude: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    e = {**os.environ, "CC_TASKS_CLAUDE_BIN": claude, "WORKER_ONLY": "worker-env", **(env or {})}
+    for k in ("CC_TASKS_BACKEND", "SUBMITTER_SECRET", "CC_TASKS_DIR"):  # (the server's, not the worker's)
+        e.pop(k, None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cc_tasks.worker", "--backend", url, "--cancel-on-exit", *args],
+        cwd=str(ROOT),
+        env=e,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.terminate()
+    try:
+        p.wait(20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture
+def url(nats_url) -> str:
+    return f"{nats_url}/{namespace()}"
+
+
+@pytest.fixture
+def server(url, tmp_path, monkeypatch):
+    """A manager on the NATS backend with no claude binary and no usable store: both are the workers'."""
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    monkeypatch.setenv("CC_TASKS_CLAUDE_BIN", str(tmp_path / "no-claude-here"))
+    monkeypatch.setenv("CC_TASKS_DIR", str(tmp_path / "no-store"))
+    monkeypatch.setenv("SUBMITTER_SECRET", "do-not-ship")
+    m = TaskManager(Settings.from_env())
+    yield m
+    for s in m.list().tasks:
+        m.store.request_cancel(s.task_id)
+    m.store.close()
+    assert not (tmp_path / "no-store").exists()
+
+
+def test_urls_name_a_namespace_and_hide_credentials():
+    assert parse_url("nats://h:4222") == ("nats://h:4222", "cc_tasks", 1)
+    assert parse_url("nats://u:p@h:4222/team-a?replicas=3") == ("nats://u:p@h:4222", "team-a", 3)
+    assert parse_url("tls://h:4222?ns=x")[1] == "x"
+    assert redact("nats://u:secret@h:4222/ns") == "nats://h:4222/ns"
+
+
+async def test_a_worker_process_runs_tasks_submitted_without_claude(server, url, fake_claude, workdir):
+    worker = start_worker(url, fake_claude, "--slots", "2", "--label", "repo-a")
+    try:
+        a = server.start(TaskOptions(prompt=fake({"result": "A" * 70_000, "argv": True, "env_keys": ["SUBMITTER_SECRET", "WORKER_ONLY", "TASK_VAR"]}), cwd=str(workdir), env={"TASK_VAR": "given"}))  # fmt: skip
+        b = server.start(TaskOptions(prompt=fake({"result": "B"}), cwd=str(workdir), depends_on=[a.task_id],
+                                     include_dependency_results=True, labels=["repo-a"]))  # fmt: skip
+        done = await server.wait([a.task_id, b.task_id], timeout=60)
+        assert done.done and [t.status for t in done.tasks] == [TaskStatus.COMPLETED] * 2
+        seen = json.loads((workdir / "argv.json").read_text())
+        assert seen["env"] == {"SUBMITTER_SECRET": None, "WORKER_ONLY": "worker-env", "TASK_VAR": "given"}
+        other = NatsBackend(url)  # another process's view: one KV get per record, outputs from the object store
+        try:
+            data, total = other.read_output(a.task_id, "result", 69_990, 100)
+            assert total == 70_000 and data == b"A" * 10
+            assert b'"type":"result"' in other.read_output(a.task_id, "transcript", 0, 1 << 20)[0].replace(b" ", b"")
+            assert b"A" * 100 in other.read_output(b.task_id, "prompt", 0, 1 << 20)[0]  # (the dependency's result)
+            assert other.read(b.task_id).result == "B"
+        finally:
+            other.close()
+        info = server.server_info()
+        assert info.backend == "nats" and info.store_dir == url
+        assert [w.labels for w in info.workers] == [["repo-a"]]
+        kinds = [e["kind"] for e in server.events(a.task_id).events]
+        assert kinds[0] == "status" and "started" in kinds and kinds[-1] == "status"
+    finally:
+        stop(worker)
+
+
+async def test_a_cancel_from_another_process_reaches_a_running_task_within_2_s(server, url, fake_claude, workdir):
+    worker = start_worker(url, fake_claude)
+    try:
+        r = server.start(TaskOptions(prompt=fake({"sleep": 300}), cwd=str(workdir)))
+        rec = wait_until(lambda: (x := server.get(r.task_id)).claude and x)
+        code = f"from cc_tasks.nats_backend import NatsBackend; NatsBackend({url!r}).request_cancel({r.task_id!r})"
+        subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), check=True, timeout=30)
+        t0 = time.monotonic()
+        wait_until(lambda: server.store.read(r.task_id).status.terminal, timeout=10)
+        assert time.monotonic() - t0 < 2.0
+        done = server.get(r.task_id)
+        assert done.status == TaskStatus.CANCELLED
+        wait_until(lambda: not pid_alive(rec.claude.pid), timeout=5)
+        # the CLI's subcommand form (cc-tasks cancel --backend URL) on a queued task
+        q = server.start(TaskOptions(prompt=fake({}), cwd="/nonexistent/dir"))
+        out = subprocess.run(
+            [sys.executable, "-m", "cc_tasks", "cancel", "--backend", url, q.task_id],
+            cwd=str(ROOT), capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert server.get(q.task_id).status == TaskStatus.CANCELLED
+    finally:
+        stop(worker)
+
+
+async def test_a_task_no_worker_can_run_stays_queued_and_says_why(server, url, fake_claude, workdir):
+    no_cwd = server.start(TaskOptions(prompt=fake({}), cwd="/nonexistent/cc-tasks-dir"))
+    assert "no worker is running" in server.get(no_cwd.task_id).queue_note
+    worker = start_worker(url, fake_claude, "--label", "repo-a")
+    try:
+        gpu = server.start(TaskOptions(prompt=fake({}), cwd=str(workdir), labels=["gpu"]))
+        ok = server.start(TaskOptions(prompt=fake({"result": "fine"}), cwd=str(workdir)))
+        assert (await server.wait([ok.task_id], timeout=60)).tasks[0].status == TaskStatus.COMPLETED
+        r = wait_until(lambda: (x := server.get(no_cwd.task_id)).queue_note and "no directory" in x.queue_note and x)
+        assert r.status == TaskStatus.QUEUED and "/nonexistent/cc-tasks-dir" in r.queue_note
+        g = server.get(gpu.task_id)
+        assert g.status == TaskStatus.QUEUED and "gpu" in g.queue_note and "repo-a" in g.queue_note
+        assert server.server_info().workers[0].labels == ["repo-a"]
+    finally:
+        stop(worker)
+
+
+async def test_credentials_never_reach_records_replies_or_claude(tmp_path, fake_claude, workdir, monkeypatch):
+    proc, plain = start_nats(tmp_path / "nats-auth", extra=("--user", "ccuser", "--pass", "s3cret-pw"))
+    try:
+        url = plain.replace("nats://", "nats://ccuser:s3cret-pw@") + f"/{namespace()}"
+        with pytest.raises(Exception):  # (no credentials: refused)
+            NatsBackend(plain + "/x").close()
+        monkeypatch.setenv("CC_TASKS_BACKEND", url)
+        monkeypatch.setenv("CC_TASKS_CLAUDE_BIN", str(tmp_path / "none"))
+        m = TaskManager(Settings.from_env())
+        worker = start_worker(url, fake_claude)
+        try:
+            r = m.start(TaskOptions(prompt=fake({"argv": True, "env_keys": ["CC_TASKS_BACKEND"]}), cwd=str(workdir)))
+            done = (await m.wait([r.task_id], timeout=60)).tasks[0]
+            assert done.status == TaskStatus.COMPLETED
+            texts = [
+                done.model_dump_json(),
+                m.server_info().model_dump_json(),
+                json.dumps(m.events(r.task_id).model_dump(mode="json")),
+                (workdir / "argv.json").read_text(),
+                m.store.address,
+            ]
+            assert not [t for t in texts if "s3cret-pw" in t]
+            assert json.loads((workdir / "argv.json").read_text())["env"]["CC_TASKS_BACKEND"] == redact(url)
+        finally:
+            stop(worker)
+            m.store.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+async def test_a_worker_cut_off_from_the_server_finishes_its_task_when_it_reconnects(
+    tmp_path, fake_claude, workdir, monkeypatch
+):
+    store = tmp_path / "nats-restart"
+    proc, plain = start_nats(store)
+    port = int(plain.rsplit(":", 1)[1])
+    url = f"{plain}/{namespace()}"
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    monkeypatch.setenv("CC_TASKS_LEASE_SECONDS", "20")
+    m = TaskManager(Settings.from_env())
+    worker = start_worker(url, fake_claude)
+    try:
+        go = tmp_path / "go"
+        r = m.start(TaskOptions(prompt=fake({"wait_file": str(go), "result": "survived"}), cwd=str(workdir)))
+        wait_until(lambda: m.get(r.task_id).claude)
+        proc.terminate()  # the server goes away for a while; the task goes on
+        proc.wait(10)
+        go.touch()
+        time.sleep(2)  # (the outage: nothing to wait for; the worker retries its final write meanwhile)
+        proc, _ = start_nats(store, port=port)
+        done = (await m.wait([r.task_id], timeout=60)).tasks[0]
+        assert done.status == TaskStatus.COMPLETED and done.result == "survived" and done.epoch == 1
+    finally:
+        stop(worker)
+        m.store.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_a_killed_workers_task_goes_to_another_worker_once_its_lease_runs_out(
+    url, tmp_path, fake_claude, workdir, monkeypatch
+):
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    monkeypatch.setenv("CC_TASKS_LEASE_SECONDS", "2")  # (the first opener sets the workers bucket's TTL)
+    m = TaskManager(Settings.from_env())
+    assert m.store.lease_seconds == 2
+    first = start_worker(url, fake_claude)
+    second = None
+    try:
+        go = tmp_path / "go"
+        r = m.start(TaskOptions(prompt=fake({"wait_file": str(go), "no_tools": True, "result": "again"}), cwd=str(workdir)))  # fmt: skip
+        rec = wait_until(lambda: (x := m.get(r.task_id)).claude and x)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        t0 = time.monotonic()
+        requeued = wait_until(lambda: (x := m.get(r.task_id)).status == TaskStatus.QUEUED and x, timeout=15)
+        assert time.monotonic() - t0 < 6 and "worker lost" in requeued.attempts[0].reason
+        wait_until(lambda: not pid_alive(rec.claude.pid), timeout=10)  # (its claude, on this host, was stopped)
+        go.touch()
+        second = start_worker(url, fake_claude)
+        done = (await m.wait([r.task_id], timeout=60)).tasks[0]
+        assert done.status == TaskStatus.COMPLETED and done.result == "again" and done.epoch == 2
+        assert done.lease.worker != rec.lease.worker
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
+        m.store.close()
