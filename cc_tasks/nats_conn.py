@@ -3,8 +3,9 @@ redacted form for logs and records, the connection itself (reconnects forever on
 connect), and `retrying`, which rides out leader elections and reconnects.
 
 URL: ``nats://HOST[:PORT][,HOST[:PORT]...][/NAMESPACE]`` (``tls://`` for TLS), with ``user:password@`` or
-``token@`` before the first host, or ``?namespace=NAME``. The namespace (default ``cc_tasks``) prefixes
-every stream and bucket name, so several installations can share one NATS. Files come from flags or the
+``token@`` before the first host; ``?namespace=NAME`` (or ``?ns=NAME``) instead of the path, ``?replicas=N``
+(1-5, default 1: 3 on a 3-node cluster). The namespace (default ``cc_tasks``) prefixes every stream and
+bucket name, so several installations can share one NATS. Files come from flags or the
 environment (flags win): ``CC_TASKS_NATS_CREDS`` (a ``.creds`` file), ``CC_TASKS_NATS_NKEY`` (an nkey seed
 file), ``CC_TASKS_NATS_TLS_CA``, ``CC_TASKS_NATS_TLS_CERT`` and ``CC_TASKS_NATS_TLS_KEY``.
 
@@ -38,7 +39,8 @@ log = logging.getLogger("cc_tasks.nats")
 DEFAULT_NAMESPACE = "cc_tasks"
 DEFAULT_PORT = 4222
 SCHEMES = ("nats", "tls")
-NAMESPACE_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+NAMESPACE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_REPLICAS = 5
 ENV_FILES = {
     "creds": "CC_TASKS_NATS_CREDS",
     "nkey": "CC_TASKS_NATS_NKEY",
@@ -67,6 +69,7 @@ class NatsSettings(BaseModel):
     scheme: str = "nats"
     servers: tuple[str, ...]
     namespace: str = DEFAULT_NAMESPACE
+    replicas: int = 1
     user: str | None = None
     password: SecretStr | None = None
     token: SecretStr | None = None
@@ -87,7 +90,8 @@ class NatsSettings(BaseModel):
         """The URL without credentials: what logs, get_server_info and records show."""
         hosts = ",".join(s.split("://", 1)[1] for s in self.servers)
         ns = "" if self.namespace == DEFAULT_NAMESPACE else f"/{self.namespace}"
-        return f"{self.scheme}://{hosts}{ns}"
+        replicas = "" if self.replicas == 1 else f"?replicas={self.replicas}"
+        return f"{self.scheme}://{hosts}{ns}{replicas}"
 
     @property
     def auth(self) -> str:
@@ -196,9 +200,17 @@ def nats_settings(
             token = unquote(name)
 
     namespace = path.strip("/")
+    replicas = 1
     for key, value in parse_qsl(query, keep_blank_values=True):
-        if key != "namespace":
-            raise _fail(url, f"unknown option {key!r}; the only one is namespace=NAME")
+        if key == "replicas":
+            if not value.isdigit() or not 1 <= int(value) <= MAX_REPLICAS:
+                raise _fail(
+                    url, f"replicas={value!r}: give a whole number from 1 to {MAX_REPLICAS} (3 on a 3-node cluster)"
+                )
+            replicas = int(value)
+            continue
+        if key not in ("namespace", "ns"):
+            raise _fail(url, f"unknown option {key!r}; the options are namespace=NAME (or ns=NAME) and replicas=N")
         if namespace and namespace != value:
             raise _fail(url, "two different namespaces (path and ?namespace=); give one")
         namespace = value
@@ -206,7 +218,7 @@ def nats_settings(
     if not NAMESPACE_RE.fullmatch(namespace):
         raise _fail(
             url,
-            f"namespace {namespace!r}: use 1 to 32 letters, digits, '-' or '_' (it prefixes stream and bucket names)",
+            f"namespace {namespace!r}: use 1 to 64 letters, digits, '-' or '_' (it prefixes stream and bucket names)",
         )
 
     def pick(flag: str | os.PathLike | None, key: str) -> Path | None:
@@ -235,6 +247,7 @@ def nats_settings(
         scheme=scheme,
         servers=tuple(servers),
         namespace=namespace,
+        replicas=replicas,
         user=user,
         password=password,
         token=token,

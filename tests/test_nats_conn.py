@@ -53,6 +53,7 @@ PARSE = [
     ("nats://h:4222/Repo_A", ["nats://h:4222"], "Repo_A", "none"),
     ("nats://h:4222/", ["nats://h:4222"], DEFAULT_NAMESPACE, "none"),
     ("nats://h:4222?namespace=x1", ["nats://h:4222"], "x1", "none"),
+    ("nats://h:4222?ns=x2&replicas=3", ["nats://h:4222"], "x2", "none"),
     ("NATS://[::1]:4222", ["nats://[::1]:4222"], DEFAULT_NAMESPACE, "none"),
 ]
 
@@ -75,6 +76,8 @@ def test_credentials_kept_secret():
         assert "p@ss" not in text and "TOKEN123" not in text
     assert s.url == "nats://a:1" and t.url == "tls://h:4222"
     assert nats_settings("nats://h:1/ns", env={}).url == "nats://h:1/ns"
+    r3 = nats_settings("nats://u:p@a:1,b:2,c:3?ns=team&replicas=3", env={})
+    assert (r3.replicas, r3.url) == (3, "nats://a:1,b:2,c:3/team?replicas=3")
 
 
 ERRORS = [
@@ -87,8 +90,10 @@ ERRORS = [
     ("nats://a:1,tls://b:2", "mixes schemes"),
     ("nats://h:4222/a.b", "namespace 'a.b'"),
     ("nats://h:4222/a/b", "namespace 'a/b'"),
-    ("nats://h:4222/" + "x" * 33, "1 to 32 letters"),
+    ("nats://h:4222/" + "x" * 65, "1 to 64 letters"),
     ("nats://h:4222?stream=x", "unknown option 'stream'"),
+    ("nats://h:4222?replicas=0", "replicas='0': give a whole number from 1 to 5"),
+    ("nats://h:4222?replicas=three", "replicas='three'"),
     ("nats://h:4222/a?namespace=b", "two different namespaces"),
     ("nats://u:@h:4222", "needs both a user and a password"),
     ("nats://u:p@a:1,v:q@b:2", "different credentials"),
