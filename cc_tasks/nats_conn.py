@@ -317,12 +317,14 @@ async def connect(settings: NatsSettings, **handlers) -> Client:
     nc = Client()
     user_error_cb = handlers.pop("error_cb", None)
     last: list[BaseException] = []
-    fatal = asyncio.Event()
+    fatal: list[BaseException] = []
+    stopped = asyncio.Event()
 
     async def error_cb(e: Exception) -> None:
         last[:] = [e]
-        if not nc.is_connected and _fatal(e):
-            fatal.set()
+        if not nc.is_connected and _fatal(e) and not fatal:
+            fatal.append(e)
+            stopped.set()
         if user_error_cb is not None:
             await user_error_cb(e)
         else:
@@ -354,13 +356,16 @@ async def connect(settings: NatsSettings, **handlers) -> Client:
         opts["tls"] = ctx
 
     attempt = asyncio.ensure_future(nc.connect(**opts))
-    stop = asyncio.ensure_future(fatal.wait())
+    stop = asyncio.ensure_future(stopped.wait())
     try:
         await asyncio.wait({attempt, stop}, timeout=settings.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.cancel()
     if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
         return nc
+    failed = attempt.exception() if attempt.done() and not attempt.cancelled() else None
+    if isinstance(failed, nats.errors.InvalidCallbackTypeError):
+        raise failed  # a programming error, not the network's
     attempt.cancel()
     try:
         await attempt
@@ -370,13 +375,15 @@ async def connect(settings: NatsSettings, **handlers) -> Client:
         await nc.close()
     except Exception:  # noqa: BLE001
         pass
-    err = last[0] if last else None
-    if err is None and attempt.done() and not attempt.cancelled():
-        err = attempt.exception()
-    why = (_fatal(err) if err else None) or (
-        f"no server answered within {settings.connect_timeout:g} s (last error: {err or 'none'}); "
-        "check that nats-server runs with JetStream (-js) and listens on that address"
-    )
+    if fatal:
+        why = _fatal(fatal[0])
+    elif failed is not None:
+        why = _fatal(failed) or str(failed)
+    else:
+        why = (_fatal(last[0]) if last else None) or (
+            f"no server answered within {settings.connect_timeout:g} s (last error: {last[0] if last else 'none'}); "
+            "check that nats-server runs with JetStream (-js) and listens on that address"
+        )
     raise BackendUnreachableError(f"cannot connect to NATS at {settings.url}: {why}")
 
 

@@ -5,7 +5,9 @@ leader kill in a 3-node cluster."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
+import hashlib
 import ipaddress
 import json
 import os
@@ -319,6 +321,125 @@ async def test_nkey_seed_file(tmp_path):
         await _roundtrip(nc)
         await nc.close()
     finally:
+        server.stop()
+
+
+def _keypair(prefix: int):
+    seed = nkeys.encode_seed(os.urandom(32), prefix)
+    return seed, nkeys.from_seed(bytearray(seed))
+
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+
+def _jwt(issuer, subject: str, name: str, nats_claims: dict) -> str:
+    """A NATS JWT (what nsc issues): ed25519-nkey signed by ``issuer``."""
+    claims = {
+        "iat": int(time.time()),
+        "iss": issuer.public_key.decode(),
+        "name": name,
+        "sub": subject,
+        "nats": nats_claims,
+    }
+    digest = hashlib.new("sha512_256", json.dumps(claims, sort_keys=True).encode()).digest()
+    claims["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    signed = f"{_b64(json.dumps({'typ': 'JWT', 'alg': 'ed25519-nkey'}).encode())}.{_b64(json.dumps(claims).encode())}"
+    return f"{signed}.{_b64(issuer.sign(signed.encode()))}"
+
+
+def operator_mode(d: Path) -> tuple[str, Path, Path]:
+    """A server config in operator (JWT) mode with a JetStream account, a .creds file of a user of that
+    account, and a .creds file of a user signed by an account the server does not know."""
+    _, op = _keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, sys_acc = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, app = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    limits = {
+        "subs": -1,
+        "data": -1,
+        "payload": -1,
+        "imports": -1,
+        "exports": -1,
+        "wildcards": True,
+        "conn": -1,
+        "leaf": -1,
+    }
+    js_limits = {**limits, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    op_jwt = _jwt(
+        op,
+        op.public_key.decode(),
+        "op",
+        {"type": "operator", "version": 2, "system_account": sys_acc.public_key.decode()},
+    )
+    sys_jwt = _jwt(op, sys_acc.public_key.decode(), "SYS", {"limits": limits, "type": "account", "version": 2})
+    app_jwt = _jwt(op, app.public_key.decode(), "app", {"limits": js_limits, "type": "account", "version": 2})
+    config = (
+        f'operator: "{op_jwt}"\nresolver: MEMORY\nsystem_account: {sys_acc.public_key.decode()}\n'
+        f'resolver_preload: {{ {app.public_key.decode()}: "{app_jwt}", {sys_acc.public_key.decode()}: "{sys_jwt}" }}\n'
+    )
+
+    def creds(account, name: str) -> Path:
+        seed, user = _keypair(nkeys.PREFIX_BYTE_USER)
+        claims = {"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}
+        user_jwt = _jwt(account, user.public_key.decode(), name, claims)
+        path = d / f"{name}.creds"
+        path.write_text(
+            f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n"
+        )
+        path.chmod(0o600)
+        return path
+
+    _, stranger = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    return config, creds(app, "worker"), creds(stranger, "stranger")
+
+
+async def test_creds_file(tmp_path):
+    config, good, bad = operator_mode(tmp_path)
+    server = start_nats(tmp_path / "srv", config_text=config)
+    try:
+        nc = await connect(nats_settings(server.url, env={"CC_TASKS_NATS_CREDS": str(good)}))
+        await _roundtrip(nc)
+        await nc.close()
+        t = time.monotonic()
+        with pytest.raises(BackendUnreachableError, match="refused the credentials"):
+            await connect(nats_settings(server.url, env={}, creds=bad))
+        assert time.monotonic() - t < 3
+    finally:
+        server.stop()
+
+
+async def test_reconnects_after_a_server_restart(tmp_path):
+    """A connection outlives its server's restart (same port, same store); `retrying` covers the gap."""
+    server = start_nats(tmp_path / "srv")
+    events = []
+
+    async def disconnected():
+        events.append("disconnected")
+
+    async def reconnected():
+        events.append("reconnected")
+
+    nc = await connect(
+        nats_settings(server.url + "/restart", env={}),
+        error_cb=_quiet,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+    )
+    try:
+        js = nc.jetstream(timeout=2)
+        kv = await js.create_key_value(bucket="restart_records")
+        await kv.put("k", b"0")
+        server.stop()
+        writes = asyncio.ensure_future(retrying(lambda: kv.put("k", b"1"), what="write during restart", deadline=30))
+        await asyncio.sleep(0.5)
+        assert not writes.done()
+        server.start()
+        await asyncio.wait_for(writes, 30)
+        assert (await retrying(lambda: kv.get("k"), what="read")).value == b"1"
+        assert "disconnected" in events and "reconnected" in events
+    finally:
+        await nc.close()
         server.stop()
 
 
