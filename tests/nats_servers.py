@@ -7,6 +7,7 @@ one the tests fail saying so (CI must install it)."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -22,6 +23,16 @@ from pathlib import Path
 import pytest
 
 START_TIMEOUT = 15.0
+_started: list[subprocess.Popen] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A safety net: no server of this process outlives it, whatever a test forgot."""
+    for p in _started:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
 
 
 def nats_server_bin() -> str:
@@ -109,6 +120,7 @@ class NatsServer:
     def start(self, wait: bool = True) -> NatsServer:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        _started[:] = [p for p in _started if p.poll() is None] + [self.proc]
         if wait:
             self.wait_ready()
         return self

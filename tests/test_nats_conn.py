@@ -420,13 +420,14 @@ async def test_reconnects_after_a_server_restart(tmp_path):
     async def reconnected():
         events.append("reconnected")
 
-    nc = await connect(
-        nats_settings(server.url + "/restart", env={}),
-        error_cb=_quiet,
-        disconnected_cb=disconnected,
-        reconnected_cb=reconnected,
-    )
+    nc = None
     try:
+        nc = await connect(
+            nats_settings(server.url + "/restart", env={}),
+            error_cb=_quiet,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+        )
         js = nc.jetstream(timeout=2)
         kv = await js.create_key_value(bucket="restart_records")
         await kv.put("k", b"0")
@@ -439,7 +440,8 @@ async def test_reconnects_after_a_server_restart(tmp_path):
         assert (await retrying(lambda: kv.get("k"), what="read")).value == b"1"
         assert "disconnected" in events and "reconnected" in events
     finally:
-        await nc.close()
+        if nc is not None:
+            await nc.close()
         server.stop()
 
 
