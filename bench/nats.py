@@ -29,7 +29,9 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# Run as a script, this file's folder comes first on sys.path, where "nats" would be this file, not nats-py:
+# drop it (and put the repository first).
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -77,7 +79,9 @@ class Target:
             return TaskStore(Path(self.address), max_concurrent=self.cap)
         try:
             from cc_tasks.connect import open_backend  # the nats branch (cc_tasks/connect.py)
-        except ImportError:
+        except ImportError as e:
+            if e.name != "cc_tasks.connect":
+                raise
             raise SystemExit(
                 "bench/nats.py: cc_tasks.connect.open_backend is missing (the NATS backend has not landed on "
                 "this branch); run with --kind local to check the harness"
