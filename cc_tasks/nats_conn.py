@@ -178,6 +178,8 @@ def nats_settings(
     `NatsConfigError` naming what is wrong and what to do otherwise."""
     env = os.environ if env is None else env
     scheme, entries, path, query = _split_url(url)
+    if "@" in path + query:
+        raise _fail(url, "an '@' after the host; percent-encode '/', '?' and '#' in a user name, password or token")
 
     servers: list[str] = []
     userinfos = set()
@@ -265,12 +267,19 @@ def redacted(url: str) -> str:
     ``...@``)."""
     try:
         scheme, entries, path, query = _split_url(url)
-        hosts = ",".join(e.rpartition("@")[2] for e in entries)
-        return f"{scheme}://{hosts}{path}{'?' + query if query else ''}"
+        if "@" not in path + query:
+            hosts = ",".join(e.rpartition("@")[2] for e in entries)
+            return f"{scheme}://{hosts}{path}{'?' + query if query else ''}"
     except NatsConfigError:
-        return re.sub(r"[^/,@\s]*@", "", url).strip()
-    except Exception:  # noqa: BLE001 (a log line must not fail)
+        pass
+    except Exception:  # (a log line must not fail)
         return "<unparseable URL>"
+    # Not parseable, or an '@' past the hosts (a secret with an unencoded '/', '?' or '#'): drop everything
+    # up to the last '@'.
+    m = re.match(r"\s*([A-Za-z][A-Za-z0-9+.-]*://)(.*)", url, flags=re.S)
+    if m and "@" in m.group(2):
+        return (m.group(1) + m.group(2).rpartition("@")[2]).strip()
+    return re.sub(r"[^/,@\s]*@", "", url).strip()
 
 
 def tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
@@ -369,11 +378,11 @@ async def connect(settings: NatsSettings, **handlers) -> Client:
     attempt.cancel()
     try:
         await attempt
-    except BaseException:  # noqa: BLE001 (the reason is reported below)
+    except BaseException:  # (the reason is reported below)
         pass
     try:
         await nc.close()
-    except Exception:  # noqa: BLE001
+    except Exception:  # (closing a connection that never opened)
         pass
     if fatal:
         why = _fatal(fatal[0])
