@@ -2,7 +2,7 @@
 """The NATS backend's scaling curve: N fake tasks of 50 ms (bench/fake_claude.sh) run by 1, 2 and 4 worker
 processes of 8 slots each, beside ``xargs -P`` with the same total slots running the same fake task,
 measured in the same run. Also submit -> start latency (p50/p99, from the records' created_at and
-started_at) and the read behind check_task_status (p50) on NATS beside the local store.
+started_at: of the N tasks, queueing included, and of 20 tasks sent one at a time to idle workers) and the read behind check_task_status (p50) on NATS beside the local store.
 
     .venv/bin/python bench/nats.py                    # 1000 tasks, 1/2/4 workers, a nats-server of its own
     .venv/bin/python bench/nats.py --quick            # 100 tasks, 1/2 workers (proves it works)
@@ -44,7 +44,7 @@ from tests.nats_servers import start_nats  # noqa: E402
 FAKE = ROOT / "bench" / "fake_claude.sh"
 CC_TASKS = Path(sys.executable).parent / "cc-tasks"
 SLOTS = 8
-console = Console()
+console = Console(width=150)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -173,6 +173,12 @@ def run_round(target: Target, count: int, n: int, sleep: float, cwd: str, log_di
         submitted = time.perf_counter() - t0
         early = target.wait_done([r.task_id for r in records], 900)
         wall = time.perf_counter() - t0
+        idle = []  # one task at a time on idle workers: the latency without queueing
+        for _ in range(20):
+            one = target.submit(1, 0, cwd)[0]
+            target.wait_done([one.task_id], 60)
+            r = target.backend.read(one.task_id)
+            idle.append((r.started_at - r.created_at).total_seconds())
     done = [target.backend.read(r.task_id) for r in records]
     bad = [f"{r.task_id} {r.status.value} {r.error or ''}"[:300] for r in done if r.status.value != "completed"]
     assert not bad, f"{len(bad)} tasks did not complete, e.g. {bad[:3]}"
@@ -185,6 +191,8 @@ def run_round(target: Target, count: int, n: int, sleep: float, cwd: str, log_di
         "submit_s": round(submitted, 3),
         "submit_to_start_p50_ms": ms(pct(latency, 50)),
         "submit_to_start_p99_ms": ms(pct(latency, 99)),
+        "idle_submit_to_start_p50_ms": ms(pct(idle, 50)),
+        "idle_submit_to_start_p99_ms": ms(pct(idle, 99)),
         "has_active_false_while_pending": early,
     }
 
@@ -249,11 +257,13 @@ def main() -> int:
         if server is not None:
             server.stop()
     table = Table(title=f"{args.tasks} tasks of {args.sleep * 1000:g} ms on {args.kind}, {SLOTS} slots per worker")
-    for col in ("workers", "slots", "wall s", "xargs -P s", "ratio", "submit s", "start p50 ms", "start p99 ms"):
-        table.add_column(col, justify="right")
+    cols = {"workers": "workers", "slots": "slots", "wall_s": "wall s", "xargs_s": "xargs -P s", "ratio": "ratio",
+            "submit_s": "submit s", "submit_to_start_p50_ms": "start p50 ms", "submit_to_start_p99_ms": "start p99 ms",
+            "idle_submit_to_start_p50_ms": "idle start p50 ms", "idle_submit_to_start_p99_ms": "idle p99 ms"}  # fmt: skip
+    for title in cols.values():
+        table.add_column(title, justify="right")
     for p in results["curve"]:
-        table.add_row(*(str(p[k]) for k in ("workers", "slots", "wall_s", "xargs_s", "ratio", "submit_s")),
-                      str(p["submit_to_start_p50_ms"]), str(p["submit_to_start_p99_ms"]))  # fmt: skip
+        table.add_row(*(str(p[k]) for k in cols))
     console.print(table)
     console.print(
         f"record read (check_task_status) p50: local {results['status_read_local_p50_ms']} ms"
