@@ -91,8 +91,7 @@ class Target:
     def worker_argv(self, slots: int) -> list[str]:
         if self.kind == "local":
             return [str(CC_TASKS), "--store", self.address, "worker", f"--slots={slots}"]
-        # TODO(nats branch): `cc-tasks worker --backend URL` is the plumbing the nats branch adds; if it lands as
-        # a group option instead (like --store), move it before "worker".
+        # `cc-tasks worker --backend URL`: the nats branch's plumbing (checked on a scratch merge with e383778).
         return [str(CC_TASKS), "worker", f"--backend={self.address}", f"--slots={slots}"]
 
     def env(self) -> dict[str, str]:
