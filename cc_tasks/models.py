@@ -7,7 +7,8 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel as PydanticModel
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from .states import ACTIVE_STATUSES, DEP_FAILED, TRANSITIONS, TaskStatus, check_transition
 
@@ -59,10 +60,17 @@ def _no_nul(value: Any, what: str) -> None:
         raise ValueError(f"{what} contains a NUL character")
 
 
+class BaseModel(PydanticModel):
+    """Every model here: validators and schemas are built on first use (``defer_build``), so a process pays
+    only for the models it uses (the worker at rest uses few of them)."""
+
+    model_config = ConfigDict(defer_build=True)
+
+
 class TaskOptions(BaseModel):
     """What to run: the prompt and how claude runs it. Every field maps to a claude CLI flag."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     prompt: str = Field(
         description="The task for the sub-agent (required, non-empty). Sent on claude's standard input."
@@ -670,7 +678,7 @@ class CleanupResult(BaseModel):
 class PostOptions(BaseModel):
     """A task for an outside agent (post_task): no worker ever starts claude for it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     prompt: str = Field(description="What to do (required, non-empty).")
     name: str | None = Field(None, max_length=200)
