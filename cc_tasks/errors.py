@@ -61,3 +61,11 @@ class GitError(CCTasksError):
 
 class MergeRefusedError(GitError):
     """merge_task refused, or undid, a merge: the repository was left as it was; the message says why."""
+
+
+class NatsConfigError(ConfigError):
+    """A NATS backend URL, credentials file or TLS file that cannot be used (nats_conn.py)."""
+
+
+class BackendUnreachableError(CCTasksError):
+    """The NATS servers of a backend URL could not be reached or refused the credentials in time."""

