@@ -7,6 +7,7 @@ on another worker; the real claude CLI runs on a worker, and Claude Code drives 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,9 +16,12 @@ import pytest
 from fastmcp import Client
 from fastmcp.client.transports import StdioTransport
 
-from .conftest import ROOT
-from .nats_fixture import namespace
-from .test_manager import fake
+from cc_tasks.config import Settings
+from cc_tasks.manager import TaskManager
+from cc_tasks.models import TaskOptions, TaskStatus
+
+from .conftest import ROOT, pid_alive
+from .test_manager import fake, wait_until
 from .test_nats_backend import start_worker, stop
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,7 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def url(nats_url) -> str:
-    return f"{nats_url}/{namespace()}"
+    return nats_url
 
 
 def mcp_server(url: str, tmp_path: Path, tag: str) -> Client:
@@ -100,3 +104,82 @@ async def test_200_tasks_through_two_servers_run_once_each_under_the_cap_on_thre
     assert max(n for _, n in seen) <= cap  # the global cap over three workers
     assert max(n for _, n in seen) >= 2, "the tasks never overlapped: the cap was not exercised"
     print(f"200 tasks in {elapsed:.1f} s, at most {max(n for _, n in seen)} at once")
+
+
+async def test_a_killed_workers_task_ends_failed_and_never_runs_twice_with_max_attempts_1_or_after_a_tool(
+    url, tmp_path, fake_claude, workdir, monkeypatch
+):
+    lease = 2
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    monkeypatch.setenv("CC_TASKS_LEASE_SECONDS", str(lease))  # (the first opener sets the workers bucket's TTL)
+    m = TaskManager(Settings.from_env())
+    track = tmp_path / "track"
+    track.mkdir()
+    first = start_worker(url, fake_claude, "--slots", "2")
+    second = None
+    try:
+        go = tmp_path / "go"
+        once = m.start(TaskOptions(prompt=fake({"wait_file": str(go), "no_tools": True, "track": str(track)}),
+                                   cwd=str(workdir), max_attempts=1))  # fmt: skip
+        acted = m.start(TaskOptions(prompt=fake({"sleep": 300, "track": str(track)}), cwd=str(workdir)))
+        assert m.get(acted.task_id).max_attempts == 3
+        recs = [
+            wait_until(lambda: (x := m.get(once.task_id)).claude and x),
+            wait_until(lambda: (x := m.get(acted.task_id)).progress.tool_calls and x),
+        ]
+        assert recs[1].claude is not None
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        t0 = time.monotonic()
+        second = start_worker(url, fake_claude, "--slots", "2")  # (it would take either task if it were requeued)
+        ends = [wait_until(lambda t=t: (x := m.get(t)).status.terminal and x, timeout=lease + 10) for t in
+                (once.task_id, acted.task_id)]  # fmt: skip
+        assert time.monotonic() - t0 < lease + 5
+        assert [e.status for e in ends] == [TaskStatus.FAILED, TaskStatus.FAILED]
+        assert all("worker lost" in e.error for e in ends)
+        assert "no attempts left" in ends[0].error and "used tools" in ends[1].error
+        assert [len(e.attempts) for e in ends] == [1, 1] and not any(a.retried for e in ends for a in e.attempts)
+        for r in recs:  # (on this host: the lost worker's claude was stopped)
+            wait_until(lambda r=r: not pid_alive(r.claude.pid), timeout=10)
+        go.touch()
+        assert sorted(t for t, _ in runs(track)) == sorted([once.task_id, acted.task_id])  # each ran once
+        assert [e.epoch for e in ends] == [1, 1]
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
+        m.store.close()
+
+
+async def test_a_cancel_from_a_server_stops_the_whole_tree_on_another_worker_within_2_s(
+    url, tmp_path, fake_claude, workdir
+):
+    workers = [start_worker(url, fake_claude), start_worker(url, fake_claude)]
+    try:
+        async with mcp_server(url, tmp_path, "a") as a, mcp_server(url, tmp_path, "b") as b:
+            task_id = (
+                await a.call_tool(
+                    "start_cc_task_async",
+                    {"prompt": fake({"grandchild": True, "sleep": 300}), "cwd": str(workdir)},
+                )
+            ).structured_content["task_id"]
+            pidfile = workdir / "grandchild.pid"
+            wait_until(lambda: pidfile.exists() and pidfile.read_text())
+            rec = (await b.call_tool("check_task_status", {"task_id": task_id})).structured_content
+            assert rec["status"] == "running" and rec["claude"]["pid"]
+            tree = [rec["claude"]["pid"], int(pidfile.read_text())]
+            assert all(pid_alive(p) for p in tree)
+            runner = [w for w in workers if w.pid == rec["lease"]["pid"]]
+            assert len(runner) == 1  # (a worker process, not a server, runs it)
+            t0 = time.monotonic()
+            done = (await b.call_tool("cancel_task", {"task_id": task_id})).structured_content
+            took = time.monotonic() - t0
+            assert done["status"] == "cancelled" and took < 2.0, (took, done)
+            assert "did not stop it" not in (done.get("error") or "")  # (its worker stopped it, not the server)
+            wait_until(lambda: not any(pid_alive(p) for p in tree), timeout=2.0 - min(took, 1.5) + 0.5)
+            seen = (await a.call_tool("check_task_status", {"task_id": task_id})).structured_content
+            assert seen["status"] == "cancelled"
+    finally:
+        for w in workers:
+            stop(w)
+    assert not [p for p in tree if pid_alive(p)]
