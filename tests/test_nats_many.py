@@ -6,8 +6,10 @@ on another worker; the real claude CLI runs on a worker, and Claude Code drives 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from cc_tasks.config import Settings
 from cc_tasks.manager import TaskManager
 from cc_tasks.models import TaskOptions, TaskStatus
 
-from .conftest import ROOT, pid_alive
+from .conftest import ROOT, mock_prompt, pid_alive
 from .test_manager import fake, wait_until
 from .test_nats_backend import start_worker, stop
 
@@ -183,3 +185,61 @@ async def test_a_cancel_from_a_server_stops_the_whole_tree_on_another_worker_wit
         for w in workers:
             stop(w)
     assert not [p for p in tree if pid_alive(p)]
+
+
+async def test_the_real_claude_cli_runs_a_bash_step_on_a_nats_worker(cc_env, url, workdir, monkeypatch):
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    worker = start_worker(url, cc_env["CC_TASKS_CLAUDE_BIN"])
+    m = TaskManager(Settings.from_env())
+    try:
+        steps = [{"bash": "echo from-nats > out.txt && echo wrote"}, {"text": "result: {last_result}"}]
+        r = m.start(TaskOptions(prompt=mock_prompt(steps), cwd=str(workdir), allowed_tools=["Bash"]))
+        done = (await m.wait([r.task_id], timeout=90)).tasks[0]
+        assert done.status == TaskStatus.COMPLETED, done.error
+        rec = m.get(r.task_id)
+        assert rec.result.strip() == "result: wrote" and rec.progress.tool_calls == 1
+        assert rec.lease is None or rec.lease.pid == worker.pid
+        assert (workdir / "out.txt").read_text() == "from-nats\n"
+        transcript = m.store.read_output(r.task_id, "transcript", 0, 1 << 20)[0]
+        assert b'"name":"Bash"' in transcript.replace(b" ", b"")
+    finally:
+        stop(worker)
+        m.store.close()
+
+
+async def test_claude_code_orchestrates_two_subagents_through_a_server_on_nats(cc_env, url, real_claude, workdir):
+    def child(name: str) -> str:
+        return mock_prompt([{"text": f"{name}-result"}], text=name)
+
+    steps = [
+        {"tool": "mcp__cc__start_cc_task_async", "input": {"prompt": child("alpha"), "name": "alpha"}},
+        {"tool": "mcp__cc__start_cc_task_async", "input": {"prompt": child("beta"), "name": "beta"}},
+        {"tool": "mcp__cc__wait_for_tasks", "input": {"task_ids": "$TASK_IDS", "timeout_seconds": 90}},
+        {"text": "parent saw: {last_result}"},
+    ]
+    config = {"mcpServers": {"cc": {"command": sys.executable, "args": [str(ROOT / "main.py")],
+                                    "env": {"CC_TASKS_BACKEND": url}}}}  # fmt: skip
+    worker = start_worker(url, real_claude, "--slots", "2")
+    try:
+        proc = subprocess.run(
+            [real_claude, "-p", "--output-format=stream-json", "--verbose", f"--mcp-config={json.dumps(config)}",
+             "--allowedTools=mcp__cc__start_cc_task_async", "--allowedTools=mcp__cc__wait_for_tasks"],
+            input=mock_prompt(steps, text="split the work in two"), capture_output=True, text=True, cwd=workdir,
+            timeout=100,
+        )  # fmt: skip
+        events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        result = events[-1]
+        assert proc.returncode == 0 and result["type"] == "result" and not result["is_error"], proc.stderr[-2000:]
+        answer = result["result"]
+        assert answer.startswith("parent saw: ") and "alpha-result" in answer and "beta-result" in answer
+        m = TaskManager(Settings.from_env().model_copy(update={"backend": url}))
+        try:
+            children = [m.get(t.task_id) for t in m.list(include_finished=True).tasks]
+        finally:
+            m.store.close()
+        assert sorted(c.name for c in children) == ["alpha", "beta"]
+        assert all(c.status == TaskStatus.COMPLETED and c.depth == 1 and c.cwd == str(workdir) for c in children)
+        assert all(len(c.attempts) == 1 and c.attempts[0].exit_code == 0 for c in children)
+    finally:
+        stop(worker)
+    assert not (workdir / ".." / "store").resolve().exists()  # (nothing went to the local store)
