@@ -96,6 +96,9 @@ async def test_200_tasks_through_two_servers_run_once_each_under_the_cap_on_thre
                     assert got == {t: ("completed", f"{tag}-{i}") for i, t in enumerate(ids)}
                 one = (await client.call_tool("check_task_status", {"task_id": ids_b[-1]})).structured_content
                 assert one["result"] == "b-99" and one["epoch"] == 1 and len(one["attempts"]) == 1
+                for t, want in ((ids_a[0], "a-0"), (ids_b[0], "b-0")):  # (the object store's copy)
+                    page = (await client.call_tool("get_task_output", {"task_id": t})).structured_content
+                    assert page["text"] == want and page["eof"]
             info = (await a.call_tool("get_server_info", {})).structured_content
             assert info["backend"] == "nats" and len(info["workers"]) == 3
     finally:
@@ -176,6 +179,7 @@ async def test_a_cancel_from_a_server_stops_the_whole_tree_on_another_worker_wit
             t0 = time.monotonic()
             done = (await b.call_tool("cancel_task", {"task_id": task_id})).structured_content
             took = time.monotonic() - t0
+            print(f"cancel_task answered cancelled after {took:.2f} s")
             assert done["status"] == "cancelled" and took < 2.0, (took, done)
             assert "did not stop it" not in (done.get("error") or "")  # (its worker stopped it, not the server)
             wait_until(lambda: not any(pid_alive(p) for p in tree), timeout=2.0 - min(took, 1.5) + 0.5)
