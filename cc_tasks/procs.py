@@ -16,6 +16,9 @@ from .models import ProcRef
 #: Seconds to wait after SIGINT, then after SIGTERM, before SIGKILL.
 GRACE_INT = 3.0
 GRACE_TERM = 3.0
+#: Once the root has exited after SIGINT, seconds its descendants still get (it may be stopping them) before
+#: SIGTERM: they never got the SIGINT, so waiting out GRACE_INT for them only delays a cancel.
+GRACE_AFTER_ROOT = 0.3
 
 
 def start_ticks(pid: int) -> int | None:
@@ -153,7 +156,8 @@ def stop_tree(
     grace_int: float = GRACE_INT,
     grace_term: float = GRACE_TERM,
 ) -> list[int]:
-    """Stop ``root`` and all its descendants (and ``others``): SIGINT to root, then SIGTERM, then SIGKILL.
+    """Stop ``root`` and all its descendants (and ``others``): SIGINT to root, then SIGTERM (once root exits,
+    after GRACE_AFTER_ROOT; else after ``grace_int``), then SIGKILL.
 
     Descendants are snapshotted before any signal, since claude's tools run in sessions of their own
     and would be orphaned (and lost from view) once claude exits. ``reap`` is called while waiting so
@@ -171,7 +175,10 @@ def stop_tree(
     pids = [p.pid for p in procs]
     if root is not None and root in procs:
         _signal([root], signal.SIGINT)
-        left = _wait(procs, grace_int, reap)
+        if _wait([root], grace_int, reap):
+            left = [p for p in procs if not _gone(p)]
+        else:
+            left = _wait(procs, GRACE_AFTER_ROOT, reap)
     else:
         left = procs
     for step_sig, grace in ((signal.SIGTERM, grace_term), (signal.SIGKILL, 5.0)):
