@@ -34,6 +34,7 @@ for a while (a JetStream leader election) are retried with backoff (``_retrying`
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import contextvars
 import hashlib
@@ -247,6 +248,7 @@ class NatsBackend:
             self.obs = await self.js.object_store(f"{NS}_OUT")
         except jserr.NotFoundError:
             self.obs = await self.js.create_object_store(f"{NS}_OUT", replicas=r)
+        self.obj_stream = f"OBJ_{NS}_OUT"
         self.ev_stream = f"{NS}_EV"
         self.notes_stream = f"{NS}_NOTES"
         for name, subject in ((self.ev_stream, f"{self.ns}.ev.*"), (self.notes_stream, f"{self.ns}.notes.*")):
@@ -541,12 +543,32 @@ class NatsBackend:
         await _retrying(put, "object put")
 
     async def _obj_get(self, name: str) -> bytes | None:
-        buf = io.BytesIO()  # (writeinto: get without it is quadratic in the object's size)
-        try:
-            await _retrying(lambda: self.obs.get(name, writeinto=buf), "object get")
-        except (jserr.ObjectNotFoundError, jserr.ObjectDeletedError, jserr.NotFoundError):
-            return None
-        return buf.getvalue()
+        """The object's bytes, read chunk by chunk with direct stream reads (``ObjectStore.get`` makes an
+        ephemeral consumer per call, which the server keeps for seconds after: a burst of reads reached the
+        server's consumer limit, error 10026). None if there is no such object."""
+        for _ in range(5):  # (an upload replacing it meanwhile purges the chunks being read: read it again)
+            try:
+                info = await _retrying(lambda: self.obs.get_info(name), "object info")
+            except (jserr.ObjectNotFoundError, jserr.ObjectDeletedError, jserr.NotFoundError):
+                return None
+            if not info.size or not info.nuid:
+                return b""
+            subject = f"$O.{self.NS}_OUT.C.{info.nuid}"
+            buf, h, seq = io.BytesIO(), hashlib.sha256(), 1
+            try:
+                while buf.tell() < info.size:
+                    m = await _retrying(
+                        lambda s=seq, c=subject: self.js.get_msg(self.obj_stream, seq=s, subject=c, next=True), "get"
+                    )
+                    buf.write(m.data or b"")
+                    h.update(m.data or b"")
+                    seq = m.seq + 1
+            except jserr.NotFoundError:
+                continue
+            digest = (info.digest or "").partition("=")[2].rstrip("=")
+            if not digest or base64.urlsafe_b64encode(h.digest()).decode().rstrip("=") == digest:
+                return buf.getvalue()
+        return None
 
     async def _obj_delete(self, name: str) -> None:
         with contextlib.suppress(jserr.ObjectNotFoundError, jserr.ObjectDeletedError, jserr.NotFoundError):

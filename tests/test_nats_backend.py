@@ -233,3 +233,29 @@ async def test_a_killed_workers_task_goes_to_another_worker_once_its_lease_runs_
         if second is not None:
             stop(second)
         m.store.close()
+
+
+def test_repeated_listings_and_output_reads_leave_no_consumers(url):
+    """Regression: reads must not leave a consumer each on the server (ObjectStore.get's ephemeral consumer
+    lingers for seconds; a burst of them reached JetStream's consumer limit, error 10026)."""
+    b = NatsBackend(url)
+    try:
+        big = os.urandom(300_000)  # (three chunks)
+        b._run(b._obj_put("x.1.transcript", big))
+        b._run(b._obj_put("x.1.result", b"small"))
+        for i in range(1500):
+            assert b._run(b._obj_get("x.1.result")) == b"small"
+            if i % 100 == 0:
+                assert b._run(b._obj_get("x.1.transcript")) == big
+                b.workers()
+            b.has_active()
+            b.activity_stamp()
+        assert b._run(b._obj_get("x.1.missing")) is None
+
+        async def consumers() -> dict[str, int]:
+            return {s.config.name: s.state.consumer_count for s in await b.js.streams_info()}
+
+        counts = b._run(consumers())
+        assert counts and sum(counts.values()) <= 2, counts
+    finally:
+        b.close()
