@@ -52,24 +52,21 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-import nats
-import nats.errors
 import nats.js.errors as jserr
 from filelock import Timeout
 from nats.js.api import StreamConfig
 
 from . import procs
-from .config import default_lease_seconds, default_max_concurrent, redact
+from .config import default_lease_seconds, default_max_concurrent
 from .errors import (
-    ConfigError,
     CorruptRecordError,
     InvalidOptionsError,
     LeaseLostError,
     TaskNotFoundError,
 )
 from .models import Attempt, Lease, Progress, TaskRecord, TaskRequest, WorkerInfo, check_group, utcnow
+from .nats_conn import FOREVER, NatsSettings, connect, is_transient, nats_settings, redacted, retrying
 from .queue import QueueView, queue_order, ready
 from .states import DEP_FAILED, TRANSITIONS, TaskStatus, check_transition
 from .store import HOST, ensure_private_dir, validate_task_id
@@ -91,72 +88,6 @@ CANCEL_POLL = 0.5
 #: Finished tasks' outputs kept in memory for paging (in all; each at most a quarter of it).
 OBJ_CACHE_BYTES = 128 << 20
 RETRY_FOR = 30.0
-CONNECT_WAIT = 15.0
-TRANSIENT = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.StaleConnectionError,
-    jserr.ServiceUnavailableError,
-    jserr.NoStreamResponseError,
-)
-
-
-def parse_url(url: str) -> tuple[str, str, int]:
-    """``(server URL without path and query, namespace, replicas)`` of a backend URL (several servers of a
-    cluster: ``nats://h1:4222,h2:4222,h3:4222/NS``)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("nats", "tls"):
-        raise ConfigError(f"backend URL {redact(url)!r}: the scheme must be nats:// or tls://")
-    query = parse_qs(parts.query)
-    ns = (query.get("ns") or [parts.path.strip("/")])[0] or DEFAULT_NS
-    if not ns.replace("_", "a").replace("-", "a").isalnum() or not ns.isascii() or len(ns) > 64:
-        raise ConfigError(f"backend URL {redact(url)!r}: namespace {ns!r} must be 1-64 letters, digits, '_' or '-'")
-    try:
-        replicas = int((query.get("replicas") or ["1"])[0])
-    except ValueError:
-        raise ConfigError(f"backend URL {redact(url)!r}: replicas must be a whole number") from None
-    return urlunsplit((parts.scheme, parts.netloc, "", "", "")), ns, replicas
-
-
-async def _connect(server: str, wait: float = CONNECT_WAIT) -> nats.NATS:
-    """The connection (swapped for nats_conn's, which adds credentials and TLS options, when it lands). Once
-    connected it reconnects for ever; the first connection fails after ``wait`` seconds, or at once when the
-    server refuses the credentials."""
-    errors: list[Exception] = []
-
-    async def on_error(e: Exception) -> None:
-        errors.append(e)
-
-    async def on_disconnect() -> None:
-        log.warning("nats: disconnected from %s; reconnecting", redact(server))
-
-    scheme, _, hosts = server.partition("://")
-    creds, _, hosts = hosts.rpartition("@")
-    servers = [f"{scheme}://{creds + '@' if creds else ''}{h}" for h in hosts.split(",") if h]
-    task = asyncio.ensure_future(
-        nats.connect(
-            servers=servers,
-            name=f"cc-tasks {HOST} {os.getpid()}",
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=5,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-        )
-    )
-    deadline = time.monotonic() + wait
-    while not task.done():
-        refused = [e for e in errors if "authorization" in str(e).lower() or "authentication" in str(e).lower()]
-        if refused or time.monotonic() > deadline:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            why = str(refused[0] if refused else errors[-1] if errors else "no answer")
-            raise ConfigError(f"cannot connect to the NATS server {redact(server)}: {why}")
-        await asyncio.sleep(0.05)
-    return task.result()
 
 
 #: Set in a worker's writes for its tasks: they wait for the server as long as it takes (a worker cut off
@@ -165,18 +96,9 @@ _PATIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("patient", defau
 
 
 async def _retrying(fn: Callable[[], Awaitable], what: str = "nats"):
-    """``await fn()``, again with backoff while it fails for a transient reason (leader election,
-    reconnect), for up to RETRY_FOR seconds (without end in a worker's writes: ``_PATIENT``)."""
-    delay, deadline = 0.05, time.monotonic() + RETRY_FOR
-    while True:
-        try:
-            return await fn()
-        except TRANSIENT as e:
-            if time.monotonic() > deadline and not _PATIENT.get():
-                raise
-            log.info("%s: %s; retrying in %.2f s", what, type(e).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(1.0, delay * 2)
+    """nats_conn.retrying: ``await fn()``, again with backoff while it fails for a transient reason (leader
+    election, reconnect), for up to RETRY_FOR seconds, without end in a worker's writes (``_PATIENT``)."""
+    return await retrying(fn, what=what, deadline=FOREVER if _PATIENT.get() else RETRY_FOR)
 
 
 def _event_bytes(kind: str, **data) -> bytes:
@@ -190,9 +112,20 @@ class NatsBackend:
 
     kind = "nats"
 
-    def __init__(self, url: str, *, max_concurrent: int | None = None, lease_seconds: float | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_concurrent: int | None = None,
+        lease_seconds: float | None = None,
+        settings: NatsSettings | None = None,
+        **files: str | None,
+    ):
+        """``files``: creds, nkey, tls_ca, tls_cert, tls_key (the ``--nats-*`` flags; the environment's
+        CC_TASKS_NATS_* otherwise); ``settings`` instead of the URL's and the files' (nats_conn)."""
         self.url = url
-        self.server, self.ns, self.replicas = parse_url(url)
+        self.settings = settings or nats_settings(url, **files)
+        self.ns, self.replicas = self.settings.namespace, self.settings.replicas
         self.max_concurrent = max_concurrent or default_max_concurrent()
         self.lease_seconds = lease_seconds or default_lease_seconds()
         self.NS = self.ns.upper()
@@ -220,7 +153,7 @@ class NatsBackend:
     @property
     def address(self) -> str:
         """The backend URL without credentials."""
-        return redact(self.url)
+        return redacted(self.url)
 
     # -- the event loop ----------------------------------------------------------
     def _run(self, coro, timeout: float | None = 300.0):
@@ -236,7 +169,11 @@ class NatsBackend:
         return self._run(go(), timeout=None)
 
     async def _setup(self) -> None:
-        self.nc = await _connect(self.server)
+        async def on_disconnect() -> None:
+            log.warning("nats: disconnected from %s; reconnecting", self.settings.url)
+
+        settings = self.settings.model_copy(update={"name": f"cc-tasks {HOST} {os.getpid()}"})
+        self.nc = await connect(settings, disconnected_cb=on_disconnect)
         self.js = self.nc.jetstream(timeout=5.0)
         NS, r = self.NS, self.replicas
         self.kv_tasks = await self._bucket(f"{NS}_TASKS")
@@ -315,8 +252,8 @@ class NatsBackend:
             nonlocal retried
             try:
                 return await kv.update(key, value, last=rev)
-            except TRANSIENT:
-                retried = True
+            except Exception as e:
+                retried = retried or is_transient(e)
                 raise
 
         try:
