@@ -55,7 +55,7 @@ from pathlib import Path
 
 import nats.js.errors as jserr
 from filelock import Timeout
-from nats.js.api import StreamConfig
+from nats.js.api import DeliverPolicy, StreamConfig
 
 from . import procs
 from .config import default_lease_seconds, default_max_concurrent
@@ -88,6 +88,8 @@ CANCEL_POLL = 0.5
 #: Finished tasks' outputs kept in memory for paging (in all; each at most a quarter of it).
 OBJ_CACHE_BYTES = 128 << 20
 RETRY_FOR = 30.0
+#: How long a claimer waits for its watcher of the records to catch up before it reads them instead.
+RECS_WAIT = 0.25
 
 
 #: Set in a worker's writes for its tasks: they wait for the server as long as it takes (a worker cut off
@@ -141,6 +143,11 @@ class NatsBackend:
         self._noted: dict[tuple[str, str], float] = {}
         self._nudge_handlers: list[Callable[[], None]] = []
         self._cancel_sub = None
+        self._recs: dict[str, tuple[int, bytes]] = {}
+        self._parsed: dict[str, tuple[int, TaskRecord]] = {}
+        self._recs_seq = 0
+        self._recs_sub = None
+        self._recs_moved = asyncio.Event()
         try:
             self._run(self._setup())
         except Exception:
@@ -301,13 +308,20 @@ class NatsBackend:
         recs = await asyncio.gather(*(self._peek(t) for t in ids))
         return {t: r for t, r in zip(ids, recs, strict=True) if r is not None}
 
-    async def _update(self, task_id: str, fn: Callable[[TaskRecord], TaskRecord | None]) -> TaskRecord:
+    async def _update(
+        self, task_id: str, fn: Callable[[TaskRecord], TaskRecord | None], hint: tuple[int, TaskRecord] | None = None
+    ) -> TaskRecord:
         """Read, change and compare-and-set the record (again from a fresh read if another write came first).
         ``fn`` returns None for no change, and may raise to refuse it. Every status change goes through here
-        and the TRANSITIONS table."""
+        and the TRANSITIONS table. ``hint``: a (revision, record) read already (the claimers' cache): the first
+        try writes against it without reading."""
         while True:
-            e = await self._entry(task_id)
-            current = self._parse(task_id, e.value)
+            if hint is not None:
+                revision, current = hint
+                hint = None
+            else:
+                e = await self._entry(task_id)
+                revision, current = e.revision, self._parse(task_id, e.value)
             new = fn(current)
             if new is None:
                 return current
@@ -315,18 +329,91 @@ class NatsBackend:
                 check_transition(current.status, new.status)
                 if new.status.terminal:
                     new.finished_at = new.finished_at or utcnow()
-            if await self._cas(self.kv_tasks, task_id, new.model_dump_json().encode(), e.revision):
+            if await self._cas(self.kv_tasks, task_id, new.model_dump_json().encode(), revision):
                 break
         if new.status != current.status:
+            writes = []
             if current.status == TaskStatus.WAITING:
-                await self._kv_delete(self.kv_idx, f"w.{task_id}")
+                writes.append(self._kv_delete(self.kv_idx, f"w.{task_id}"))
             if new.status.terminal:
-                await self._kv_delete(self.kv_idx, f"a.{task_id}")
+                writes.append(self._kv_delete(self.kv_idx, f"a.{task_id}"))
             else:
-                await self._kv_put(self.kv_idx, f"a.{task_id}", new.status.value.encode())
+                writes.append(self._kv_put(self.kv_idx, f"a.{task_id}", new.status.value.encode()))
             worker = new.lease.worker if new.status == TaskStatus.RUNNING and new.lease else None
-            await self._append_event(task_id, "status", status=new.status.value, error=new.error, worker=worker)
+            writes.append(
+                self._append_event(task_id, "status", status=new.status.value, error=new.error, worker=worker)
+            )
+            await asyncio.gather(*writes)
         return new
+
+    # -- the claimers' view of the records ---------------------------------------------
+    async def _watch_records(self) -> None:
+        """Start following the task records (one ordered consumer for this object's life): ``_recs`` maps each
+        key to the (revision, value) last seen, ``_recs_seq`` is the highest revision seen."""
+        if self._recs_sub is not None:
+            return
+        pre = f"$KV.{self.NS}_TASKS."
+
+        async def on_msg(msg) -> None:
+            meta = msg.metadata
+            key = msg.subject[len(pre) :]
+            op = (msg.headers or {}).get("KV-Operation")
+            if op in ("DEL", "PURGE"):
+                self._recs.pop(key, None)
+            else:
+                self._recs[key] = (meta.sequence.stream, msg.data)
+            self._recs_seq = max(self._recs_seq, meta.sequence.stream)
+            self._recs_moved.set()
+
+        self._recs_sub = await self.js.subscribe(
+            f"{pre}>",
+            cb=on_msg,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=30.0,  # (removed by the server this long after this object is gone)
+        )
+
+    async def _unfinished(self) -> dict[str, tuple[int, TaskRecord]]:
+        """The unfinished tasks' (revision, record), as fresh as reading each (the index lists them; the
+        records come from the watcher once it has caught up with the records' stream, else are read): a claim
+        reads two listings, not every record."""
+        await self._watch_records()
+        ids = await self._active_ids()
+        info = await _retrying(lambda: self.js.stream_info(f"KV_{self.NS}_TASKS"), "stream info")
+        deadline = time.monotonic() + RECS_WAIT
+        while self._recs_seq < info.state.last_seq and time.monotonic() < deadline:
+            self._recs_moved.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._recs_moved.wait(), max(0.001, deadline - time.monotonic()))
+        if self._recs_seq < info.state.last_seq:  # (the newest message was removed, or the watcher lags)
+            self._recs_seq = info.state.last_seq
+            for t in ids:
+                self._recs.pop(t, None)
+        out: dict[str, tuple[int, TaskRecord]] = {}
+        missing = []
+        for t in ids:
+            hit = self._recs.get(t)
+            if hit is None:
+                missing.append(t)
+                continue
+            seq, data = hit
+            parsed = self._parsed.get(t)
+            if parsed is None or parsed[0] != seq:
+                try:
+                    parsed = self._parsed[t] = (seq, self._parse(t, data))
+                except CorruptRecordError:
+                    continue
+            out[t] = parsed
+        entries = await asyncio.gather(*(self._kv_get(self.kv_tasks, t) for t in missing))
+        for t, e in zip(missing, entries, strict=True):
+            if e is not None:
+                with contextlib.suppress(CorruptRecordError):
+                    out[t] = self._parsed[t] = (e.revision, self._parse(t, e.value))
+        active = set(ids)
+        for cache in (self._recs, self._parsed):  # (finished tasks are not looked at again)
+            for t in [t for t in cache if t not in active]:
+                del cache[t]
+        return out
 
     async def _transition(self, task_id: str, status: TaskStatus, **fields) -> TaskRecord:
         def fn(r: TaskRecord) -> TaskRecord | None:
@@ -884,7 +971,8 @@ class NatsBackend:
     async def _claim(self, worker: WorkerInfo, free_slots: int) -> list[TaskRecord]:
         out: list[TaskRecord] = []
         async with self._queue_locked():
-            records = await self._read_all(await self._active_ids())
+            seen = await self._unfinished()
+            records = {t: r for t, (_, r) in seen.items()}
             for t, r in list(records.items()):  # (a worker seen alive in this pass is not looked up again)
                 records[t] = await self._check_lease(r, ALIVE_CACHE)
                 if records[t].status.terminal:  # (a marker left behind by a crash or a race)
@@ -893,8 +981,9 @@ class NatsBackend:
             running = sum(r.status == TaskStatus.RUNNING and r.runner == "claude" for r in records.values())
             free = min(free_slots, self.max_concurrent - running)
             labels = set(worker.labels)
+            picked: list[TaskRecord] = []
             for r in sorted((r for r in records.values() if ready(r) and r.runner == "claude"), key=queue_order):
-                if free <= 0:
+                if len(picked) >= free:
                     break
                 missing = sorted(set(r.labels) - labels)
                 if missing:
@@ -903,10 +992,12 @@ class NatsBackend:
                 if not os.path.isdir(r.cwd):
                     await self._note(r.task_id, worker, f"has no directory {r.cwd}")
                     continue
-                rec = await self._take(r.task_id, worker)
-                if rec is not None:
-                    out.append(rec)
-                    free -= 1
+                picked.append(r)
+            # (all at once: each is a compare-and-set on the revision read, which only fails if the record
+            # changed since, e.g. a cancel; that task is left for the next round)
+            hints = {t: seen[t] for t in (r.task_id for r in picked) if seen[t][1] is records[t]}
+            taken = await asyncio.gather(*(self._take(r.task_id, worker, hints.get(r.task_id)) for r in picked))
+            out.extend(rec for rec in taken if rec is not None)
         return out
 
     async def _note(self, task_id: str, worker: WorkerInfo, why: str) -> None:
@@ -936,7 +1027,11 @@ class NatsBackend:
                 return
 
     async def _lease_task(
-        self, task_id: str, runner: str, make_lease: Callable[[TaskRecord], Lease]
+        self,
+        task_id: str,
+        runner: str,
+        make_lease: Callable[[TaskRecord], Lease],
+        hint: tuple[int, TaskRecord] | None = None,
     ) -> TaskRecord | None:
         taken: list[TaskRecord] = []
 
@@ -955,24 +1050,26 @@ class NatsBackend:
             return taken[0]
 
         try:
-            await self._update(task_id, fn)
+            await self._update(task_id, fn, hint)
         except (TaskNotFoundError, CorruptRecordError):
             return None
         return taken[0] if taken else None
 
-    async def _take(self, task_id: str, worker: WorkerInfo) -> TaskRecord | None:
+    async def _take(
+        self, task_id: str, worker: WorkerInfo, hint: tuple[int, TaskRecord] | None = None
+    ) -> TaskRecord | None:
         def lease(r: TaskRecord) -> Lease:
             return Lease(task_id=task_id, worker=worker.worker_id, epoch=r.epoch + 1, host=worker.host,
                          pid=worker.proc.pid)  # fmt: skip
 
-        rec = await self._take_lease(task_id, lease)
+        rec = await self._take_lease(task_id, lease, hint)
         if rec is not None:
             self._cancels.discard(task_id)
             self._cancel_checked.pop(task_id, None)
         return rec
 
-    async def _take_lease(self, task_id, lease):
-        return await self._lease_task(task_id, "claude", lease)
+    async def _take_lease(self, task_id, lease, hint=None):
+        return await self._lease_task(task_id, "claude", lease, hint)
 
     def resolve_waiting(self) -> dict[str, TaskRecord]:
         return self._run(self._resolve_waiting())

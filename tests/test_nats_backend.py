@@ -20,6 +20,7 @@ from cc_tasks.models import TaskOptions, TaskStatus
 from cc_tasks.nats_backend import NatsBackend
 from cc_tasks.nats_conn import nats_settings, redacted
 
+from .backends import worker_info
 from .conftest import ROOT, pid_alive
 from .nats_servers import start_nats
 from .test_manager import fake, wait_until
@@ -246,6 +247,7 @@ def test_repeated_listings_and_output_reads_leave_no_consumers(url):
     """Regression: reads must not leave a consumer each on the server (ObjectStore.get's ephemeral consumer
     lingers for seconds; a burst of them reached JetStream's consumer limit, error 10026)."""
     b = NatsBackend(url)
+    me = worker_info()
     try:
         big = os.urandom(300_000)  # (three chunks)
         b._run(b._obj_put("x.1.transcript", big))
@@ -257,10 +259,17 @@ def test_repeated_listings_and_output_reads_leave_no_consumers(url):
                 b.workers()
             b.has_active()
             b.activity_stamp()
+            if i % 10 == 0:
+                assert b.claim(me, 4) == []  # (the claimers' watcher of the records: one consumer)
         assert b._run(b._obj_get("x.1.missing")) is None
 
         async def consumers() -> dict[str, int]:
-            return {s.config.name: s.state.consumer_count for s in await b.js.streams_info()}
+            mine = (f"KV_{b.NS}_", f"OBJ_{b.NS}_", f"{b.NS}_")  # (other tests' namespaces share the server)
+            return {
+                s.config.name: s.state.consumer_count
+                for s in await b.js.streams_info()
+                if s.config.name.startswith(mine)
+            }
 
         counts = b._run(consumers())
         assert counts and sum(counts.values()) <= 2, counts
