@@ -88,6 +88,8 @@ CANCEL_POLL = 0.5
 #: Finished tasks' outputs kept in memory for paging (in all; each at most a quarter of it).
 OBJ_CACHE_BYTES = 128 << 20
 RETRY_FOR = 30.0
+#: A workspace file up to this size is uploaded from memory (larger ones are streamed from the file).
+SMALL_UPLOAD = 1 << 20
 #: How long a claimer waits for its watcher of the records to catch up before it reads them instead.
 RECS_WAIT = 0.25
 
@@ -636,14 +638,22 @@ class NatsBackend:
         return ensure_private_dir(ensure_private_dir(root / self.ns) / validate_task_id(task_id))
 
     async def _upload_workspace(self, lease: Lease, sources=tuple(WORKSPACE_FILES)) -> None:
+        """Upload the workspace's files under the lease's epoch, all at once; an empty or missing one is not
+        uploaded (reading it gives nothing either way)."""
         d = Path(tempfile.gettempdir()) / f"cc_tasks-nats-{os.getuid()}" / self.ns / lease.task_id
-        for source in sources:
-            path = d / WORKSPACE_FILES[source]
+
+        async def one(source: str) -> None:
+            name = f"{lease.task_id}.{lease.epoch}.{source}"
             try:
-                with open(path, "rb") as f:
-                    await self._obj_put(f"{lease.task_id}.{lease.epoch}.{source}", f)
+                with open(d / WORKSPACE_FILES[source], "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size == 0:
+                        return
+                    await self._obj_put(name, f.read() if size <= SMALL_UPLOAD else f)
             except FileNotFoundError:
-                continue
+                return
+
+        await asyncio.gather(*(one(source) for source in sources))
 
     # -- delete, annotate -------------------------------------------------------------
     def delete(self, task_id: str) -> None:
@@ -1152,8 +1162,13 @@ class NatsBackend:
 
     def renew(self, lease: Lease) -> None:
         """The heartbeat for one lease: raises LeaseLostError if it is no longer the task's."""
-        self.heartbeat(lease.worker)
-        self._run_patient(self._holds(lease))
+
+        async def go():
+            e = await self._kv_get(self.kv_workers, lease.worker)
+            beat = self._cas(self.kv_workers, lease.worker, e.value, e.revision) if e is not None else asyncio.sleep(0)
+            await asyncio.gather(beat, self._holds(lease))
+
+        self._run_patient(go())
 
     def event(self, lease: Lease, kind: str, **data) -> None:
         """Append to the task's events if ``lease`` still holds it (each carries the lease's epoch)."""
@@ -1189,11 +1204,18 @@ class NatsBackend:
         final record (compare-and-set, fenced); then release or skip the tasks that wait for it."""
 
         async def go():
-            await self._holds(lease)
             result_name = f"{lease.task_id}.{lease.epoch}.result"
+            uploads = [self._upload_workspace(lease)]
             if result_text is not None:
-                await self._obj_put(result_name, result_text.encode("utf-8", "surrogatepass"))
-            await self._upload_workspace(lease)
+                uploads.append(self._obj_put(result_name, result_text.encode("utf-8", "surrogatepass")))
+            # (the uploads go under the lease's epoch, so they may start before the lease is checked: a
+            # superseded claim's outputs are never the ones read)
+            done = await asyncio.gather(self._holds(lease), *uploads, return_exceptions=True)
+            failed = [x for x in done if isinstance(x, BaseException)]
+            if failed:
+                if result_text is not None:
+                    await self._obj_delete(result_name)
+                raise failed[0]
             try:
                 new = await self._fenced(lease, lambda r: {"status": status, **fields})
             except LeaseLostError:
