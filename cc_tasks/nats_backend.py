@@ -222,6 +222,9 @@ class NatsBackend:
     def close(self) -> None:
         async def _close():
             with contextlib.suppress(Exception):
+                if self._recs_sub is not None:
+                    await self._recs_sub.unsubscribe()
+            with contextlib.suppress(Exception):
                 await self.nc.drain()
 
         with contextlib.suppress(Exception):
