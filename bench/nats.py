@@ -128,7 +128,7 @@ class Target:
                 continue
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(pending)} tasks still not finished after {timeout:g} s")
-            if time.monotonic() - asked > 1:  # (once a second: on NATS each call costs a KV watcher)
+            if time.monotonic() - asked > 1:  # (once a second: on NATS each call is a listing request)
                 asked = time.monotonic()
                 early += not self.backend.has_active()
             time.sleep(0.02)

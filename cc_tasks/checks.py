@@ -73,3 +73,14 @@ def check_environment(env: Mapping[str, str]) -> None:
             number(var, env[var], conv, lo)
     if not env.get("CC_TASKS_BACKEND"):
         ensure_private_dir(Path(env["CC_TASKS_DIR"]).expanduser() if env.get("CC_TASKS_DIR") else default_store_dir())
+
+
+#: The NATS backend's files: ``--nats-<key>`` flags (cc-tasks, python -m cc_tasks.worker), else these variables
+#: (read by nats_conn.nats_settings); the keys are Settings.nats_files's.
+NATS_FILES = {
+    "creds": ("CC_TASKS_NATS_CREDS", "a NATS .creds file (user JWT and nkey seed)"),
+    "nkey": ("CC_TASKS_NATS_NKEY", "a NATS nkey seed file"),
+    "tls_ca": ("CC_TASKS_NATS_TLS_CA", "the CA certificates (PEM) that signed the NATS servers' certificates"),
+    "tls_cert": ("CC_TASKS_NATS_TLS_CERT", "a TLS client certificate (PEM) for NATS"),
+    "tls_key": ("CC_TASKS_NATS_TLS_KEY", "the TLS client certificate's key (PEM)"),
+}

@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .checks import NATS_FILES
 from .errors import CCTasksError, ClaudeNotFoundError
 
 # not a terminal (a pipe, a file): never squeeze tables to 80 columns
@@ -60,13 +61,37 @@ def _settings(ctx: click.Context):
 
     obj = ctx.find_root().obj or {}
     store = obj.get("store")
-    return Settings.from_env(store_dir=Path(store) if store else None, backend=obj.get("backend"))
+    return Settings.from_env(
+        store_dir=Path(store) if store else None, backend=obj.get("backend"), nats_files=obj.get("nats_files")
+    )
 
 
 def _set_backend(ctx: click.Context, param, value: str | None) -> None:
     if value:
         root = ctx.find_root()
         root.obj = {**(root.obj or {}), "backend": value}
+
+
+def _set_nats_file(ctx: click.Context, param, value: str | None) -> None:
+    if value:
+        root = ctx.find_root()
+        obj = root.obj or {}
+        root.obj = {**obj, "nats_files": {**obj.get("nats_files", {}), param.name.removeprefix("nats_"): value}}
+
+
+def _nats_options() -> list[click.Option]:
+    """``--nats-creds`` ... ``--nats-tls-key`` (files for a NATS backend; the environment's otherwise)."""
+    return [
+        click.Option(
+            [f"--nats-{key.replace('_', '-')}", f"nats_{key}"],
+            metavar="FILE",
+            expose_value=False,
+            is_eager=True,
+            callback=_set_nats_file,
+            help=f"NATS backend: {what} (default: {var}).",
+        )
+        for key, (var, what) in NATS_FILES.items()
+    ]
 
 
 BACKEND_HELP = (
@@ -98,6 +123,7 @@ class Group(click.Group):
             cmd.params.append(
                 click.Option(["--backend"], expose_value=False, is_eager=True, callback=_set_backend, help=BACKEND_HELP)
             )
+            cmd.params.extend(_nats_options())
         super().add_command(cmd, name)
 
     def invoke(self, ctx):
@@ -121,9 +147,12 @@ class Group(click.Group):
 @click.pass_context
 def main_group(ctx: click.Context, store: str | None, backend: str | None) -> None:
     """Run Claude Code sub-agents in parallel. Without a command: serve MCP over stdio."""
-    ctx.obj = {"store": store, "backend": backend}
+    ctx.obj = {**(ctx.obj or {}), "store": store, "backend": backend}
     if ctx.invoked_subcommand is None:
         ctx.invoke(serve)
+
+
+main_group.params.extend(_nats_options())
 
 
 @main_group.command()

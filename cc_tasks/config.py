@@ -63,6 +63,9 @@ class Settings(BaseModel):
     store_dir: Path = Field(default_factory=default_store_dir)
     #: CC_TASKS_BACKEND: a nats:// or tls:// URL (NATS JetStream), else None: the local store at ``store_dir``
     backend: str | None = None
+    #: The ``--nats-*`` flags: creds, nkey, tls_ca, tls_cert, tls_key -> a file (else CC_TASKS_NATS_*, read by
+    #: nats_conn when a NATS backend opens)
+    nats_files: dict[str, str] = Field(default_factory=dict)
     claude_bin: str = "claude"
     default_timeout: float = 3600.0
     max_depth: int = DEFAULT_MAX_DEPTH

@@ -23,8 +23,10 @@ def open_backend(
     settings: Settings | None = None,
     max_concurrent: int | None = None,
     lease_seconds: float | None = None,
+    nats_files: dict[str, str] | None = None,
 ) -> Backend:
-    """The backend at ``url`` (None: the settings' backend, else their store directory)."""
+    """The backend at ``url`` (None: the settings' backend, else their store directory). ``nats_files``: the
+    ``--nats-*`` flags (creds, nkey, tls_ca, tls_cert, tls_key), else the settings'."""
     s = settings or Settings.from_env()
     url = url or s.backend
     cap = max_concurrent or s.max_concurrent
@@ -33,7 +35,8 @@ def open_backend(
         # (imported here, not for a cycle: nats-py is a fifth of a local server's start-up, and only NATS needs it)
         from .nats_backend import NatsBackend
 
-        return NatsBackend(url, max_concurrent=cap, lease_seconds=lease)
+        files = s.nats_files if nats_files is None else nats_files
+        return NatsBackend(url, max_concurrent=cap, lease_seconds=lease, **files)
     root = Path(url).expanduser() if url else s.store_dir
     return TaskStore(root, max_concurrent=cap, lease_seconds=lease)
 

@@ -34,6 +34,7 @@ for a while (a JetStream leader election) are retried with backoff (``_retrying`
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import contextvars
 import hashlib
@@ -51,24 +52,21 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-import nats
-import nats.errors
 import nats.js.errors as jserr
 from filelock import Timeout
-from nats.js.api import StreamConfig
+from nats.js.api import DeliverPolicy, StreamConfig
 
 from . import procs
-from .config import default_lease_seconds, default_max_concurrent, redact
+from .config import default_lease_seconds, default_max_concurrent
 from .errors import (
-    ConfigError,
     CorruptRecordError,
     InvalidOptionsError,
     LeaseLostError,
     TaskNotFoundError,
 )
 from .models import Attempt, Lease, Progress, TaskRecord, TaskRequest, WorkerInfo, check_group, utcnow
+from .nats_conn import FOREVER, NatsSettings, connect, is_transient, nats_settings, redacted, retrying
 from .queue import QueueView, queue_order, ready
 from .states import DEP_FAILED, TRANSITIONS, TaskStatus, check_transition
 from .store import HOST, ensure_private_dir, validate_task_id
@@ -90,72 +88,10 @@ CANCEL_POLL = 0.5
 #: Finished tasks' outputs kept in memory for paging (in all; each at most a quarter of it).
 OBJ_CACHE_BYTES = 128 << 20
 RETRY_FOR = 30.0
-CONNECT_WAIT = 15.0
-TRANSIENT = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.StaleConnectionError,
-    jserr.ServiceUnavailableError,
-    jserr.NoStreamResponseError,
-)
-
-
-def parse_url(url: str) -> tuple[str, str, int]:
-    """``(server URL without path and query, namespace, replicas)`` of a backend URL (several servers of a
-    cluster: ``nats://h1:4222,h2:4222,h3:4222/NS``)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("nats", "tls"):
-        raise ConfigError(f"backend URL {redact(url)!r}: the scheme must be nats:// or tls://")
-    query = parse_qs(parts.query)
-    ns = (query.get("ns") or [parts.path.strip("/")])[0] or DEFAULT_NS
-    if not ns.replace("_", "a").replace("-", "a").isalnum() or not ns.isascii() or len(ns) > 64:
-        raise ConfigError(f"backend URL {redact(url)!r}: namespace {ns!r} must be 1-64 letters, digits, '_' or '-'")
-    try:
-        replicas = int((query.get("replicas") or ["1"])[0])
-    except ValueError:
-        raise ConfigError(f"backend URL {redact(url)!r}: replicas must be a whole number") from None
-    return urlunsplit((parts.scheme, parts.netloc, "", "", "")), ns, replicas
-
-
-async def _connect(server: str, wait: float = CONNECT_WAIT) -> nats.NATS:
-    """The connection (swapped for nats_conn's, which adds credentials and TLS options, when it lands). Once
-    connected it reconnects for ever; the first connection fails after ``wait`` seconds, or at once when the
-    server refuses the credentials."""
-    errors: list[Exception] = []
-
-    async def on_error(e: Exception) -> None:
-        errors.append(e)
-
-    async def on_disconnect() -> None:
-        log.warning("nats: disconnected from %s; reconnecting", redact(server))
-
-    scheme, _, hosts = server.partition("://")
-    creds, _, hosts = hosts.rpartition("@")
-    servers = [f"{scheme}://{creds + '@' if creds else ''}{h}" for h in hosts.split(",") if h]
-    task = asyncio.ensure_future(
-        nats.connect(
-            servers=servers,
-            name=f"cc-tasks {HOST} {os.getpid()}",
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=5,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-        )
-    )
-    deadline = time.monotonic() + wait
-    while not task.done():
-        refused = [e for e in errors if "authorization" in str(e).lower() or "authentication" in str(e).lower()]
-        if refused or time.monotonic() > deadline:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            why = str(refused[0] if refused else errors[-1] if errors else "no answer")
-            raise ConfigError(f"cannot connect to the NATS server {redact(server)}: {why}")
-        await asyncio.sleep(0.05)
-    return task.result()
+#: A workspace file up to this size is uploaded from memory (larger ones are streamed from the file).
+SMALL_UPLOAD = 1 << 20
+#: How long a claimer waits for its watcher of the records to catch up before it reads them instead.
+RECS_WAIT = 0.25
 
 
 #: Set in a worker's writes for its tasks: they wait for the server as long as it takes (a worker cut off
@@ -164,18 +100,9 @@ _PATIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("patient", defau
 
 
 async def _retrying(fn: Callable[[], Awaitable], what: str = "nats"):
-    """``await fn()``, again with backoff while it fails for a transient reason (leader election,
-    reconnect), for up to RETRY_FOR seconds (without end in a worker's writes: ``_PATIENT``)."""
-    delay, deadline = 0.05, time.monotonic() + RETRY_FOR
-    while True:
-        try:
-            return await fn()
-        except TRANSIENT as e:
-            if time.monotonic() > deadline and not _PATIENT.get():
-                raise
-            log.info("%s: %s; retrying in %.2f s", what, type(e).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(1.0, delay * 2)
+    """nats_conn.retrying: ``await fn()``, again with backoff while it fails for a transient reason (leader
+    election, reconnect), for up to RETRY_FOR seconds, without end in a worker's writes (``_PATIENT``)."""
+    return await retrying(fn, what=what, deadline=FOREVER if _PATIENT.get() else RETRY_FOR)
 
 
 def _event_bytes(kind: str, **data) -> bytes:
@@ -189,9 +116,20 @@ class NatsBackend:
 
     kind = "nats"
 
-    def __init__(self, url: str, *, max_concurrent: int | None = None, lease_seconds: float | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_concurrent: int | None = None,
+        lease_seconds: float | None = None,
+        settings: NatsSettings | None = None,
+        **files: str | None,
+    ):
+        """``files``: creds, nkey, tls_ca, tls_cert, tls_key (the ``--nats-*`` flags; the environment's
+        CC_TASKS_NATS_* otherwise); ``settings`` instead of the URL's and the files' (nats_conn)."""
         self.url = url
-        self.server, self.ns, self.replicas = parse_url(url)
+        self.settings = settings or nats_settings(url, **files)
+        self.ns, self.replicas = self.settings.namespace, self.settings.replicas
         self.max_concurrent = max_concurrent or default_max_concurrent()
         self.lease_seconds = lease_seconds or default_lease_seconds()
         self.NS = self.ns.upper()
@@ -207,6 +145,11 @@ class NatsBackend:
         self._noted: dict[tuple[str, str], float] = {}
         self._nudge_handlers: list[Callable[[], None]] = []
         self._cancel_sub = None
+        self._recs: dict[str, tuple[int, bytes]] = {}
+        self._parsed: dict[str, tuple[int, TaskRecord]] = {}
+        self._recs_seq = 0
+        self._recs_sub = None
+        self._recs_moved = asyncio.Event()
         try:
             self._run(self._setup())
         except Exception:
@@ -219,7 +162,7 @@ class NatsBackend:
     @property
     def address(self) -> str:
         """The backend URL without credentials."""
-        return redact(self.url)
+        return redacted(self.url)
 
     # -- the event loop ----------------------------------------------------------
     def _run(self, coro, timeout: float | None = 300.0):
@@ -235,7 +178,11 @@ class NatsBackend:
         return self._run(go(), timeout=None)
 
     async def _setup(self) -> None:
-        self.nc = await _connect(self.server)
+        async def on_disconnect() -> None:
+            log.warning("nats: disconnected from %s; reconnecting", self.settings.url)
+
+        settings = self.settings.model_copy(update={"name": f"cc-tasks {HOST} {os.getpid()}"})
+        self.nc = await connect(settings, disconnected_cb=on_disconnect)
         self.js = self.nc.jetstream(timeout=5.0)
         NS, r = self.NS, self.replicas
         self.kv_tasks = await self._bucket(f"{NS}_TASKS")
@@ -247,6 +194,7 @@ class NatsBackend:
             self.obs = await self.js.object_store(f"{NS}_OUT")
         except jserr.NotFoundError:
             self.obs = await self.js.create_object_store(f"{NS}_OUT", replicas=r)
+        self.obj_stream = f"OBJ_{NS}_OUT"
         self.ev_stream = f"{NS}_EV"
         self.notes_stream = f"{NS}_NOTES"
         for name, subject in ((self.ev_stream, f"{self.ns}.ev.*"), (self.notes_stream, f"{self.ns}.notes.*")):
@@ -273,6 +221,9 @@ class NatsBackend:
 
     def close(self) -> None:
         async def _close():
+            with contextlib.suppress(Exception):
+                if self._recs_sub is not None:
+                    await self._recs_sub.unsubscribe()
             with contextlib.suppress(Exception):
                 await self.nc.drain()
 
@@ -313,8 +264,8 @@ class NatsBackend:
             nonlocal retried
             try:
                 return await kv.update(key, value, last=rev)
-            except TRANSIENT:
-                retried = True
+            except Exception as e:
+                retried = retried or is_transient(e)
                 raise
 
         try:
@@ -362,13 +313,20 @@ class NatsBackend:
         recs = await asyncio.gather(*(self._peek(t) for t in ids))
         return {t: r for t, r in zip(ids, recs, strict=True) if r is not None}
 
-    async def _update(self, task_id: str, fn: Callable[[TaskRecord], TaskRecord | None]) -> TaskRecord:
+    async def _update(
+        self, task_id: str, fn: Callable[[TaskRecord], TaskRecord | None], hint: tuple[int, TaskRecord] | None = None
+    ) -> TaskRecord:
         """Read, change and compare-and-set the record (again from a fresh read if another write came first).
         ``fn`` returns None for no change, and may raise to refuse it. Every status change goes through here
-        and the TRANSITIONS table."""
+        and the TRANSITIONS table. ``hint``: a (revision, record) read already (the claimers' cache): the first
+        try writes against it without reading."""
         while True:
-            e = await self._entry(task_id)
-            current = self._parse(task_id, e.value)
+            if hint is not None:
+                revision, current = hint
+                hint = None
+            else:
+                e = await self._entry(task_id)
+                revision, current = e.revision, self._parse(task_id, e.value)
             new = fn(current)
             if new is None:
                 return current
@@ -376,18 +334,91 @@ class NatsBackend:
                 check_transition(current.status, new.status)
                 if new.status.terminal:
                     new.finished_at = new.finished_at or utcnow()
-            if await self._cas(self.kv_tasks, task_id, new.model_dump_json().encode(), e.revision):
+            if await self._cas(self.kv_tasks, task_id, new.model_dump_json().encode(), revision):
                 break
         if new.status != current.status:
+            writes = []
             if current.status == TaskStatus.WAITING:
-                await self._kv_delete(self.kv_idx, f"w.{task_id}")
+                writes.append(self._kv_delete(self.kv_idx, f"w.{task_id}"))
             if new.status.terminal:
-                await self._kv_delete(self.kv_idx, f"a.{task_id}")
+                writes.append(self._kv_delete(self.kv_idx, f"a.{task_id}"))
             else:
-                await self._kv_put(self.kv_idx, f"a.{task_id}", new.status.value.encode())
+                writes.append(self._kv_put(self.kv_idx, f"a.{task_id}", new.status.value.encode()))
             worker = new.lease.worker if new.status == TaskStatus.RUNNING and new.lease else None
-            await self._append_event(task_id, "status", status=new.status.value, error=new.error, worker=worker)
+            writes.append(
+                self._append_event(task_id, "status", status=new.status.value, error=new.error, worker=worker)
+            )
+            await asyncio.gather(*writes)
         return new
+
+    # -- the claimers' view of the records ---------------------------------------------
+    async def _watch_records(self) -> None:
+        """Start following the task records (one ordered consumer for this object's life): ``_recs`` maps each
+        key to the (revision, value) last seen, ``_recs_seq`` is the highest revision seen."""
+        if self._recs_sub is not None:
+            return
+        pre = f"$KV.{self.NS}_TASKS."
+
+        async def on_msg(msg) -> None:
+            meta = msg.metadata
+            key = msg.subject[len(pre) :]
+            op = (msg.headers or {}).get("KV-Operation")
+            if op in ("DEL", "PURGE"):
+                self._recs.pop(key, None)
+            else:
+                self._recs[key] = (meta.sequence.stream, msg.data)
+            self._recs_seq = max(self._recs_seq, meta.sequence.stream)
+            self._recs_moved.set()
+
+        self._recs_sub = await self.js.subscribe(
+            f"{pre}>",
+            cb=on_msg,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=30.0,  # (removed by the server this long after this object is gone)
+        )
+
+    async def _unfinished(self) -> dict[str, tuple[int, TaskRecord]]:
+        """The unfinished tasks' (revision, record), as fresh as reading each (the index lists them; the
+        records come from the watcher once it has caught up with the records' stream, else are read): a claim
+        reads two listings, not every record."""
+        await self._watch_records()
+        ids = await self._active_ids()
+        info = await _retrying(lambda: self.js.stream_info(f"KV_{self.NS}_TASKS"), "stream info")
+        deadline = time.monotonic() + RECS_WAIT
+        while self._recs_seq < info.state.last_seq and time.monotonic() < deadline:
+            self._recs_moved.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._recs_moved.wait(), max(0.001, deadline - time.monotonic()))
+        if self._recs_seq < info.state.last_seq:  # (the newest message was removed, or the watcher lags)
+            self._recs_seq = info.state.last_seq
+            for t in ids:
+                self._recs.pop(t, None)
+        out: dict[str, tuple[int, TaskRecord]] = {}
+        missing = []
+        for t in ids:
+            hit = self._recs.get(t)
+            if hit is None:
+                missing.append(t)
+                continue
+            seq, data = hit
+            parsed = self._parsed.get(t)
+            if parsed is None or parsed[0] != seq:
+                try:
+                    parsed = self._parsed[t] = (seq, self._parse(t, data))
+                except CorruptRecordError:
+                    continue
+            out[t] = parsed
+        entries = await asyncio.gather(*(self._kv_get(self.kv_tasks, t) for t in missing))
+        for t, e in zip(missing, entries, strict=True):
+            if e is not None:
+                with contextlib.suppress(CorruptRecordError):
+                    out[t] = self._parsed[t] = (e.revision, self._parse(t, e.value))
+        active = set(ids)
+        for cache in (self._recs, self._parsed):  # (finished tasks are not looked at again)
+            for t in [t for t in cache if t not in active]:
+                del cache[t]
+        return out
 
     async def _transition(self, task_id: str, status: TaskStatus, **fields) -> TaskRecord:
         def fn(r: TaskRecord) -> TaskRecord | None:
@@ -541,12 +572,32 @@ class NatsBackend:
         await _retrying(put, "object put")
 
     async def _obj_get(self, name: str) -> bytes | None:
-        buf = io.BytesIO()  # (writeinto: get without it is quadratic in the object's size)
-        try:
-            await _retrying(lambda: self.obs.get(name, writeinto=buf), "object get")
-        except (jserr.ObjectNotFoundError, jserr.ObjectDeletedError, jserr.NotFoundError):
-            return None
-        return buf.getvalue()
+        """The object's bytes, read chunk by chunk with direct stream reads (``ObjectStore.get`` makes an
+        ephemeral consumer per call, which the server keeps for seconds after: a burst of reads reached the
+        server's consumer limit, error 10026). None if there is no such object."""
+        for _ in range(5):  # (an upload replacing it meanwhile purges the chunks being read: read it again)
+            try:
+                info = await _retrying(lambda: self.obs.get_info(name), "object info")
+            except (jserr.ObjectNotFoundError, jserr.ObjectDeletedError, jserr.NotFoundError):
+                return None
+            if not info.size or not info.nuid:
+                return b""
+            subject = f"$O.{self.NS}_OUT.C.{info.nuid}"
+            buf, h, seq = io.BytesIO(), hashlib.sha256(), 1
+            try:
+                while buf.tell() < info.size:
+                    m = await _retrying(
+                        lambda s=seq, c=subject: self.js.get_msg(self.obj_stream, seq=s, subject=c, next=True), "get"
+                    )
+                    buf.write(m.data or b"")
+                    h.update(m.data or b"")
+                    seq = m.seq + 1
+            except jserr.NotFoundError:
+                continue
+            digest = (info.digest or "").partition("=")[2].rstrip("=")
+            if not digest or base64.urlsafe_b64encode(h.digest()).decode().rstrip("=") == digest:
+                return buf.getvalue()
+        return None
 
     async def _obj_delete(self, name: str) -> None:
         with contextlib.suppress(jserr.ObjectNotFoundError, jserr.ObjectDeletedError, jserr.NotFoundError):
@@ -590,14 +641,22 @@ class NatsBackend:
         return ensure_private_dir(ensure_private_dir(root / self.ns) / validate_task_id(task_id))
 
     async def _upload_workspace(self, lease: Lease, sources=tuple(WORKSPACE_FILES)) -> None:
+        """Upload the workspace's files under the lease's epoch, all at once; an empty or missing one is not
+        uploaded (reading it gives nothing either way)."""
         d = Path(tempfile.gettempdir()) / f"cc_tasks-nats-{os.getuid()}" / self.ns / lease.task_id
-        for source in sources:
-            path = d / WORKSPACE_FILES[source]
+
+        async def one(source: str) -> None:
+            name = f"{lease.task_id}.{lease.epoch}.{source}"
             try:
-                with open(path, "rb") as f:
-                    await self._obj_put(f"{lease.task_id}.{lease.epoch}.{source}", f)
+                with open(d / WORKSPACE_FILES[source], "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size == 0:
+                        return
+                    await self._obj_put(name, f.read() if size <= SMALL_UPLOAD else f)
             except FileNotFoundError:
-                continue
+                return
+
+        await asyncio.gather(*(one(source) for source in sources))
 
     # -- delete, annotate -------------------------------------------------------------
     def delete(self, task_id: str) -> None:
@@ -925,7 +984,8 @@ class NatsBackend:
     async def _claim(self, worker: WorkerInfo, free_slots: int) -> list[TaskRecord]:
         out: list[TaskRecord] = []
         async with self._queue_locked():
-            records = await self._read_all(await self._active_ids())
+            seen = await self._unfinished()
+            records = {t: r for t, (_, r) in seen.items()}
             for t, r in list(records.items()):  # (a worker seen alive in this pass is not looked up again)
                 records[t] = await self._check_lease(r, ALIVE_CACHE)
                 if records[t].status.terminal:  # (a marker left behind by a crash or a race)
@@ -934,8 +994,9 @@ class NatsBackend:
             running = sum(r.status == TaskStatus.RUNNING and r.runner == "claude" for r in records.values())
             free = min(free_slots, self.max_concurrent - running)
             labels = set(worker.labels)
+            picked: list[TaskRecord] = []
             for r in sorted((r for r in records.values() if ready(r) and r.runner == "claude"), key=queue_order):
-                if free <= 0:
+                if len(picked) >= free:
                     break
                 missing = sorted(set(r.labels) - labels)
                 if missing:
@@ -944,10 +1005,12 @@ class NatsBackend:
                 if not os.path.isdir(r.cwd):
                     await self._note(r.task_id, worker, f"has no directory {r.cwd}")
                     continue
-                rec = await self._take(r.task_id, worker)
-                if rec is not None:
-                    out.append(rec)
-                    free -= 1
+                picked.append(r)
+            # (all at once: each is a compare-and-set on the revision read, which only fails if the record
+            # changed since, e.g. a cancel; that task is left for the next round)
+            hints = {t: seen[t] for t in (r.task_id for r in picked) if seen[t][1] is records[t]}
+            taken = await asyncio.gather(*(self._take(r.task_id, worker, hints.get(r.task_id)) for r in picked))
+            out.extend(rec for rec in taken if rec is not None)
         return out
 
     async def _note(self, task_id: str, worker: WorkerInfo, why: str) -> None:
@@ -977,7 +1040,11 @@ class NatsBackend:
                 return
 
     async def _lease_task(
-        self, task_id: str, runner: str, make_lease: Callable[[TaskRecord], Lease]
+        self,
+        task_id: str,
+        runner: str,
+        make_lease: Callable[[TaskRecord], Lease],
+        hint: tuple[int, TaskRecord] | None = None,
     ) -> TaskRecord | None:
         taken: list[TaskRecord] = []
 
@@ -996,24 +1063,26 @@ class NatsBackend:
             return taken[0]
 
         try:
-            await self._update(task_id, fn)
+            await self._update(task_id, fn, hint)
         except (TaskNotFoundError, CorruptRecordError):
             return None
         return taken[0] if taken else None
 
-    async def _take(self, task_id: str, worker: WorkerInfo) -> TaskRecord | None:
+    async def _take(
+        self, task_id: str, worker: WorkerInfo, hint: tuple[int, TaskRecord] | None = None
+    ) -> TaskRecord | None:
         def lease(r: TaskRecord) -> Lease:
             return Lease(task_id=task_id, worker=worker.worker_id, epoch=r.epoch + 1, host=worker.host,
                          pid=worker.proc.pid)  # fmt: skip
 
-        rec = await self._take_lease(task_id, lease)
+        rec = await self._take_lease(task_id, lease, hint)
         if rec is not None:
             self._cancels.discard(task_id)
             self._cancel_checked.pop(task_id, None)
         return rec
 
-    async def _take_lease(self, task_id, lease):
-        return await self._lease_task(task_id, "claude", lease)
+    async def _take_lease(self, task_id, lease, hint=None):
+        return await self._lease_task(task_id, "claude", lease, hint)
 
     def resolve_waiting(self) -> dict[str, TaskRecord]:
         return self._run(self._resolve_waiting())
@@ -1096,8 +1165,13 @@ class NatsBackend:
 
     def renew(self, lease: Lease) -> None:
         """The heartbeat for one lease: raises LeaseLostError if it is no longer the task's."""
-        self.heartbeat(lease.worker)
-        self._run_patient(self._holds(lease))
+
+        async def go():
+            e = await self._kv_get(self.kv_workers, lease.worker)
+            beat = self._cas(self.kv_workers, lease.worker, e.value, e.revision) if e is not None else asyncio.sleep(0)
+            await asyncio.gather(beat, self._holds(lease))
+
+        self._run_patient(go())
 
     def event(self, lease: Lease, kind: str, **data) -> None:
         """Append to the task's events if ``lease`` still holds it (each carries the lease's epoch)."""
@@ -1133,11 +1207,18 @@ class NatsBackend:
         final record (compare-and-set, fenced); then release or skip the tasks that wait for it."""
 
         async def go():
-            await self._holds(lease)
             result_name = f"{lease.task_id}.{lease.epoch}.result"
+            uploads = [self._upload_workspace(lease)]
             if result_text is not None:
-                await self._obj_put(result_name, result_text.encode("utf-8", "surrogatepass"))
-            await self._upload_workspace(lease)
+                uploads.append(self._obj_put(result_name, result_text.encode("utf-8", "surrogatepass")))
+            # (the uploads go under the lease's epoch, so they may start before the lease is checked: a
+            # superseded claim's outputs are never the ones read)
+            done = await asyncio.gather(self._holds(lease), *uploads, return_exceptions=True)
+            failed = [x for x in done if isinstance(x, BaseException)]
+            if failed:
+                if result_text is not None:
+                    await self._obj_delete(result_name)
+                raise failed[0]
             try:
                 new = await self._fenced(lease, lambda r: {"status": status, **fields})
             except LeaseLostError:

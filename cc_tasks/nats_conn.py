@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import re
@@ -437,11 +438,13 @@ def is_transient(e: BaseException) -> bool:
 
 BACKOFF_START = 0.05
 BACKOFF_CAP = 1.0
+#: ``retrying(..., deadline=FOREVER)``: until the server answers (a worker's writes for its running tasks).
+FOREVER = math.inf
 
 
 async def retrying(fn: Callable[[], Awaitable[T]], *, what: str, deadline: float = 30) -> T:
     """``await fn()``, again after a jittered exponential pause (50 ms doubling to 1 s) while it fails
-    with a transient NATS error (`is_transient`), for at most ``deadline`` seconds; then
+    with a transient NATS error (`is_transient`), for at most ``deadline`` seconds (`FOREVER`: no limit); then
     `BackendUnreachableError` naming ``what``. Any other error propagates at once.
 
     A retried write may have landed before its answer was lost: make ``fn`` idempotent (a

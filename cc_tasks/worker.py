@@ -33,6 +33,7 @@ from filelock import Timeout
 
 from . import __version__, control, procs
 from .backend import Backend
+from .checks import NATS_FILES
 from .config import default_worker_idle
 from .connect import open_backend
 from .errors import CCTasksError
@@ -319,8 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", action="append", default=[], help="a label this worker advertises")
     parser.add_argument("--on-demand", action="store_true", help="started by a server: idle exit, SIGTERM cancels")
     parser.add_argument("--cancel-on-exit", action="store_true", help="SIGTERM cancels running tasks")
+    for key, (var, what) in NATS_FILES.items():
+        parser.add_argument(
+            f"--nats-{key.replace('_', '-')}", dest=key, metavar="FILE", help=f"{what} (default: {var})"
+        )
     args = parser.parse_args(argv)
-    backend = TaskStore(Path(args.store)) if args.store else open_backend(args.backend)
+    files = {key: getattr(args, key) for key in NATS_FILES if getattr(args, key)}
+    try:
+        backend = TaskStore(Path(args.store)) if args.store else open_backend(args.backend, nats_files=files)
+    except CCTasksError as e:  # (a bad URL or file, an unreachable server: one line, not a traceback)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     gc.freeze()  # the imported modules live as long as the process: keep the collector off them
     worker = Worker(

@@ -17,8 +17,10 @@ import pytest
 from cc_tasks.config import Settings
 from cc_tasks.manager import TaskManager
 from cc_tasks.models import TaskOptions, TaskStatus
-from cc_tasks.nats_backend import NatsBackend, parse_url, redact
+from cc_tasks.nats_backend import NatsBackend
+from cc_tasks.nats_conn import nats_settings, redacted
 
+from .backends import worker_info
 from .conftest import ROOT, pid_alive
 from .nats_servers import start_nats
 from .test_manager import fake, wait_until
@@ -71,10 +73,16 @@ def server(url, tmp_path, monkeypatch):
 
 
 def test_urls_name_a_namespace_and_hide_credentials():
-    assert parse_url("nats://h:4222") == ("nats://h:4222", "cc_tasks", 1)
-    assert parse_url("nats://u:p@h:4222/team-a?replicas=3") == ("nats://u:p@h:4222", "team-a", 3)
-    assert parse_url("tls://h:4222?ns=x")[1] == "x"
-    assert redact("nats://u:secret@h:4222/ns") == "nats://h:4222/ns"
+    s = nats_settings("nats://u:p@h:4222/team-a?replicas=3", env={})
+    assert (s.servers, s.namespace, s.replicas, s.url) == (
+        ("nats://h:4222",),
+        "team-a",
+        3,
+        "nats://h:4222/team-a?replicas=3",
+    )
+    assert nats_settings("nats://h:4222", env={}).namespace == "cc_tasks"
+    assert nats_settings("tls://h:4222?ns=x", env={}).namespace == "x"
+    assert redacted("nats://u:secret@h:4222/ns") == "nats://h:4222/ns"
 
 
 async def test_a_worker_process_runs_tasks_submitted_without_claude(server, url, fake_claude, workdir):
@@ -170,7 +178,7 @@ async def test_credentials_never_reach_records_replies_or_claude(tmp_path, fake_
                 m.store.address,
             ]
             assert not [t for t in texts if "s3cret-pw" in t]
-            assert json.loads((workdir / "argv.json").read_text())["env"]["CC_TASKS_BACKEND"] == redact(url)
+            assert json.loads((workdir / "argv.json").read_text())["env"]["CC_TASKS_BACKEND"] == redacted(url)
         finally:
             stop(worker)
             m.store.close()
@@ -233,3 +241,53 @@ async def test_a_killed_workers_task_goes_to_another_worker_once_its_lease_runs_
         if second is not None:
             stop(second)
         m.store.close()
+
+
+def test_repeated_listings_and_output_reads_leave_no_consumers(url):
+    """Regression: reads must not leave a consumer each on the server (ObjectStore.get's ephemeral consumer
+    lingers for seconds; a burst of them reached JetStream's consumer limit, error 10026)."""
+    b = NatsBackend(url)
+    me = worker_info()
+    try:
+        big = os.urandom(300_000)  # (three chunks)
+        b._run(b._obj_put("x.1.transcript", big))
+        b._run(b._obj_put("x.1.result", b"small"))
+        for i in range(1500):
+            assert b._run(b._obj_get("x.1.result")) == b"small"
+            if i % 100 == 0:
+                assert b._run(b._obj_get("x.1.transcript")) == big
+                b.workers()
+            b.has_active()
+            b.activity_stamp()
+            if i % 10 == 0:
+                assert b.claim(me, 4) == []  # (the claimers' watcher of the records: one consumer)
+        assert b._run(b._obj_get("x.1.missing")) is None
+
+        async def consumers() -> dict[str, int]:
+            mine = (f"KV_{b.NS}_", f"OBJ_{b.NS}_", f"{b.NS}_")  # (other tests' namespaces share the server)
+            return {
+                s.config.name: s.state.consumer_count
+                for s in await b.js.streams_info()
+                if s.config.name.startswith(mine)
+            }
+
+        counts = b._run(consumers())
+        assert counts and sum(counts.values()) <= 2, counts
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [sys.executable, "-m", "cc_tasks.worker", "--backend=nats://127.0.0.1:9", "--nats-creds=/no/such.creds"],
+        [sys.executable, "-m", "cc_tasks", "worker", "--backend=nats://127.0.0.1:9", "--nats-creds=/no/such.creds"],
+        [sys.executable, "-m", "cc_tasks", "--backend=nats://127.0.0.1:9", "--nats-creds=/no/such.creds", "list"],
+    ],
+)
+def test_nats_file_flags_reach_the_settings(argv):
+    """--nats-creds (and its siblings) on the worker module, `cc-tasks worker` and the group: the file is
+    checked before any connection, and the error names the flag, in one line."""
+    res = subprocess.run(argv, cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--nats-creds='/no/such.creds': no such file" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
