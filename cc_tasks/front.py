@@ -286,7 +286,8 @@ def serve(env: dict | os._Environ = os.environ) -> int:
             continue  # other notifications (cancelled, roots changed) concern nothing the server holds yet
         replay.append(line if line.endswith(b"\n") else line + b"\n")
         break
-    recorder = Recorder(path, cache) if mode != "0" else None
+    cache = result = None  # (the server lives on in this frame: keep none of the cache's ~1 MB of objects)
+    recorder = Recorder(path, {}) if mode != "0" else None  # (merges with the file when it saves)
     if recorder is not None:
         recorder.version = version
         for line in replay:
