@@ -67,12 +67,16 @@ def ensure_private_dir(path: Path) -> Path:
 
 def check_environment(env: Mapping[str, str]) -> None:
     """What a server refuses to start with: a numeric setting that is not a number or too small, and (on
-    the local store) a store directory that is unsafe (created if missing)."""
+    the local store: CC_TASKS_DIR, or a path in CC_TASKS_BACKEND) a store directory that is unsafe (created
+    if missing). A remote backend is checked when the server connects to it."""
     for var, _, conv, lo in NUMERIC_SETTINGS:
         if env.get(var):
             number(var, env[var], conv, lo)
-    if not env.get("CC_TASKS_BACKEND"):
+    backend = env.get("CC_TASKS_BACKEND")
+    if not backend:
         ensure_private_dir(Path(env["CC_TASKS_DIR"]).expanduser() if env.get("CC_TASKS_DIR") else default_store_dir())
+    elif "://" not in backend:  # a local store's path
+        ensure_private_dir(Path(backend).expanduser())
 
 
 #: The NATS backend's files: ``--nats-<key>`` flags (cc-tasks, python -m cc_tasks.worker), else these variables

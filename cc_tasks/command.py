@@ -32,8 +32,9 @@ DEFAULT_SERVER_NAMES = ("cc-tasks", "plugin:cc-tasks:cc-tasks")
 def servers_to_deny(env: Mapping[str, str]) -> list[str]:
     """The MCP servers a sub-agent with this environment is kept from starting: cc-tasks itself, when the
     sub-agent may not start tasks (CC_TASKS_DEPTH has reached CC_TASKS_MAX_DEPTH), since starting it would
-    only cost the sub-agent time and memory before its first turn. ``CC_TASKS_SERVER_NAMES`` (comma-separated)
-    names it when it is registered under other names."""
+    only cost the sub-agent time and memory before its first turn (it loses the task board and notes too).
+    ``CC_TASKS_SERVER_NAMES`` (comma-separated) names it when it is registered under other names; set empty,
+    nothing is denied."""
     try:
         depth = int(env.get("CC_TASKS_DEPTH") or 0)
         max_depth = int(env.get("CC_TASKS_MAX_DEPTH") or DEFAULT_MAX_DEPTH)
@@ -42,7 +43,7 @@ def servers_to_deny(env: Mapping[str, str]) -> list[str]:
     if depth < max_depth:
         return []
     names = env.get("CC_TASKS_SERVER_NAMES")
-    return [n.strip() for n in names.split(",") if n.strip()] if names else list(DEFAULT_SERVER_NAMES)
+    return list(DEFAULT_SERVER_NAMES) if names is None else [n.strip() for n in names.split(",") if n.strip()]
 
 
 def build_argv(

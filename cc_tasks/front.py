@@ -12,25 +12,29 @@ or settings changed, another protocol version) the server starts at once and rec
 next start. At nesting depth 0 (the user's own session) the server is imported in the background meanwhile,
 so the first tool call does not wait for it; in sub-agents it is imported only if a tool is called.
 
-``CC_TASKS_FAST_HANDSHAKE=0`` turns this off (the server starts at once, as before).
+``CC_TASKS_FAST_HANDSHAKE=0`` turns this off (the server starts at once, as before). The cache folder must be
+the user's own and private (mode 0700): what it holds goes into the model's context.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from . import __version__
-from .checks import check_environment
-from .errors import CCTasksError
+from .checks import check_environment, ensure_private_dir
+from .errors import CCTasksError, ConfigError
 
 #: Requests the front answers from the cache (without a cursor), besides ``initialize`` and ``ping``.
 LISTS = ("tools/list", "prompts/list", "resources/list", "resources/templates/list")
@@ -42,11 +46,24 @@ MODERN_VERSIONS = ("2026-07-28",)
 LEGACY_VERSION = "2025-06-18"
 #: A cache build gives up after this long; a lock file older than this is stale.
 BUILD_SECONDS = 60.0
+#: After a build that failed, none is tried for this long.
+FAILED_BUILD_PAUSE = 3600.0
+#: Set by ``build`` for the servers it asks: the cache file they record into.
+RECORD_ENV = "CC_TASKS_HANDSHAKE_RECORD"
 
 
 def cache_dir(env: dict | os._Environ = os.environ) -> Path:
     base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "cc-tasks"
+
+
+def private_cache_dir(env: dict | os._Environ = os.environ) -> Path | None:
+    """The cache folder, made mode 0700 if missing; None if it is not safe to read (a symlink, another
+    user's, writable by others): what it holds goes into the model's context (tool descriptions)."""
+    try:
+        return ensure_private_dir(cache_dir(env))
+    except (OSError, CCTasksError):
+        return None
 
 
 def cache_key() -> str:
@@ -58,7 +75,7 @@ def cache_key() -> str:
         if name.endswith(".py"):
             st = os.stat(pkg / name)
             h.update(f"\0{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    for p in sys.path:
+    for p in sorted(set(sys.path)):
         if p.endswith("-packages"):
             try:
                 h.update(f"\0{p}:{os.stat(p).st_mtime_ns}".encode())
@@ -68,22 +85,31 @@ def cache_key() -> str:
 
 
 def load_cache(path: Path) -> dict:
+    """The cache: {protocol version: {method: result}}; anything else (cut short, edited) counts as none."""
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    ok = isinstance(data, dict) and all(
+        isinstance(v, dict) and all(isinstance(r, dict) for r in v.values()) for v in data.values()
+    )
+    return data if ok else {}
 
 
 def save_cache(path: Path, data: dict) -> None:
-    """Atomically, best effort: a cache that cannot be written only makes the next start slower."""
+    """Atomically, mode 0600, best effort (a cache that cannot be written only makes the next start slower);
+    caches of other versions of the code are removed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, separators=(",", ":")))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, separators=(",", ":")))
         os.replace(tmp, path)
+        for old in path.parent.glob("handshake-*.json"):
+            if old != path:
+                _unlink(old)
     except OSError:
-        pass
+        _unlink(tmp)
 
 
 def request_version(msg: dict, session: str | None) -> str | None:
@@ -114,8 +140,8 @@ def cached_reply(cache: dict, session: str | None, msg: dict) -> dict | None:
 class Recorder:
     """Watches a connection the server answers and keeps the replies the front can give next time."""
 
-    def __init__(self, path: Path, cache: dict):
-        self.path, self.cache = path, cache
+    def __init__(self, path: Path):
+        self.path = path
         self.asked: dict[object, tuple[str, str | None]] = {}  # request id -> (method, protocol version)
         self.version: str | None = None
         self.lock = threading.Lock()
@@ -144,9 +170,10 @@ class Recorder:
             self.version = version
         if version and not msg["result"].get("isError"):
             with self.lock:
-                self.cache = {**load_cache(self.path), **self.cache}  # (a concurrent build may have written it)
-                self.cache.setdefault(version, {})[method] = msg["result"]
-                save_cache(self.path, self.cache)
+                cache = load_cache(self.path)  # (a concurrent build may have written it)
+                if cache.get(version, {}).get(method) != msg["result"]:
+                    cache.setdefault(version, {})[method] = msg["result"]
+                    save_cache(self.path, cache)
 
 
 def _id_key(value: object) -> str:
@@ -192,18 +219,15 @@ class FilterWriter(io.RawIOBase):
         *lines, self.partial = self.partial.split(b"\n")
         out = []
         for line in lines:
-            if self.drop_id is not None and self.drop_id.encode() in line:
-                try:
-                    if json.loads(line).get("id") == self.drop_id:
-                        self.drop_id = None
-                        continue
-                except ValueError:
-                    pass
-            if self.recorder is not None and self.recorder.asked:
-                _observe(line, self.recorder.reply)
+            if self.drop_id is not None and self.drop_id.encode() in line and _observe_id(line) == self.drop_id:
+                self.drop_id = None
+                continue
             out.append(line + b"\n")
         if out:
             _write_all(self.fd, b"".join(out))
+            if self.recorder is not None and self.recorder.asked:  # (after the client has its reply)
+                for line in out:
+                    _observe(line, self.recorder.reply)
         return len(data)
 
 
@@ -238,6 +262,8 @@ def serve(env: dict | os._Environ = os.environ) -> int:
     """Serve MCP over this process's stdin/stdout, answering the handshake before importing the server."""
     try:
         check_environment(env)
+        if env.get("CC_TASKS_FAST_HANDSHAKE", "1") not in ("0", "1"):
+            raise ConfigError(f"CC_TASKS_FAST_HANDSHAKE={env['CC_TASKS_FAST_HANDSHAKE']!r}: give 1 (default) or 0")
     except CCTasksError as e:  # as the server would: refuse to start, saying what is wrong
         sys.stderr.write(f"error: {e}\n")
         return 2
@@ -249,20 +275,22 @@ def serve(env: dict | os._Environ = os.environ) -> int:
     os.close(devnull)
     os.dup2(2, 1)
     reader = os.fdopen(wire_in, "rb")
-    path = cache_dir(env) / f"handshake-{cache_key()}.json"
-    mode = env.get("CC_TASKS_FAST_HANDSHAKE", "1")  # 0: off; record: only record (what ``build`` runs)
-    cache = load_cache(path) if mode == "1" else {}
+    recording = env.get(RECORD_ENV)  # (set by ``build`` for the servers it asks)
+    folder = None if recording or env.get("CC_TASKS_FAST_HANDSHAKE") == "0" else private_cache_dir(env)
+    path = Path(recording) if recording else (folder / f"handshake-{cache_key()}.json" if folder else None)
+    cache = load_cache(path) if folder and path else {}
     if cache and env.get("CC_TASKS_DEPTH", "0") in ("", "0"):
         threading.Thread(target=_preload, name="cc-tasks-preload", daemon=True).start()
+    if folder and path and not cache:
+        build_in_background(path, env)
     replay: list[bytes] = []
     drop_id: str | None = None
     version: str | None = None
-    if not cache and mode == "1":
-        build_in_background(path, env)
     while cache:
         line = reader.readline()
         if not line:
             return 0
+        line = line if line.endswith(b"\n") else line + b"\n"
         try:
             msg = json.loads(line)
         except ValueError:
@@ -271,7 +299,7 @@ def serve(env: dict | os._Environ = os.environ) -> int:
             replay.append(line)  # the server says what is wrong with it
             break
         method = msg.get("method")
-        result = cached_reply(cache, version, msg)
+        result = cached_reply(cache, version, msg) if not (method == "initialize" and drop_id) else None
         if result is not None:
             if method == "initialize":
                 version = msg["params"]["protocolVersion"]
@@ -280,14 +308,14 @@ def serve(env: dict | os._Environ = os.environ) -> int:
             _write_all(wire_out, json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}).encode() + b"\n")
             continue
         if method == "notifications/initialized" and drop_id is not None:
-            replay.append(line if line.endswith(b"\n") else line + b"\n")
+            replay.append(line)
             continue
         if method is not None and "id" not in msg:
             continue  # other notifications (cancelled, roots changed) concern nothing the server holds yet
-        replay.append(line if line.endswith(b"\n") else line + b"\n")
+        replay.append(line)
         break
     cache = result = None  # (the server lives on in this frame: keep none of the cache's ~1 MB of objects)
-    recorder = Recorder(path, {}) if mode != "0" else None  # (merges with the file when it saves)
+    recorder = Recorder(path) if path else None
     if recorder is not None:
         recorder.version = version
         for line in replay:
@@ -296,38 +324,74 @@ def serve(env: dict | os._Environ = os.environ) -> int:
     return handover(ReplayReader(b"".join(replay), reader, recorder), FilterWriter(wire_out, drop_id, recorder))
 
 
-def handover(raw_in: io.RawIOBase, raw_out: io.RawIOBase) -> int:
-    """Run the FastMCP server on these streams (it reads ``sys.stdin``/``sys.stdout`` when it starts)."""
-    from .server import run_stdio  # here, not at the top: importing it is the cost this module avoids
+class ServerStdout:
+    """``sys.stdout`` while the server runs: its ``buffer`` is the wire (what the MCP stdio transport
+    writes to), text written to it goes to stderr (a stray print must not corrupt the protocol)."""
 
-    sys.stdin = io.TextIOWrapper(io.BufferedReader(raw_in), encoding="utf-8", errors="replace")
-    sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw_out), encoding="utf-8", write_through=True)
-    run_stdio()
+    def __init__(self, wire: io.BufferedWriter):
+        self.buffer = wire
+
+    def __getattr__(self, name: str):
+        return getattr(sys.stderr, name)
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+
+def handover(raw_in: io.RawIOBase, raw_out: io.RawIOBase) -> int:
+    """Run the FastMCP server on these streams (the MCP stdio transport takes ``sys.stdin``'s and
+    ``sys.stdout``'s buffers when it starts). If the server cannot start, every request gets an error
+    reply saying why (the handshake went well: the client waits for answers), and the process exits at EOF."""
+    stdin = io.TextIOWrapper(io.BufferedReader(raw_in), encoding="utf-8", errors="replace")
+    try:
+        from .manager import TaskManager  # here, not at the top: importing these is the cost this module avoids
+        from .server import run_stdio
+
+        manager = TaskManager()
+    except Exception as e:  # noqa: BLE001 (whatever it is, the client must hear it)
+        message = str(e) if isinstance(e, CCTasksError) else f"{type(e).__name__}: {e}"
+        sys.stderr.write(f"error: {message}\n")
+        for line in stdin:
+            msg_id = _observe_id(line.encode()) if '"method"' in line else None
+            if msg_id is not None:
+                error = {"code": -32603, "message": f"cc-tasks cannot start: {message}"}
+                raw_out.write(json.dumps({"jsonrpc": "2.0", "id": msg_id, "error": error}).encode() + b"\n")
+        return 2
+    sys.stdin = stdin
+    sys.stdout = ServerStdout(io.BufferedWriter(raw_out))
+    run_stdio(manager)
     return 0
 
 
 def build_in_background(path: Path, env: dict | os._Environ) -> None:
     """Start one detached process that asks a server of this code for its handshake and caches it (the
     server here may not live long enough: Claude Code stops a server that is slow to answer its first
-    request, and a sub-agent may end before the server is up). At most one at a time per cache file."""
-    lock = path.with_name(path.name + ".lock")
+    request, and a sub-agent may end before the server is up). At most one at a time per cache file, and
+    none for an hour after one that failed."""
+    lock, failed = path.with_name(path.name + ".lock"), path.with_name(path.name + ".failed")
     try:
-        if time.time() - lock.stat().st_mtime < BUILD_SECONDS:
+        if time.time() - failed.stat().st_mtime < FAILED_BUILD_PAUSE:
             return
-        lock.unlink()
     except OSError:
         pass
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        if time.time() - lock.stat().st_mtime < BUILD_SECONDS:
+            return
+        _unlink(lock)  # (a stale one: its builder died)
+    except OSError:
+        pass
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
     except OSError:
         return
+    root = str(Path(__file__).resolve().parent.parent)
     child_env = {k: v for k, v in env.items() if k not in ("CC_TASKS_TASK_ID", "CC_TASKS_FAST_HANDSHAKE")}
-    child_env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
+    child_env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     try:
         subprocess.Popen(
             [sys.executable, "-m", "cc_tasks.front", "build", str(path)],
             env=child_env,
+            cwd=root,  # (so that no cc_tasks folder of the client's project shadows this one)
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -338,10 +402,15 @@ def build_in_background(path: Path, env: dict | os._Environ) -> None:
 
 
 def build(path: Path) -> int:
-    """Run servers of this code with ``CC_TASKS_FAST_HANDSHAKE=record`` and ask them what the front caches:
-    one under each stateless protocol version (2026), one in a session (``initialize``)."""
+    """Run servers of this code that record into ``path`` and ask them what the front caches: one under
+    each stateless protocol version (2026), one in a session (``initialize``). They run on a scratch store
+    (the handshake does not depend on it), so that nothing of the user's tasks is touched."""
     deadline = time.monotonic() + BUILD_SECONDS
     client = {"name": "cc-tasks-front", "version": __version__}
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    scratch = tempfile.mkdtemp(prefix="cc-tasks-handshake-")
+    env = {k: v for k, v in os.environ.items() if k != "CC_TASKS_BACKEND"}
+    env.update({RECORD_ENV: str(path), "CC_TASKS_DIR": scratch, "CC_TASKS_DEPTH": "1"})
     try:
         for version in MODERN_VERSIONS:
             meta = {
@@ -351,39 +420,48 @@ def build(path: Path) -> int:
                     "io.modelcontextprotocol/clientCapabilities": {},
                 }
             }
-            _ask_server([("server/discover", meta)] + [(m, meta) for m in LISTS], deadline)
+            _ask_server([("server/discover", meta)] + [(m, meta) for m in LISTS], env, deadline)
         hello = {"protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": client}
-        _ask_server([("initialize", hello), ("notifications/initialized", None)] + [(m, {}) for m in LISTS], deadline)
+        requests = [("initialize", hello), ("notifications/initialized", None)] + [(m, {}) for m in LISTS]
+        _ask_server(requests, env, deadline)
     except OSError:
         pass
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        cache = load_cache(path)
+        if not (all(v in cache for v in MODERN_VERSIONS) and LEGACY_VERSION in cache):
+            with contextlib.suppress(OSError):
+                path.with_name(path.name + ".failed").touch()
         _unlink(path.with_name(path.name + ".lock"))
     return 0
 
 
-def _ask_server(requests: list[tuple[str, dict | None]], deadline: float) -> None:
-    """One recording server; each request after the reply to the one before (params None: a notification)."""
-    env = {**os.environ, "CC_TASKS_FAST_HANDSHAKE": "record", "CC_TASKS_DEPTH": os.environ.get("CC_TASKS_DEPTH", "1")}
+def _ask_server(requests: list[tuple[str, dict | None]], env: dict, deadline: float) -> None:
+    """One recording server; each request after the reply to the one before (params None: a notification).
+    Killed at the deadline whatever it does."""
     p = subprocess.Popen([sys.executable, "-m", "cc_tasks"], env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), p.kill)
+    watchdog.start()
     try:
         for n, (method, params) in enumerate(requests, 1):
             msg = {"jsonrpc": "2.0", "method": method, **({"id": n, "params": params} if params is not None else {})}
             p.stdin.write(json.dumps(msg).encode() + b"\n")
             p.stdin.flush()
-            while params is not None and time.monotonic() < deadline:
+            while params is not None:
                 line = p.stdout.readline()
                 if not line:
                     raise OSError("the server ended")
                 if _observe_id(line) == n:
                     break
     finally:
-        p.stdin.close()
         try:
+            p.stdin.close()
             p.wait(max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        except (OSError, subprocess.TimeoutExpired):
             p.kill()
             p.wait()
+        watchdog.cancel()
 
 
 def _observe_id(line: bytes) -> object:

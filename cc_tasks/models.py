@@ -70,7 +70,7 @@ class BaseModel(PydanticModel):
 class TaskOptions(BaseModel):
     """What to run: the prompt and how claude runs it. Every field maps to a claude CLI flag."""
 
-    model_config = ConfigDict(extra="forbid", defer_build=True)
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(
         description="The task for the sub-agent (required, non-empty). Sent on claude's standard input."
@@ -678,7 +678,7 @@ class CleanupResult(BaseModel):
 class PostOptions(BaseModel):
     """A task for an outside agent (post_task): no worker ever starts claude for it."""
 
-    model_config = ConfigDict(extra="forbid", defer_build=True)
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(description="What to do (required, non-empty).")
     name: str | None = Field(None, max_length=200)

@@ -82,6 +82,7 @@ def test_sub_agents_at_the_nesting_limit_are_kept_from_starting_cc_tasks():
     named = {"CC_TASKS_DEPTH": "3", "CC_TASKS_MAX_DEPTH": "2", "CC_TASKS_SERVER_NAMES": "tasks, mine ,"}
     assert servers_to_deny(named) == ["tasks", "mine"]
     assert servers_to_deny({"CC_TASKS_DEPTH": "x"}) == []
+    assert servers_to_deny({"CC_TASKS_DEPTH": "5", "CC_TASKS_SERVER_NAMES": ""}) == []  # (the way to keep it)
     argv = build_argv(TaskOptions(prompt="p"), "claude", deny_servers=["cc-tasks"])
     assert argv[-1] == '--settings={"deniedMcpServers": [{"serverName": "cc-tasks"}]}'
     assert not any(a.startswith("--settings") for a in build_argv(TaskOptions(prompt="p"), "claude"))

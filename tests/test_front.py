@@ -188,3 +188,70 @@ def test_a_bad_line_is_the_servers_to_answer(cached_env):
         assert r["result"]["serverInfo"]["name"] == "cc-tasks"
     finally:
         c.close()
+
+
+def test_a_second_initialize_goes_to_the_server_and_no_reply_of_the_front_leaks(cached_env):
+    env, _ = cached_env
+    c = Client(env)
+    try:
+        assert c.rpc("initialize", HELLO)["result"]["serverInfo"]["name"] == "cc-tasks"
+        again = c.rpc("initialize", HELLO)
+        assert again["id"] == 2  # (the server's own answer, whatever it says)
+        c.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        assert c.rpc("tools/list")["result"]["tools"]
+    finally:
+        c.p.stdin.close()
+        rest = c.p.stdout.read().decode()
+        c.p.wait(15)
+    assert "cc-tasks-front-" not in rest
+
+
+def test_a_server_that_cannot_start_answers_every_request_with_why(cached_env, tmp_path):
+    env, _ = cached_env
+    env = {**env, "CC_TASKS_BACKEND": "nats://127.0.0.1:1/x", "CC_TASKS_NATS_CREDS": str(tmp_path / "missing.creds")}
+    c = Client(env)
+    try:
+        assert c.rpc("server/discover", {"_meta": META})["result"]  # (the handshake comes from the cache)
+        r = c.rpc("tools/call", {"_meta": META, "name": "get_server_info", "arguments": {}})
+        assert r["error"]["message"].startswith("cc-tasks cannot start:") and "missing.creds" in r["error"]["message"]
+        r = c.rpc("tools/call", {"_meta": META, "name": "list_active_tasks", "arguments": {}})
+        assert "cannot start" in r["error"]["message"]
+    finally:
+        c.close()
+    assert c.p.returncode == 2
+
+
+def test_the_cache_is_read_only_from_a_private_folder_and_in_its_own_shape(tmp_path):
+    loose = tmp_path / "loose"
+    (loose / "cc-tasks").mkdir(parents=True)
+    (loose / "cc-tasks").chmod(0o777)
+    assert front.private_cache_dir({"XDG_CACHE_HOME": str(loose)}) is None
+    assert front.private_cache_dir({"XDG_CACHE_HOME": str(tmp_path / "fresh")}) == tmp_path / "fresh" / "cc-tasks"
+    bad = tmp_path / "bad.json"
+    for text in ('{"2025-06-18": "x"}', "[1]", "{", '{"v": {"tools/list": 3}}'):
+        bad.write_text(text)
+        assert front.load_cache(bad) == {}
+    bad.write_text('{"v": {"tools/list": {"tools": []}}}')
+    assert front.load_cache(bad) == {"v": {"tools/list": {"tools": []}}}
+
+
+def test_saving_the_cache_keeps_it_private_and_drops_other_versions(tmp_path):
+    old = tmp_path / "handshake-old.json"
+    old.write_text("{}")
+    path = tmp_path / "handshake-new.json"
+    front.save_cache(path, {"v": {"tools/list": {"tools": []}}})
+    assert json.loads(path.read_text()) == {"v": {"tools/list": {"tools": []}}}
+    assert path.stat().st_mode & 0o777 == 0o600 and not old.exists()
+
+
+def test_bad_settings_refuse_to_start(tmp_path):
+    for change, message in (
+        ({"CC_TASKS_FAST_HANDSHAKE": "false"}, "CC_TASKS_FAST_HANDSHAKE='false'"),
+        ({"CC_TASKS_BACKEND": str(tmp_path / "loose")}, "group- or world-writable"),
+    ):
+        (tmp_path / "loose").mkdir(exist_ok=True)
+        (tmp_path / "loose").chmod(0o777)
+        env = {**os.environ, "CC_TASKS_DIR": str(tmp_path / "store"), **change}
+        r = subprocess.run([sys.executable, str(ROOT / "main.py")], env=env, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=30)  # fmt: skip
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -38,3 +38,18 @@ def test_labels_are_checked_and_kept_sorted_once():
     for bad in (["has space"], [""], ["x" * 65], ["-lead"]):
         with pytest.raises(ValidationError, match="label"):
             TaskOptions(prompt="x", labels=bad)
+
+
+def test_every_model_builds_and_has_a_schema():
+    """Models are built on first use (defer_build): a broken definition shows here, not in some later call."""
+    from cc_tasks import models
+
+    found = [
+        m
+        for m in vars(models).values()
+        if isinstance(m, type) and issubclass(m, models.BaseModel) and m is not models.BaseModel
+    ]
+    assert len(found) > 30
+    for m in found:
+        m.model_rebuild(force=True)
+        assert m.model_json_schema()["type"] == "object"
