@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,6 +32,8 @@ def number(name: str, raw: str, conv: type, lo: float) -> float:
 
 
 def default_store_dir() -> Path:
+    import tempfile  # (not at the top: a sub-agent's server, which has CC_TASKS_DIR, starts without it)
+
     return Path(tempfile.gettempdir()) / f"cc_tasks-{os.getuid()}"
 
 

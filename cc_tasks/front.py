@@ -18,18 +18,13 @@ the user's own and private (mode 0700): what it holds goes into the model's cont
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import _thread
 import io
 import json
 import os
-import secrets
-import shutil
-import subprocess
 import sys
-import tempfile
-import threading
 import time
+import zlib
 from pathlib import Path
 
 from . import __version__
@@ -69,19 +64,20 @@ def private_cache_dir(env: dict | os._Environ = os.environ) -> Path | None:
 def cache_key() -> str:
     """What the handshake depends on: this code (every module's size and mtime), the interpreter and its
     installed packages (site-packages' mtime changes on every install). No setting changes it."""
-    h = hashlib.sha256(f"{CACHE_FORMAT}\0{__version__}\0{sys.executable}\0{sys.version}".encode())
-    pkg = Path(__file__).parent
+    parts = [f"{CACHE_FORMAT}\0{__version__}\0{sys.executable}\0{sys.version}"]
+    pkg = os.path.dirname(os.path.abspath(__file__))
     for name in sorted(os.listdir(pkg)):
         if name.endswith(".py"):
-            st = os.stat(pkg / name)
-            h.update(f"\0{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+            st = os.stat(os.path.join(pkg, name))
+            parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
     for p in sorted(set(sys.path)):
         if p.endswith("-packages"):
             try:
-                h.update(f"\0{p}:{os.stat(p).st_mtime_ns}".encode())
+                parts.append(f"{p}:{os.stat(p).st_mtime_ns}")
             except OSError:
                 pass
-    return h.hexdigest()[:32]
+    data = "\0".join(parts).encode()  # (two checksums: no hashlib, whose OpenSSL costs a start 3 ms)
+    return f"{zlib.crc32(data):08x}{zlib.adler32(data):08x}{len(data):x}"
 
 
 def load_cache(path: Path) -> dict:
@@ -99,7 +95,7 @@ def load_cache(path: Path) -> dict:
 def save_cache(path: Path, data: dict) -> None:
     """Atomically, mode 0600, best effort (a cache that cannot be written only makes the next start slower);
     caches of other versions of the code are removed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -144,7 +140,7 @@ class Recorder:
         self.path = path
         self.asked: dict[object, tuple[str, str | None]] = {}  # request id -> (method, protocol version)
         self.version: str | None = None
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
 
     def request(self, msg: dict) -> None:
         method, params = msg.get("method"), msg.get("params") or {}
@@ -280,6 +276,8 @@ def serve(env: dict | os._Environ = os.environ) -> int:
     path = Path(recording) if recording else (folder / f"handshake-{cache_key()}.json" if folder else None)
     cache = load_cache(path) if folder and path else {}
     if cache and env.get("CC_TASKS_DEPTH", "0") in ("", "0"):
+        import threading  # (the rest of this module imports only what answering a handshake needs)
+
         threading.Thread(target=_preload, name="cc-tasks-preload", daemon=True).start()
     if folder and path and not cache:
         build_in_background(path, env)
@@ -303,7 +301,7 @@ def serve(env: dict | os._Environ = os.environ) -> int:
         if result is not None:
             if method == "initialize":
                 version = msg["params"]["protocolVersion"]
-                drop_id = f"cc-tasks-front-{secrets.token_hex(6)}"
+                drop_id = f"cc-tasks-front-{os.urandom(6).hex()}"
                 replay.append(json.dumps({**msg, "id": drop_id}).encode() + b"\n")
             _write_all(wire_out, json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}).encode() + b"\n")
             continue
@@ -384,6 +382,8 @@ def build_in_background(path: Path, env: dict | os._Environ) -> None:
         os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
     except OSError:
         return
+    import subprocess  # (a cache miss only)
+
     root = str(Path(__file__).resolve().parent.parent)
     child_env = {k: v for k, v in env.items() if k not in ("CC_TASKS_TASK_ID", "CC_TASKS_FAST_HANDSHAKE")}
     child_env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
@@ -405,6 +405,10 @@ def build(path: Path) -> int:
     """Run servers of this code that record into ``path`` and ask them what the front caches: one under
     each stateless protocol version (2026), one in a session (``initialize``). They run on a scratch store
     (the handshake does not depend on it), so that nothing of the user's tasks is touched."""
+    import contextlib
+    import shutil
+    import tempfile
+
     deadline = time.monotonic() + BUILD_SECONDS
     client = {"name": "cc-tasks-front", "version": __version__}
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -439,6 +443,9 @@ def build(path: Path) -> int:
 def _ask_server(requests: list[tuple[str, dict | None]], env: dict, deadline: float) -> None:
     """One recording server; each request after the reply to the one before (params None: a notification).
     Killed at the deadline whatever it does."""
+    import subprocess
+    import threading
+
     p = subprocess.Popen([sys.executable, "-m", "cc_tasks"], env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
     watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), p.kill)
