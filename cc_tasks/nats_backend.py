@@ -60,6 +60,7 @@ from nats.js.api import DeliverPolicy, StreamConfig
 from . import procs
 from .config import default_lease_seconds, default_max_concurrent
 from .errors import (
+    BackendUnreachableError,
     CorruptRecordError,
     InvalidOptionsError,
     LeaseLostError,
@@ -85,6 +86,8 @@ LIVE_UPLOAD_MAX = 8 << 20
 #: A request larger than this goes to the object store (the KV value limit is the server's max_payload).
 REQ_INLINE_MAX = 512 << 10
 CANCEL_POLL = 0.5
+#: How long one cancel check rides out a failing server before the last answer stands (a supervisor polls it).
+CANCEL_RETRY = 2.0
 #: Finished tasks' outputs kept in memory for paging (in all; each at most a quarter of it).
 OBJ_CACHE_BYTES = 128 << 20
 RETRY_FOR = 30.0
@@ -737,10 +740,23 @@ class NatsBackend:
         async def go():
             if self._cancel_sub is None:
                 self._cancel_sub = await self.nc.subscribe(f"{self.ns}.cancel.*", cb=self._on_cancel)
-            r = await self._peek(task_id)
-            return r is not None and r.cancel_requested
+            try:
+                get = retrying(lambda: self.kv_tasks.get(task_id), what="cancel check", deadline=CANCEL_RETRY)
+                e = await asyncio.wait_for(get, CANCEL_RETRY)
+            except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
+                return False
+            try:
+                return self._parse(task_id, e.value).cancel_requested
+            except CorruptRecordError:
+                return False
 
-        yes = self._run(go())
+        try:
+            yes = self._run(go(), timeout=CANCEL_RETRY + 5)
+        except (BackendUnreachableError, TimeoutError) as e:
+            # (an outage: the last answer stands; the supervisor keeps going and keeps its deadline, and a cancel
+            # sent meanwhile arrives on the cancel subject or is seen in the record once the server is back)
+            log.debug("task %s: cancel check: %s", task_id, e)
+            yes = hit[1] if hit is not None else False
         if len(self._cancel_checked) > 1000:
             self._cancel_checked.clear()
         self._cancel_checked[task_id] = (now, yes)

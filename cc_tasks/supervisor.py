@@ -25,7 +25,7 @@ from . import procs, worktrees
 from .backend import Backend, dependency_preamble
 from .command import build_argv, build_env, servers_to_deny
 from .config import Settings
-from .errors import CCTasksError, GitError, LeaseLostError
+from .errors import BackendUnreachableError, CCTasksError, GitError, LeaseLostError
 from .models import RESULT_PREVIEW_CHARS, Attempt, Progress, TaskRecord, utcnow
 from .states import TaskStatus
 from .store import atomic_write
@@ -83,7 +83,13 @@ class Supervisor:
         self._wake_r = self._wake_w = -1
 
     def cancelled(self) -> bool:
-        return bool(self.stop_reason) or self.backend.cancel_requested(self.task_id)
+        if self.stop_reason:
+            return True
+        try:
+            return self.backend.cancel_requested(self.task_id)
+        except BackendUnreachableError as e:  # (an outage is not a cancel: keep going, keep the deadline)
+            log.warning("task %s: cannot check for a cancel (%s); going on", self.task_id, e)
+            return False
 
     def _sleep(self, seconds: float, fds: tuple[int, ...] = ()) -> None:
         """Sleep, but wake at once on ``request_stop`` (or when one of ``fds`` is readable). poll, not select:

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from cc_tasks import nats_backend
 from cc_tasks.config import Settings
 from cc_tasks.manager import TaskManager
 from cc_tasks.models import TaskOptions, TaskStatus
@@ -291,3 +292,21 @@ def test_nats_file_flags_reach_the_settings(argv):
     res = subprocess.run(argv, cwd=str(ROOT), capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "--nats-creds='/no/such.creds': no such file" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_cancel_check_during_an_outage_answers_the_last_known_value(tmp_path):
+    """An outage is not a cancel and not a supervisor error: the check gives up after CANCEL_RETRY seconds and
+    the last answer stands (False if none), so a running task keeps going."""
+    nats = start_nats(tmp_path / "outage")
+    b = NatsBackend(f"{nats.url}/outage", lease_seconds=30)
+    try:
+        assert b.cancel_requested("t-none") is False  # (reachable: no such task, no cancel)
+        b._cancel_checked["t-known"] = (0.0, True)  # (an old answer, due for a new check)
+        nats.stop()
+        t0 = time.monotonic()
+        assert b.cancel_requested("t-known") is True
+        assert b.cancel_requested("t-never") is False
+        assert time.monotonic() - t0 < 2 * (nats_backend.CANCEL_RETRY + 2)
+    finally:
+        b.close()
+        nats.stop()
