@@ -50,7 +50,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import nats.js.errors as jserr
@@ -169,7 +169,12 @@ class NatsBackend:
 
     # -- the event loop ----------------------------------------------------------
     def _run(self, coro, timeout: float | None = 300.0):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()  # (never left running behind the caller's back: a claim that outlived it leases nothing)
+            raise
 
     def _run_patient(self, coro):
         """``_run`` for a worker's writes: retried until the server answers (see _PATIENT)."""
@@ -351,7 +356,11 @@ class NatsBackend:
             writes.append(
                 self._append_event(task_id, "status", status=new.status.value, error=new.error, worker=worker)
             )
-            await asyncio.gather(*writes)
+            # (the record is written: its index entry and event are best effort, never a reason to report the
+            # change as failed; a stale index entry is mended by the next claim pass)
+            for failed in await asyncio.gather(*writes, return_exceptions=True):
+                if isinstance(failed, Exception):
+                    log.warning("task %s: %s: index or event write failed: %s", task_id, new.status.value, failed)
         return new
 
     # -- the claimers' view of the records ---------------------------------------------
@@ -861,6 +870,64 @@ class NatsBackend:
     def unregister(self, worker_id: str) -> None:
         self._run(self._kv_delete(self.kv_workers, worker_id))
 
+    def release_unsupervised(
+        self, worker_id: str, supervised: Callable[[], tuple[set[tuple[str, int]], datetime]]
+    ) -> list[str]:
+        """Put back in the queue the tasks leased to ``worker_id`` that it does not supervise (a claim whose
+        answer was lost or that failed after its lease landed): they would stay running while its heartbeat
+        keeps the lease alive. ``supervised()``: the (task id, epoch) it supervises and the time before which
+        every lease it got is among them (a claim in flight may hold newer ones); called after the read, in the
+        caller's thread."""
+
+        async def read():
+            return [
+                r
+                for _, r in (await self._unfinished()).values()
+                if r.status == TaskStatus.RUNNING and r.runner == "claude" and r.lease and r.lease.worker == worker_id
+            ]
+
+        mine = self._run(read())
+        if not mine:
+            return []
+        keys, cutoff = supervised()
+        orphans = [r for r in mine if (r.task_id, r.epoch) not in keys and r.lease.acquired_at < cutoff]
+        if not orphans:
+            return []
+
+        async def go():
+            out, ended = [], False
+            for r in orphans:
+                lease = r.lease
+                did: list[bool] = []
+
+                def fn(cur: TaskRecord, lease=lease, did=did) -> TaskRecord | None:
+                    did.clear()
+                    if cur.status != TaskStatus.RUNNING or not lease.same(cur.lease):
+                        return None
+                    did.append(True)
+                    if cur.cancel_requested:
+                        return cur.model_copy(update={"status": TaskStatus.CANCELLED, "lease": None, "claude": None,
+                                                      "error": "cancelled before its worker started it"})  # fmt: skip
+                    return cur.model_copy(update={"status": TaskStatus.QUEUED, "lease": None, "claude": None,
+                                                  "started_at": None, "progress": Progress()})  # fmt: skip
+
+                try:
+                    new = await self._update(r.task_id, fn)
+                except (TaskNotFoundError, CorruptRecordError):
+                    continue
+                if did:
+                    ended = ended or new.status.terminal
+                    log.warning("task %s: leased to worker %s, which does not run it: released", r.task_id, worker_id)
+                    await self._append_event(r.task_id, "released", by=worker_id, reason="leased but not started")
+                    out.append(r.task_id)
+            if out:
+                await self.nc.publish(f"{self.ns}.nudge", b"")
+            if ended:
+                await self._resolve_waiting()
+            return out
+
+        return self._run(go())
+
     def workers(self) -> list[WorkerInfo]:
         """Registered workers whose heartbeat is fresh (their key has not expired)."""
 
@@ -1025,8 +1092,16 @@ class NatsBackend:
             # (all at once: each is a compare-and-set on the revision read, which only fails if the record
             # changed since, e.g. a cancel; that task is left for the next round)
             hints = {t: seen[t] for t in (r.task_id for r in picked) if seen[t][1] is records[t]}
-            taken = await asyncio.gather(*(self._take(r.task_id, worker, hints.get(r.task_id)) for r in picked))
-            out.extend(rec for rec in taken if rec is not None)
+            taken = await asyncio.gather(
+                *(self._take(r.task_id, worker, hints.get(r.task_id)) for r in picked), return_exceptions=True
+            )
+            for r, rec in zip(picked, taken, strict=True):
+                if isinstance(rec, BaseException):  # (the others' leases stand; this one is tried next round)
+                    if not isinstance(rec, Exception):
+                        raise rec
+                    log.warning("task %s: lease failed: %s", r.task_id, rec)
+                elif rec is not None:
+                    out.append(rec)
         return out
 
     async def _note(self, task_id: str, worker: WorkerInfo, why: str) -> None:
@@ -1063,12 +1138,17 @@ class NatsBackend:
         hint: tuple[int, TaskRecord] | None = None,
     ) -> TaskRecord | None:
         taken: list[TaskRecord] = []
+        mine: list[Lease] = []
 
         def fn(r: TaskRecord) -> TaskRecord | None:
             taken.clear()
+            if mine and r.status == TaskStatus.RUNNING and mine[0].same(r.lease):
+                taken.append(r)  # (our own write, landed though its acknowledgement was lost)
+                return None
             if not ready(r) or r.runner != runner:
                 return None
             lease = make_lease(r)
+            mine[:] = [lease]
             update = {
                 "status": TaskStatus.RUNNING,
                 "started_at": lease.acquired_at,

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from filelock import Timeout
@@ -37,7 +38,7 @@ from .checks import NATS_FILES
 from .config import default_worker_idle
 from .connect import open_backend
 from .errors import CCTasksError
-from .models import TaskRecord, WorkerInfo
+from .models import TaskRecord, WorkerInfo, utcnow
 from .states import TaskStatus
 from .store import HOST, TaskStore
 from .supervisor import Supervisor
@@ -76,6 +77,7 @@ class Worker:
         self.supervising: dict[tuple[str, int], Supervisor] = {}  # (task id, epoch): a lost lease's thread may
         # still be ending when the same task is claimed again
         self._lock = threading.Lock()
+        self._claim_since: datetime | None = None  # when the claim in flight started (see _supervised)
         self.draining = False  # take no more work; exit once the running tasks have ended
         self.cancel_all = False  # ... and cancel them first
         self._cancelled = False
@@ -93,8 +95,17 @@ class Worker:
             try:
                 if not self.backend.heartbeat(self.info.worker_id):
                     self.backend.register(self.info)
+                release = getattr(self.backend, "release_unsupervised", None)
+                if release is not None:  # (a remote backend: a claim's answer can be lost after its lease landed)
+                    release(self.info.worker_id, self._supervised)
             except Exception:
                 traceback.print_exc()
+
+    def _supervised(self) -> tuple[set[tuple[str, int]], datetime]:
+        """The (task id, epoch) this worker supervises, and the time before which every lease it got is among
+        them (the start of a claim in flight, whose leases are not supervised yet)."""
+        with self._lock:
+            return set(self.supervising), self._claim_since or utcnow()
 
     # -- lifecycle -----------------------------------------------------------
     def stop(self, cancel: bool = False) -> None:
@@ -261,13 +272,19 @@ class Worker:
     def claim(self, free: int, fresh: bool) -> None:
         if fresh:
             self.last_claim = time.monotonic()
+        with self._lock:
+            self._claim_since = utcnow() - timedelta(seconds=1)  # (leases' clocks: this host's, a margin)
         try:
-            records = self.backend.claim(self.info, free, fresh=fresh)
-        except Timeout:  # another claimer holds the queue for long: try again soon
-            self.nudged = True
-            return
-        for rec in records:
-            self.supervise(rec)
+            try:
+                records = self.backend.claim(self.info, free, fresh=fresh)
+            except Timeout:  # another claimer holds the queue for long: try again soon
+                self.nudged = True
+                return
+            for rec in records:
+                self.supervise(rec)
+        finally:
+            with self._lock:
+                self._claim_since = None
 
     def supervise(self, rec: TaskRecord) -> None:
         sup = None

@@ -11,15 +11,18 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
 
 from cc_tasks import nats_backend
 from cc_tasks.config import Settings
+from cc_tasks.errors import BackendUnreachableError
 from cc_tasks.manager import TaskManager
-from cc_tasks.models import TaskOptions, TaskStatus
+from cc_tasks.models import TaskOptions, TaskRecord, TaskRequest, TaskStatus, utcnow
 from cc_tasks.nats_backend import NatsBackend
 from cc_tasks.nats_conn import nats_settings, redacted
+from cc_tasks.store import new_task_id
 
 from .backends import worker_info
 from .conftest import ROOT, pid_alive
@@ -310,3 +313,93 @@ def test_a_cancel_check_during_an_outage_answers_the_last_known_value(tmp_path):
     finally:
         b.close()
         nats.stop()
+
+
+def _queued(b: NatsBackend, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        r = TaskRecord(task_id=new_task_id(), cwd="/tmp", timeout_seconds=60, max_attempts=3)
+        b.submit(r, TaskRequest(options=TaskOptions(prompt="x"), cwd="/tmp", claude_bin="claude"))
+        ids.append(r.task_id)
+    return ids
+
+
+def test_a_failing_lease_write_keeps_the_claims_other_leases(url, monkeypatch):
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        ids = _queued(b, 3)
+        w = worker_info()
+        b.register(w)
+        take = b._take
+
+        async def flaky(task_id, worker, hint=None):
+            if task_id == ids[1]:
+                raise BackendUnreachableError("lost")
+            return await take(task_id, worker, hint)
+
+        monkeypatch.setattr(b, "_take", flaky)
+        got = b.claim(w, 3)
+        assert sorted(r.task_id for r in got) == sorted([ids[0], ids[2]])
+        assert b.load(ids[1]).status == TaskStatus.QUEUED
+    finally:
+        b.close()
+
+
+def test_a_write_whose_index_or_event_fails_still_reports_the_change(url, monkeypatch):
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        (t,) = _queued(b, 1)
+
+        async def broken(*a, **k):
+            raise BackendUnreachableError("lost")
+
+        monkeypatch.setattr(b, "_append_event", broken)
+        r = b.request_cancel(t)  # (a queued task: cancelled at once)
+        assert r.status == TaskStatus.CANCELLED and b.load(t).status == TaskStatus.CANCELLED
+    finally:
+        b.close()
+
+
+def test_a_lease_whose_acknowledgement_was_lost_is_recognised_as_ours(url, monkeypatch):
+    """The lease landed, its answer was lost and the record changed meanwhile (a cancel mark): the compare-and-set
+    reports a conflict, and the claim still knows the record holds its own lease."""
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        (t,) = _queued(b, 1)
+        w = worker_info()
+        b.register(w)
+        cas = b._cas
+
+        async def lost_ack(kv, key, value, rev):
+            if kv is not b.kv_tasks or not await cas(kv, key, value, rev):
+                return await cas(kv, key, value, rev)
+            e = await b._kv_get(kv, key)
+            marked = b._parse(key, e.value).model_copy(update={"cancel_requested": True})
+            await kv.update(key, marked.model_dump_json().encode(), last=e.revision)
+            monkeypatch.setattr(b, "_cas", cas)
+            return False
+
+        monkeypatch.setattr(b, "_cas", lost_ack)
+        (got,) = b.claim(w, 1)
+        assert got.task_id == t and got.lease.worker == w.worker_id and got.status == TaskStatus.RUNNING
+    finally:
+        b.close()
+
+
+def test_a_worker_releases_a_task_leased_to_it_that_it_does_not_run(url):
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        a, c = _queued(b, 2)
+        w = worker_info()
+        b.register(w)
+        got = {r.task_id: r for r in b.claim(w, 2)}
+        later = utcnow() + timedelta(seconds=5)
+        assert b.release_unsupervised(w.worker_id, lambda: ({(a, 1), (c, 1)}, later)) == []
+        assert b.release_unsupervised(w.worker_id, lambda: (set(), got[a].lease.acquired_at)) == []  # (in flight)
+        assert b.release_unsupervised(w.worker_id, lambda: ({(a, 1)}, later)) == [c]
+        released = b.load(c)
+        assert released.status == TaskStatus.QUEUED and released.lease is None and b.load(a).lease == got[a].lease
+        (again,) = b.claim(w, 1)
+        assert again.task_id == c and again.epoch == 2
+    finally:
+        b.close()
