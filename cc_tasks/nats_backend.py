@@ -1036,8 +1036,10 @@ class NatsBackend:
     # -- claim (worker side) -------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def _queue_locked(self):
-        """The claim lock: a key created if absent (the bucket's TTL frees a dead holder's after LOCK_TTL)."""
-        token = f"{HOST} {os.getpid()} {secrets.token_hex(4)}".encode()
+        """The claim lock: a key created if absent (the bucket's TTL frees a dead holder's after LOCK_TTL), its
+        value a token of this holder's own. Yields ``still_ours()``: whether the key is still the one this
+        holder created (a pass longer than LOCK_TTL may have lost it); call it just before leasing."""
+        token = f"{HOST} {os.getpid()} {secrets.token_hex(8)}".encode()
         deadline = time.monotonic() + LOCK_WAIT
         delay = 0.002
         while True:
@@ -1045,15 +1047,28 @@ class NatsBackend:
                 rev = await _retrying(lambda: self.kv_lock.create("queue", token), "lock")
                 break
             except jserr.KeyWrongLastSequenceError:
+                e = await self._kv_get(self.kv_lock, "queue")
+                if e is not None and e.value == token:  # (our create landed; its answer was lost and retried)
+                    rev = e.revision
+                    break
                 if time.monotonic() > deadline:
                     raise Timeout(f"{self.address} queue lock") from None
                 await asyncio.sleep(delay * (0.5 + secrets.randbelow(100) / 100))
                 delay = min(0.05, delay * 1.5)
+
+        async def still_ours() -> bool:
+            e = await self._kv_get(self.kv_lock, "queue")
+            return e is not None and e.revision == rev
+
         try:
-            yield
+            yield still_ours
         finally:
-            with contextlib.suppress(Exception):
-                await self.kv_lock.delete("queue", last=rev)
+            try:
+                await retrying(lambda: self.kv_lock.delete("queue", last=rev), what="unlock", deadline=5.0)
+            except jserr.KeyWrongLastSequenceError:
+                pass  # (not ours any more: expired and taken, or our delete landed before a retry)
+            except Exception as e:  # (the bucket's TTL frees it)
+                log.warning("%s: queue lock not released (%s); it expires in %g s", self.address, e, LOCK_TTL)
 
     def claim(self, worker: WorkerInfo, free_slots: int, fresh: bool = True) -> list[TaskRecord]:
         """Lease up to ``free_slots`` ready tasks to ``worker`` (highest priority, then oldest; only tasks whose
@@ -1066,7 +1081,7 @@ class NatsBackend:
 
     async def _claim(self, worker: WorkerInfo, free_slots: int) -> list[TaskRecord]:
         out: list[TaskRecord] = []
-        async with self._queue_locked():
+        async with self._queue_locked() as still_ours:
             seen = await self._unfinished()
             records = {t: r for t, (_, r) in seen.items()}
             for t, r in list(records.items()):  # (a worker seen alive in this pass is not looked up again)
@@ -1092,6 +1107,9 @@ class NatsBackend:
             # (all at once: each is a compare-and-set on the revision read, which only fails if the record
             # changed since, e.g. a cancel; that task is left for the next round)
             hints = {t: seen[t] for t in (r.task_id for r in picked) if seen[t][1] is records[t]}
+            if picked and not await still_ours():  # (a pass longer than the lock's TTL: another claimer may be in)
+                log.warning("%s: the queue lock expired during a claim pass; leasing nothing this pass", self.address)
+                return out
             taken = await asyncio.gather(
                 *(self._take(r.task_id, worker, hints.get(r.task_id)) for r in picked), return_exceptions=True
             )
@@ -1340,7 +1358,7 @@ class NatsBackend:
         mine = set(labels)
 
         async def go():
-            async with self._queue_locked():
+            async with self._queue_locked() as still_ours:
                 records = await self._read_all(await self._active_ids())
                 for t, r in list(records.items()):
                     if r.runner == "agent" and r.status == TaskStatus.RUNNING:
@@ -1351,6 +1369,8 @@ class NatsBackend:
                      and (group is None or r.group == group)),
                     key=queue_order,
                 )  # fmt: skip
+                if candidates and not await still_ours():
+                    return None
                 for r in candidates:
                     token = secrets.token_urlsafe(24)
 

@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import timedelta
 
+import nats.errors
 import pytest
 
 from cc_tasks import nats_backend
@@ -401,5 +402,63 @@ def test_a_worker_releases_a_task_leased_to_it_that_it_does_not_run(url):
         assert released.status == TaskStatus.QUEUED and released.lease is None and b.load(a).lease == got[a].lease
         (again,) = b.claim(w, 1)
         assert again.task_id == c and again.epoch == 2
+    finally:
+        b.close()
+
+
+def test_the_claim_lock_survives_a_lost_answer_to_its_create_and_its_delete(url, monkeypatch):
+    """A create that landed though its answer was lost is the holder's (its token), not a wait for the TTL; a
+    delete whose answer was lost is tried again, and the lock is free after."""
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        (t,) = _queued(b, 1)
+        w = worker_info()
+        b.register(w)
+        kv = b.kv_lock
+        create, delete = kv.create, kv.delete
+        lost = {"create": 1, "delete": 1}
+
+        async def create_lost(key, value, **kw):
+            rev = await create(key, value, **kw)
+            if lost["create"]:
+                lost["create"] -= 1
+                raise nats.errors.TimeoutError
+            return rev
+
+        async def delete_failed(key, **kw):
+            if lost["delete"]:
+                lost["delete"] -= 1
+                raise nats.errors.TimeoutError
+            return await delete(key, **kw)
+
+        monkeypatch.setattr(kv, "create", create_lost)
+        monkeypatch.setattr(kv, "delete", delete_failed)
+        t0 = time.monotonic()
+        (got,) = b.claim(w, 1)
+        assert got.task_id == t and time.monotonic() - t0 < 5
+        assert lost == {"create": 0, "delete": 0}
+        assert b._run(b._kv_get(kv, "queue")) is None  # (released)
+    finally:
+        b.close()
+
+
+def test_a_claim_pass_that_lost_the_lock_leases_nothing(url, monkeypatch):
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        (t,) = _queued(b, 1)
+        w = worker_info()
+        b.register(w)
+        unfinished = b._unfinished
+
+        async def slow_pass():
+            seen = await unfinished()
+            await b.kv_lock.purge("queue")  # (the lock's TTL ran out during the pass)
+            await b.kv_lock.create("queue", b"another claimer")
+            return seen
+
+        monkeypatch.setattr(b, "_unfinished", slow_pass)
+        assert b.claim(w, 1) == []
+        assert b.load(t).status == TaskStatus.QUEUED
+        assert b._run(b._kv_get(b.kv_lock, "queue")).value == b"another claimer"  # (not released by us)
     finally:
         b.close()
