@@ -6,21 +6,12 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 from pydantic import BaseModel, Field
 
 from .checks import NUMERIC_SETTINGS, default_store_dir, number
 from .errors import ClaudeNotFoundError, ConfigError
-
-
-def redact(url: str) -> str:
-    """A backend URL without its user name or password (for logs, replies, claude's environment)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[1], parts.path, parts.query, parts.fragment))
 
 
 def default_max_concurrent() -> int:
