@@ -53,6 +53,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import nats.errors
 import nats.js.errors as jserr
 from filelock import Timeout
 from nats.js.api import DeliverPolicy, StreamConfig
@@ -153,10 +154,11 @@ class NatsBackend:
         self._recs_seq = 0
         self._recs_sub = None
         self._recs_moved = asyncio.Event()
+        self._closing = False
         try:
             self._run(self._setup())
-        except Exception:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        except BaseException:
+            self._shutdown(drain=False)
             raise
 
     def __repr__(self) -> str:
@@ -187,11 +189,27 @@ class NatsBackend:
 
     async def _setup(self) -> None:
         async def on_disconnect() -> None:
+            if self._closing:
+                return
             log.warning("nats: disconnected from %s; reconnecting", self.settings.url)
 
         settings = self.settings.model_copy(update={"name": f"cc-tasks {HOST} {os.getpid()}"})
         self.nc = await connect(settings, disconnected_cb=on_disconnect)
         self.js = self.nc.jetstream(timeout=5.0)
+        try:
+            await self._open_streams()
+        except (jserr.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
+            if not (self.nc._server_info or {}).get("jetstream"):  # (the server's INFO says whether it has it)
+                raise BackendUnreachableError(
+                    f"JetStream is not enabled on {self.settings.url}: start nats-server with -js (or a "
+                    "jetstream {} block in its configuration)"
+                ) from None
+            raise BackendUnreachableError(
+                f"JetStream on {self.settings.url} does not answer ({type(e).__name__}); check that a majority of "
+                "a cluster is up"
+            ) from None
+
+    async def _open_streams(self) -> None:
         NS, r = self.NS, self.replicas
         self.kv_tasks = await self._bucket(f"{NS}_TASKS")
         self.kv_req = await self._bucket(f"{NS}_REQ")
@@ -228,16 +246,40 @@ class NatsBackend:
                 return await self.js.key_value(name)
 
     def close(self) -> None:
+        self._shutdown(drain=True)
+
+    def _shutdown(self, drain: bool) -> None:
+        """End the records watcher, drain (or close) the connection, then stop the loop and its thread."""
+
+        self._closing = True
+
         async def _close():
+            nc = getattr(self, "nc", None)
+            if nc is None:
+                return
             with contextlib.suppress(Exception):
                 if self._recs_sub is not None:
                     await self._recs_sub.unsubscribe()
+            if drain:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.drain(), 5)
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                if not nc.is_closed:
+                    await nc.close()
+            # (let the client's own tasks see their cancellation before the loop stops)
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
+        if self._loop.is_closed():
+            return
         with contextlib.suppress(Exception):
             self._run(_close(), timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     # -- KV primitives ---------------------------------------------------------------
     async def _kv_get(self, kv, key: str):

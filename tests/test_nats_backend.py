@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -462,3 +463,29 @@ def test_a_claim_pass_that_lost_the_lock_leases_nothing(url, monkeypatch):
         assert b._run(b._kv_get(b.kv_lock, "queue")).value == b"another claimer"  # (not released by us)
     finally:
         b.close()
+
+
+def test_a_server_without_jetstream_is_one_clear_line(tmp_path):
+    from .nats_servers import NatsServer, free_port, nats_server_bin
+
+    port = free_port()
+    plain = NatsServer(dir=tmp_path, port=port, argv=[nats_server_bin(), "-a", "127.0.0.1", "-p", str(port)])
+    plain.start()
+    try:
+        url = f"nats://u:s3cret@127.0.0.1:{port}"
+        threads = {t.name for t in threading.enumerate()}
+        with pytest.raises(BackendUnreachableError, match=r"JetStream is not enabled on nats://127.0.0.1:\d+: .*-js"):
+            NatsBackend(url)
+        assert not {t.name for t in threading.enumerate()} - threads  # (its loop's thread ended)
+        e = {**os.environ, "PYTHONWARNINGS": "default"}
+        p = subprocess.run(
+            [sys.executable, "-m", "cc_tasks.worker", "--backend", url], cwd=str(ROOT), env=e,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert p.returncode == 2
+        assert p.stderr.strip().splitlines() == [
+            f"error: JetStream is not enabled on nats://127.0.0.1:{port}: start nats-server with -js (or a "
+            "jetstream {} block in its configuration)"
+        ]
+    finally:
+        plain.stop()
