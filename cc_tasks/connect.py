@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from .backend import Backend
-from .config import Settings
+from .config import NATS_LEASE_SECONDS, Settings
 from .errors import ConfigError
 from .store import TaskStore
 
@@ -45,6 +45,8 @@ def open_backend(
         from .nats_backend import NatsBackend
 
         files = s.nats_files if nats_files is None else nats_files
+        if not lease_seconds and "lease_seconds" not in s.model_fields_set:
+            lease = NATS_LEASE_SECONDS  # (CC_TASKS_LEASE_SECONDS not set: NATS's own default)
         return NatsBackend(url, max_concurrent=cap, lease_seconds=lease, **files)
     root = Path(url).expanduser() if url else s.store_dir
     return TaskStore(root, max_concurrent=cap, lease_seconds=lease)

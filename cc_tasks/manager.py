@@ -460,6 +460,7 @@ class TaskManager:
             depth=s.depth,
             max_depth=s.max_depth,
             default_timeout=s.default_timeout,
+            lease_seconds=self.store.lease_seconds,
             workers=workers,
         )
 

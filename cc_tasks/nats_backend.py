@@ -135,7 +135,7 @@ class NatsBackend:
         self.settings = settings or nats_settings(url, **files)
         self.ns, self.replicas = self.settings.namespace, self.settings.replicas
         self.max_concurrent = max_concurrent or default_max_concurrent()
-        self.lease_seconds = lease_seconds or default_lease_seconds()
+        self.lease_seconds = lease_seconds or default_lease_seconds(remote=True)
         self.NS = self.ns.upper()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats-{self.ns}", daemon=True)

@@ -19,6 +19,7 @@ import pytest
 
 from cc_tasks import nats_backend
 from cc_tasks.config import Settings
+from cc_tasks.connect import open_backend
 from cc_tasks.errors import BackendUnreachableError
 from cc_tasks.manager import TaskManager
 from cc_tasks.models import TaskOptions, TaskRecord, TaskRequest, TaskStatus, utcnow
@@ -489,3 +490,19 @@ def test_a_server_without_jetstream_is_one_clear_line(tmp_path):
         ]
     finally:
         plain.stop()
+
+
+def test_the_lease_defaults_to_30_s_on_nats_and_follows_the_setting(url, monkeypatch):
+    monkeypatch.delenv("CC_TASKS_LEASE_SECONDS", raising=False)
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    m = TaskManager(Settings.from_env())
+    try:
+        assert m.store.lease_seconds == 30 and m.server_info().lease_seconds == 30
+    finally:
+        m.store.close()
+    monkeypatch.setenv("CC_TASKS_LEASE_SECONDS", "12")
+    b = open_backend(f"{url}b")  # (a namespace of its own: the first opener sets the bucket's TTL)
+    try:
+        assert b.lease_seconds == 12
+    finally:
+        b.close()
