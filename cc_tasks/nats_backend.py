@@ -155,6 +155,8 @@ class NatsBackend:
         self._recs_sub = None
         self._recs_moved = asyncio.Event()
         self._closing = False
+        #: When this object's connection last came up (None while it is down): see _settled.
+        self._connected_at: float | None = None
         try:
             self._run(self._setup())
         except BaseException:
@@ -189,12 +191,17 @@ class NatsBackend:
 
     async def _setup(self) -> None:
         async def on_disconnect() -> None:
+            self._connected_at = None
             if self._closing:
                 return
             log.warning("nats: disconnected from %s; reconnecting", self.settings.url)
 
+        async def on_reconnect() -> None:
+            self._connected_at = time.monotonic()
+
         settings = self.settings.model_copy(update={"name": f"cc-tasks {HOST} {os.getpid()}"})
-        self.nc = await connect(settings, disconnected_cb=on_disconnect)
+        self.nc = await connect(settings, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect)
+        self._connected_at = time.monotonic()
         self.js = self.nc.jetstream(timeout=5.0)
         try:
             await self._open_streams()
@@ -940,12 +947,20 @@ class NatsBackend:
             out, ended = [], False
             for r in orphans:
                 lease = r.lease
+                if r.claude is not None or r.progress.tool_calls:  # (claude ran: a lost worker's task, by its rules)
+                    new = await self._worker_lost(r, f"worker {worker_id} no longer supervises it", force=True)
+                    if new is not r and not (new.status == TaskStatus.RUNNING and new.lease == lease):
+                        ended = ended or new.status.terminal
+                        out.append(r.task_id)
+                    continue
                 did: list[bool] = []
 
                 def fn(cur: TaskRecord, lease=lease, did=did) -> TaskRecord | None:
                     did.clear()
                     if cur.status != TaskStatus.RUNNING or not lease.same(cur.lease):
                         return None
+                    if cur.claude is not None or cur.progress.tool_calls:
+                        return None  # (claude started meanwhile: the next pass deals with it)
                     did.append(True)
                     if cur.cancel_requested:
                         return cur.model_copy(update={"status": TaskStatus.CANCELLED, "lease": None, "claude": None,
@@ -1008,9 +1023,17 @@ class NatsBackend:
         return self._run(self._lease_alive(lease, max_age))
 
     # -- the worker is gone --------------------------------------------------------------
+    def _settled(self) -> bool:
+        """Whether this object has been connected for a whole lease: only then is a missing worker key a gone
+        worker. Just after an outage (ours or the server's: a restarted server drops keys older than their TTL)
+        live workers have not had the time to put their keys again."""
+        return self._connected_at is not None and time.monotonic() - self._connected_at >= self.lease_seconds
+
     async def _check_lease(self, r: TaskRecord, max_age: float = 0.0) -> TaskRecord:
         if r.status != TaskStatus.RUNNING or (r.lease is not None and await self._lease_alive(r.lease, max_age)):
             return r
+        if r.lease is not None and r.lease.expires_at is None and not self._settled():
+            return r  # (not judged yet: see _settled)
         if r.lease is None:
             return await self._worker_lost(r, "it has no lease")
         if r.lease.expires_at is not None:
@@ -1023,14 +1046,15 @@ class NatsBackend:
     def worker_lost(self, r: TaskRecord, reason: str) -> TaskRecord:
         return self._run(self._worker_lost(r, reason))
 
-    async def _worker_lost(self, r: TaskRecord, reason: str) -> TaskRecord:
+    async def _worker_lost(self, r: TaskRecord, reason: str, force: bool = False) -> TaskRecord:
         """The one place for "the worker is gone" (as TaskStore.worker_lost): the lease is dropped, so the
         lost worker's writes are refused from here on (its supervisor then stops claude); the task goes back
         to the queue as a new attempt when its run used no tool and attempts remain, else it ends failed (or
-        cancelled if a cancel was asked for). Its processes are stopped if they run on this host."""
+        cancelled if a cancel was asked for). Its processes are stopped if they run on this host. ``force``: the lease
+        is not looked at (its own worker says it no longer runs the task)."""
         lease = r.lease
         doomed: list[TaskRecord] = []
-        alive = await self._lease_alive(lease) if lease is not None else False
+        alive = await self._lease_alive(lease) if lease is not None and not force else False
 
         def fn(cur: TaskRecord) -> TaskRecord | None:
             doomed.clear()

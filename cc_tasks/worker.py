@@ -83,6 +83,7 @@ class Worker:
         self._cancelled = False
         self.nudged = True
         self.last_claim = self.last_beat = 0.0
+        self.beat_ok = time.monotonic()  # the last successful heartbeat (see _watch_leases)
         self.last_activity = time.monotonic()
         self.inbox: control.Inbox | None = None
         self._wake_r = self._wake_w = -1
@@ -95,11 +96,36 @@ class Worker:
             try:
                 if not self.backend.heartbeat(self.info.worker_id):
                     self.backend.register(self.info)
+                self.beat_ok = time.monotonic()
                 release = getattr(self.backend, "release_unsupervised", None)
                 if release is not None:  # (a remote backend: a claim's answer can be lost after its lease landed)
                     release(self.info.worker_id, self._supervised)
             except Exception:
                 traceback.print_exc()
+
+    def _watch_leases(self) -> None:
+        """On a remote backend, in a thread of its own (the heartbeat may be stuck waiting for the server): once
+        no heartbeat has succeeded for the lease less a margin, others may judge this worker gone and run its
+        tasks elsewhere, so every task it supervises is abandoned: claude stopped, nothing more written."""
+        lease = float(getattr(self.backend, "lease_seconds", 0) or 0)
+        if self.backend.kind == "local" or lease <= 0:
+            return
+        limit = lease - min(5.0, lease / 4)
+        while not self._stopped.wait(0.25):
+            silent = time.monotonic() - self.beat_ok
+            if silent < limit:
+                continue
+            why = f"worker {self.info.worker_id} had no heartbeat for {silent:.0f} s (lease {lease:g} s)"
+            with self._lock:  # (request_stop under the lock, as _look_for_cancels)
+                doomed = [sup for sup in self.supervising.values() if not sup.lost]
+                for sup in doomed:
+                    sup.abandon(why)
+            for sup in doomed:
+                log.warning("task %s: %s; stopping its claude", sup.task_id, why)
+                try:
+                    sup.stop_everything()
+                except Exception:
+                    traceback.print_exc()
 
     def _supervised(self) -> tuple[set[tuple[str, int]], datetime]:
         """The (task id, epoch) this worker supervises, and the time before which every lease it got is among
@@ -144,8 +170,10 @@ class Worker:
         on_nudge = getattr(self.backend, "on_nudge", None)
         if on_nudge is not None:  # (a remote backend's nudges and cancels come as messages)
             on_nudge(self._nudged)
+        self.beat_ok = time.monotonic()
         beating = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         beating.start()
+        threading.Thread(target=self._watch_leases, name="lease-watch", daemon=True).start()
         if self.listen:
             self._bind()
         log.info("worker %s started: %d slots, labels %s", self.info.worker_id, self.slots, self.info.labels)
@@ -310,7 +338,7 @@ class Worker:
             sup.run()
         finally:
             try:  # a supervisor always ends its task; if it could not, do it here
-                if self.backend.holds(sup.lease):
+                if not sup.lost and self.backend.holds(sup.lease):
                     self.backend.finish(
                         sup.lease,
                         TaskStatus.FAILED,

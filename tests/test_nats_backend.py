@@ -506,3 +506,49 @@ def test_the_lease_defaults_to_30_s_on_nats_and_follows_the_setting(url, monkeyp
         assert b.lease_seconds == 12
     finally:
         b.close()
+
+
+async def test_a_worker_without_heartbeat_for_nearly_a_lease_stops_its_claude(
+    tmp_path, fake_claude, workdir, monkeypatch
+):
+    """An outage longer than the lease: the worker stops its own claude (others may run the task meanwhile) and
+    writes nothing for it; once back, the task is run again (it used no tool) and completes."""
+    store = tmp_path / "nats-long-outage"
+    server = start_nats(store)
+    url = f"{server.url}/longoutage"
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    monkeypatch.setenv("CC_TASKS_LEASE_SECONDS", "3")
+    m = TaskManager(Settings.from_env())
+    worker = start_worker(url, fake_claude, env={"CC_TASKS_LEASE_SECONDS": "3"})
+    try:
+        go = tmp_path / "go"
+        r = m.start(TaskOptions(prompt=fake({"wait_file": str(go), "no_tools": True, "result": "again"}), cwd=str(workdir)))  # fmt: skip
+        rec = wait_until(lambda: (x := m.get(r.task_id)).claude and x)
+        server.stop()
+        t0 = time.monotonic()
+        wait_until(lambda: not pid_alive(rec.claude.pid), timeout=15)  # (nobody else can reach the server)
+        assert time.monotonic() - t0 < 3 + 2
+        go.touch()
+        server = start_nats(store, port=server.port)
+        done = (await m.wait([r.task_id], timeout=60)).tasks[0]
+        assert done.status == TaskStatus.COMPLETED and done.result == "again" and done.epoch == 2
+    finally:
+        stop(worker)
+        m.store.close()
+        server.stop()
+
+
+def test_a_claimer_judges_workers_gone_only_after_a_lease_connected(url):
+    """Just after (re)connecting, a missing worker key may be a restarted server's expiry, not a gone worker."""
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        (t,) = _queued(b, 1)
+        w = worker_info()
+        b.register(w)
+        b.claim(w, 1)
+        b._run(b.kv_workers.purge(w.worker_id))
+        assert b.read(t).status == TaskStatus.RUNNING  # (connected for less than a lease)
+        b._connected_at -= 30
+        assert b.read(t).status == TaskStatus.QUEUED
+    finally:
+        b.close()
