@@ -43,6 +43,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -94,6 +95,8 @@ OBJ_CACHE_BYTES = 128 << 20
 RETRY_FOR = 30.0
 #: A workspace file up to this size is uploaded from memory (larger ones are streamed from the file).
 SMALL_UPLOAD = 1 << 20
+#: A record's status, without parsing the record (the records watcher looks at every write).
+STATUS_RE = re.compile(rb'"status":"([a-z_]+)"')
 #: How long a claimer waits for its watcher of the records to catch up before it reads them instead.
 RECS_WAIT = 0.25
 
@@ -155,6 +158,9 @@ class NatsBackend:
         self._recs_sub = None
         self._recs_moved = asyncio.Event()
         self._closing = False
+        #: Each task's status as the records watcher last saw it, and a count of the changes (activity_stamp).
+        self._statuses: dict[str, bytes] = {}
+        self._activity = 0
         #: When this object's connection last came up (None while it is down): see _settled.
         self._connected_at: float | None = None
         try:
@@ -426,8 +432,15 @@ class NatsBackend:
             op = (msg.headers or {}).get("KV-Operation")
             if op in ("DEL", "PURGE"):
                 self._recs.pop(key, None)
+                if self._statuses.pop(key, None) is not None:
+                    self._activity += 1
             else:
                 self._recs[key] = (meta.sequence.stream, msg.data)
+                m = STATUS_RE.search(msg.data or b"")
+                status = m.group(1) if m else b""
+                if self._statuses.get(key) != status:
+                    self._statuses[key] = status
+                    self._activity += 1
             self._recs_seq = max(self._recs_seq, meta.sequence.stream)
             self._recs_moved.set()
 
@@ -556,14 +569,16 @@ class NatsBackend:
         return True
 
     def activity_stamp(self) -> object:
-        """Changes whenever a task changes status (the index bucket's last sequence and message count: an index
-        write or removal at each change; one request)."""
-
-        async def go():
-            info = await _retrying(lambda: self.js.stream_info(f"KV_{self.NS}_IDX"), "stream info")
-            return info.state.last_seq, info.state.messages
-
-        return self._run(go())
+        """Changes whenever a task changes status, is added or is removed: a counter of this object's, fed by its
+        watcher of the records (started by the first call), so waiters poll it without a request to the
+        server. While the watcher cannot start (an outage) it does not change; waiters still read every
+        WAIT_FULL_EVERY."""
+        if self._recs_sub is None:
+            try:
+                self._run(self._watch_records(), timeout=RETRY_FOR)
+            except Exception as e:  # (next call tries again)
+                log.debug("%s: records watcher: %s", self.address, e)
+        return self._activity
 
     def queue_position(self, task_id: str) -> int | None:
         async def go():

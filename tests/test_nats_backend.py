@@ -552,3 +552,27 @@ def test_a_claimer_judges_workers_gone_only_after_a_lease_connected(url):
         assert b.read(t).status == TaskStatus.QUEUED
     finally:
         b.close()
+
+
+async def test_waiters_poll_a_local_stamp_and_remote_calls_leave_the_event_loop(url, monkeypatch):
+    """activity_stamp is this object's counter, fed by its records watcher: no request per poll (a wait polls it
+    every 2-50 ms); and the manager's calls that reach the server run in a thread, not on the event loop."""
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    m = TaskManager(Settings.from_env())
+    other = NatsBackend(url)
+    try:
+        s0 = m.store.activity_stamp()
+
+        def no_requests(*a, **k):
+            raise AssertionError("activity_stamp asked the server")
+
+        monkeypatch.setattr(m.store.js, "stream_info", no_requests)
+        assert m.store.activity_stamp() == s0
+        (t,) = _queued(other, 1)
+        s1 = wait_until(lambda: (s := m.store.activity_stamp()) != s0 and s, timeout=10)
+        other.request_cancel(t)
+        wait_until(lambda: m.store.activity_stamp() != s1, timeout=10)
+        assert await m.on_loop(threading.current_thread) is not threading.current_thread()
+    finally:
+        other.close()
+        m.store.close()
