@@ -809,6 +809,8 @@ class NatsBackend:
         hit = self._cancel_checked.get(task_id)
         if hit is not None and now - hit[0] < CANCEL_POLL:
             return hit[1]
+        if not self.nc.is_connected:  # (an outage: no waiting for it; the last answer stands)
+            return hit[1] if hit is not None else False
 
         async def go():
             if self._cancel_sub is None:

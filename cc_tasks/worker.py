@@ -97,9 +97,6 @@ class Worker:
                 if not self.backend.heartbeat(self.info.worker_id):
                     self.backend.register(self.info)
                 self.beat_ok = time.monotonic()
-                release = getattr(self.backend, "release_unsupervised", None)
-                if release is not None:  # (a remote backend: a claim's answer can be lost after its lease landed)
-                    release(self.info.worker_id, self._supervised)
             except Exception:
                 traceback.print_exc()
 
@@ -126,6 +123,18 @@ class Worker:
                     sup.stop_everything()
                 except Exception:
                     traceback.print_exc()
+
+    def _release_unsupervised(self) -> None:
+        """Once a heartbeat period, on a remote backend (where a claim's answer can be lost after its lease
+        landed, and an abandoned task keeps its record): put back the tasks leased to this worker that it does
+        not supervise. Here, not in the heartbeat's thread: a slow pass must not delay a heartbeat."""
+        release = getattr(self.backend, "release_unsupervised", None)
+        if release is None:
+            return
+        try:
+            release(self.info.worker_id, self._supervised)
+        except CCTasksError as e:
+            log.warning("releasing tasks this worker does not run: %s", e)
 
     def _supervised(self) -> tuple[set[tuple[str, int]], datetime]:
         """The (task id, epoch) this worker supervises, and the time before which every lease it got is among
@@ -231,6 +240,7 @@ class Worker:
             self.last_beat = now
             procs.reap_children()  # orphans adopted from tasks' trees
             self._look_for_cancels()
+            self._release_unsupervised()
         if self.inbox is not None and self.inbox.fileno() in ready:
             self.inbox.serve(self.handle)
         if self.draining:
