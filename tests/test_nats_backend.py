@@ -5,6 +5,7 @@ credentials never reach a record, a reply or claude's environment."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -576,3 +577,23 @@ async def test_waiters_poll_a_local_stamp_and_remote_calls_leave_the_event_loop(
     finally:
         other.close()
         m.store.close()
+
+
+def test_a_call_the_caller_stopped_waiting_for_is_cancelled(url):
+    """_run's timeout cancels the coroutine: a claim that outlived its caller leases nothing afterwards."""
+    b = NatsBackend(url)
+    try:
+        cancelled = threading.Event()
+
+        async def slow():
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        with pytest.raises(TimeoutError):
+            b._run(slow(), timeout=0.1)
+        assert cancelled.wait(5)
+    finally:
+        b.close()
