@@ -6,21 +6,12 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 from pydantic import BaseModel, Field
 
 from .checks import NUMERIC_SETTINGS, default_store_dir, number
 from .errors import ClaudeNotFoundError, ConfigError
-
-
-def redact(url: str) -> str:
-    """A backend URL without its user name or password (for logs, replies, claude's environment)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[1], parts.path, parts.query, parts.fragment))
 
 
 def default_max_concurrent() -> int:
@@ -44,10 +35,15 @@ def _env_float(name: str, default: float, lo: float) -> float:
     return number(name, raw, float, lo) if raw else default
 
 
-def default_lease_seconds() -> float:
+#: The lease on NATS when CC_TASKS_LEASE_SECONDS is not set: a JetStream leader election (4-8 s measured, plus
+#: the clients' backoff) must not make live workers look gone.
+NATS_LEASE_SECONDS = 30.0
+
+
+def default_lease_seconds(remote: bool = False) -> float:
     """How long a worker that stops renewing (hung, or on a host where its pid cannot be checked) keeps its
-    leases: CC_TASKS_LEASE_SECONDS, default 10 s."""
-    return _env_float("CC_TASKS_LEASE_SECONDS", 10.0, 1.0)
+    leases: CC_TASKS_LEASE_SECONDS, default 10 s (30 s on NATS: ``remote``)."""
+    return _env_float("CC_TASKS_LEASE_SECONDS", NATS_LEASE_SECONDS if remote else 10.0, 1.0)
 
 
 def default_worker_idle() -> float:

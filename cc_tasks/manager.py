@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Literal
+from typing import Literal, TypeVar
 
 import anyio
 from pydantic import ValidationError
@@ -72,6 +72,7 @@ from .transcript import Entry, parse_entries
 
 log = logging.getLogger("cc_tasks")
 ProgressFn = Callable[[float, str], Awaitable[None]]
+T = TypeVar("T")
 #: How long cancel waits for a supervisor to stop its task before stopping it itself.
 CANCEL_WAIT = 15.0
 #: Most tasks one wait follows (wait_for_tasks' task_ids, or a group's tasks).
@@ -384,10 +385,19 @@ class TaskManager:
         except WorkerUnavailableError as e:
             log.error("%s", e)
 
+    async def on_loop(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """``fn(*args, **kwargs)`` from the event loop: inline on the local store (a few small file operations),
+        in a thread on a remote backend (each call is a round trip to the server, seconds or more in an
+        outage, which must not stall other tool calls)."""
+        if self.store.kind == "local":
+            return fn(*args, **kwargs)
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
     async def anudge(self) -> None:
-        """``nudge`` for the event loop: inline when a worker is known to listen (one datagram-sized write),
-        else in a thread (starting a worker takes a moment and must not block other tool calls)."""
-        if self.store.worker_known():
+        """``nudge`` for the event loop: inline when a worker is known to listen (one datagram-sized write) on
+        the local store, else in a thread (starting a worker takes a moment, a remote publish a round trip to
+        the backend's loop, and neither may block other tool calls)."""
+        if self.store.worker_known() and self.store.kind == "local":
             self.nudge()
         else:
             await anyio.to_thread.run_sync(self.nudge)
@@ -460,6 +470,7 @@ class TaskManager:
             depth=s.depth,
             max_depth=s.max_depth,
             default_timeout=s.default_timeout,
+            lease_seconds=self.store.lease_seconds,
             workers=workers,
         )
 
@@ -929,7 +940,7 @@ class TaskManager:
             raise InvalidOptionsError("task_ids is empty: give at least one task id (or a group)")
         ids = list(dict.fromkeys(validate_task_id(t) for t in task_ids))
         for t in ids:
-            self.store.read(t)  # unknown ids fail before any waiting
+            await self.on_loop(self.store.read, t)  # unknown ids fail before any waiting
         t0 = time.monotonic()
         deadline = t0 + max(0.0, timeout)
         next_progress = t0

@@ -661,6 +661,9 @@ class ServerInfo(BaseModel):
     depth: int
     max_depth: int
     default_timeout: float
+    lease_seconds: float | None = Field(
+        None, description="How long a worker that stops its heartbeat keeps its tasks (10 s local, 30 s on NATS)."
+    )
     workers: list[WorkerBrief] = Field(
         default_factory=list, description="Live workers (at most 20 listed): they claim and run the tasks."
     )

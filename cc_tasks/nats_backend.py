@@ -43,6 +43,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -50,9 +51,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import nats.errors
 import nats.js.errors as jserr
 from filelock import Timeout
 from nats.js.api import DeliverPolicy, StreamConfig
@@ -60,6 +62,7 @@ from nats.js.api import DeliverPolicy, StreamConfig
 from . import procs
 from .config import default_lease_seconds, default_max_concurrent
 from .errors import (
+    BackendUnreachableError,
     CorruptRecordError,
     InvalidOptionsError,
     LeaseLostError,
@@ -85,11 +88,15 @@ LIVE_UPLOAD_MAX = 8 << 20
 #: A request larger than this goes to the object store (the KV value limit is the server's max_payload).
 REQ_INLINE_MAX = 512 << 10
 CANCEL_POLL = 0.5
+#: How long one cancel check rides out a failing server before the last answer stands (a supervisor polls it).
+CANCEL_RETRY = 2.0
 #: Finished tasks' outputs kept in memory for paging (in all; each at most a quarter of it).
 OBJ_CACHE_BYTES = 128 << 20
 RETRY_FOR = 30.0
 #: A workspace file up to this size is uploaded from memory (larger ones are streamed from the file).
 SMALL_UPLOAD = 1 << 20
+#: A record's status, without parsing the record (the records watcher looks at every write).
+STATUS_RE = re.compile(rb'"status":"([a-z_]+)"')
 #: How long a claimer waits for its watcher of the records to catch up before it reads them instead.
 RECS_WAIT = 0.25
 
@@ -131,7 +138,7 @@ class NatsBackend:
         self.settings = settings or nats_settings(url, **files)
         self.ns, self.replicas = self.settings.namespace, self.settings.replicas
         self.max_concurrent = max_concurrent or default_max_concurrent()
-        self.lease_seconds = lease_seconds or default_lease_seconds()
+        self.lease_seconds = lease_seconds or default_lease_seconds(remote=True)
         self.NS = self.ns.upper()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats-{self.ns}", daemon=True)
@@ -150,10 +157,16 @@ class NatsBackend:
         self._recs_seq = 0
         self._recs_sub = None
         self._recs_moved = asyncio.Event()
+        self._closing = False
+        #: Each task's status as the records watcher last saw it, and a count of the changes (activity_stamp).
+        self._statuses: dict[str, bytes] = {}
+        self._activity = 0
+        #: When this object's connection last came up (None while it is down): see _settled.
+        self._connected_at: float | None = None
         try:
             self._run(self._setup())
-        except Exception:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        except BaseException:
+            self._shutdown(drain=False)
             raise
 
     def __repr__(self) -> str:
@@ -166,7 +179,12 @@ class NatsBackend:
 
     # -- the event loop ----------------------------------------------------------
     def _run(self, coro, timeout: float | None = 300.0):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()  # (never left running behind the caller's back: a claim that outlived it leases nothing)
+            raise
 
     def _run_patient(self, coro):
         """``_run`` for a worker's writes: retried until the server answers (see _PATIENT)."""
@@ -179,11 +197,32 @@ class NatsBackend:
 
     async def _setup(self) -> None:
         async def on_disconnect() -> None:
+            self._connected_at = None
+            if self._closing:
+                return
             log.warning("nats: disconnected from %s; reconnecting", self.settings.url)
 
+        async def on_reconnect() -> None:
+            self._connected_at = time.monotonic()
+
         settings = self.settings.model_copy(update={"name": f"cc-tasks {HOST} {os.getpid()}"})
-        self.nc = await connect(settings, disconnected_cb=on_disconnect)
+        self.nc = await connect(settings, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect)
+        self._connected_at = time.monotonic()
         self.js = self.nc.jetstream(timeout=5.0)
+        try:
+            await self._open_streams()
+        except (jserr.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
+            if not (self.nc._server_info or {}).get("jetstream"):  # (the server's INFO says whether it has it)
+                raise BackendUnreachableError(
+                    f"JetStream is not enabled on {self.settings.url}: start nats-server with -js (or a "
+                    "jetstream {} block in its configuration)"
+                ) from None
+            raise BackendUnreachableError(
+                f"JetStream on {self.settings.url} does not answer ({type(e).__name__}); check that a majority of "
+                "a cluster is up"
+            ) from None
+
+    async def _open_streams(self) -> None:
         NS, r = self.NS, self.replicas
         self.kv_tasks = await self._bucket(f"{NS}_TASKS")
         self.kv_req = await self._bucket(f"{NS}_REQ")
@@ -220,16 +259,40 @@ class NatsBackend:
                 return await self.js.key_value(name)
 
     def close(self) -> None:
+        self._shutdown(drain=True)
+
+    def _shutdown(self, drain: bool) -> None:
+        """End the records watcher, drain (or close) the connection, then stop the loop and its thread."""
+
+        self._closing = True
+
         async def _close():
+            nc = getattr(self, "nc", None)
+            if nc is None:
+                return
             with contextlib.suppress(Exception):
                 if self._recs_sub is not None:
                     await self._recs_sub.unsubscribe()
+            if drain:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.drain(), 5)
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                if not nc.is_closed:
+                    await nc.close()
+            # (let the client's own tasks see their cancellation before the loop stops)
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
+        if self._loop.is_closed():
+            return
         with contextlib.suppress(Exception):
             self._run(_close(), timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     # -- KV primitives ---------------------------------------------------------------
     async def _kv_get(self, kv, key: str):
@@ -348,7 +411,11 @@ class NatsBackend:
             writes.append(
                 self._append_event(task_id, "status", status=new.status.value, error=new.error, worker=worker)
             )
-            await asyncio.gather(*writes)
+            # (the record is written: its index entry and event are best effort, never a reason to report the
+            # change as failed; a stale index entry is mended by the next claim pass)
+            for failed in await asyncio.gather(*writes, return_exceptions=True):
+                if isinstance(failed, Exception):
+                    log.warning("task %s: %s: index or event write failed: %s", task_id, new.status.value, failed)
         return new
 
     # -- the claimers' view of the records ---------------------------------------------
@@ -365,8 +432,15 @@ class NatsBackend:
             op = (msg.headers or {}).get("KV-Operation")
             if op in ("DEL", "PURGE"):
                 self._recs.pop(key, None)
+                if self._statuses.pop(key, None) is not None:
+                    self._activity += 1
             else:
                 self._recs[key] = (meta.sequence.stream, msg.data)
+                m = STATUS_RE.search(msg.data or b"")
+                status = m.group(1) if m else b""
+                if self._statuses.get(key) != status:
+                    self._statuses[key] = status
+                    self._activity += 1
             self._recs_seq = max(self._recs_seq, meta.sequence.stream)
             self._recs_moved.set()
 
@@ -495,14 +569,16 @@ class NatsBackend:
         return True
 
     def activity_stamp(self) -> object:
-        """Changes whenever a task changes status (the index bucket's last sequence and message count: an index
-        write or removal at each change; one request)."""
-
-        async def go():
-            info = await _retrying(lambda: self.js.stream_info(f"KV_{self.NS}_IDX"), "stream info")
-            return info.state.last_seq, info.state.messages
-
-        return self._run(go())
+        """Changes whenever a task changes status, is added or is removed: a counter of this object's, fed by its
+        watcher of the records (started by the first call), so waiters poll it without a request to the
+        server. While the watcher cannot start (an outage) it does not change; waiters still read every
+        WAIT_FULL_EVERY."""
+        if self._recs_sub is None:
+            try:
+                self._run(self._watch_records(), timeout=RETRY_FOR)
+            except Exception as e:  # (next call tries again)
+                log.debug("%s: records watcher: %s", self.address, e)
+        return self._activity
 
     def queue_position(self, task_id: str) -> int | None:
         async def go():
@@ -733,14 +809,29 @@ class NatsBackend:
         hit = self._cancel_checked.get(task_id)
         if hit is not None and now - hit[0] < CANCEL_POLL:
             return hit[1]
+        if not self.nc.is_connected:  # (an outage: no waiting for it; the last answer stands)
+            return hit[1] if hit is not None else False
 
         async def go():
             if self._cancel_sub is None:
                 self._cancel_sub = await self.nc.subscribe(f"{self.ns}.cancel.*", cb=self._on_cancel)
-            r = await self._peek(task_id)
-            return r is not None and r.cancel_requested
+            try:
+                get = retrying(lambda: self.kv_tasks.get(task_id), what="cancel check", deadline=CANCEL_RETRY)
+                e = await asyncio.wait_for(get, CANCEL_RETRY)
+            except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
+                return False
+            try:
+                return self._parse(task_id, e.value).cancel_requested
+            except CorruptRecordError:
+                return False
 
-        yes = self._run(go())
+        try:
+            yes = self._run(go(), timeout=CANCEL_RETRY + 5)
+        except (BackendUnreachableError, TimeoutError) as e:
+            # (an outage: the last answer stands; the supervisor keeps going and keeps its deadline, and a cancel
+            # sent meanwhile arrives on the cancel subject or is seen in the record once the server is back)
+            log.debug("task %s: cancel check: %s", task_id, e)
+            yes = hit[1] if hit is not None else False
         if len(self._cancel_checked) > 1000:
             self._cancel_checked.clear()
         self._cancel_checked[task_id] = (now, yes)
@@ -845,6 +936,72 @@ class NatsBackend:
     def unregister(self, worker_id: str) -> None:
         self._run(self._kv_delete(self.kv_workers, worker_id))
 
+    def release_unsupervised(
+        self, worker_id: str, supervised: Callable[[], tuple[set[tuple[str, int]], datetime]]
+    ) -> list[str]:
+        """Put back in the queue the tasks leased to ``worker_id`` that it does not supervise (a claim whose
+        answer was lost or that failed after its lease landed): they would stay running while its heartbeat
+        keeps the lease alive. ``supervised()``: the (task id, epoch) it supervises and the time before which
+        every lease it got is among them (a claim in flight may hold newer ones); called after the read, in the
+        caller's thread."""
+
+        async def read():
+            return [
+                r
+                for _, r in (await self._unfinished()).values()
+                if r.status == TaskStatus.RUNNING and r.runner == "claude" and r.lease and r.lease.worker == worker_id
+            ]
+
+        mine = self._run(read())
+        if not mine:
+            return []
+        keys, cutoff = supervised()
+        orphans = [r for r in mine if (r.task_id, r.epoch) not in keys and r.lease.acquired_at < cutoff]
+        if not orphans:
+            return []
+
+        async def go():
+            out, ended = [], False
+            for r in orphans:
+                lease = r.lease
+                if r.claude is not None or r.progress.tool_calls:  # (claude ran: a lost worker's task, by its rules)
+                    new = await self._worker_lost(r, f"worker {worker_id} no longer supervises it", force=True)
+                    if new is not r and not (new.status == TaskStatus.RUNNING and new.lease == lease):
+                        ended = ended or new.status.terminal
+                        out.append(r.task_id)
+                    continue
+                did: list[bool] = []
+
+                def fn(cur: TaskRecord, lease=lease, did=did) -> TaskRecord | None:
+                    did.clear()
+                    if cur.status != TaskStatus.RUNNING or not lease.same(cur.lease):
+                        return None
+                    if cur.claude is not None or cur.progress.tool_calls:
+                        return None  # (claude started meanwhile: the next pass deals with it)
+                    did.append(True)
+                    if cur.cancel_requested:
+                        return cur.model_copy(update={"status": TaskStatus.CANCELLED, "lease": None, "claude": None,
+                                                      "error": "cancelled before its worker started it"})  # fmt: skip
+                    return cur.model_copy(update={"status": TaskStatus.QUEUED, "lease": None, "claude": None,
+                                                  "started_at": None, "progress": Progress()})  # fmt: skip
+
+                try:
+                    new = await self._update(r.task_id, fn)
+                except (TaskNotFoundError, CorruptRecordError):
+                    continue
+                if did:
+                    ended = ended or new.status.terminal
+                    log.warning("task %s: leased to worker %s, which does not run it: released", r.task_id, worker_id)
+                    await self._append_event(r.task_id, "released", by=worker_id, reason="leased but not started")
+                    out.append(r.task_id)
+            if out:
+                await self.nc.publish(f"{self.ns}.nudge", b"")
+            if ended:
+                await self._resolve_waiting()
+            return out
+
+        return self._run(go())
+
     def workers(self) -> list[WorkerInfo]:
         """Registered workers whose heartbeat is fresh (their key has not expired)."""
 
@@ -883,9 +1040,17 @@ class NatsBackend:
         return self._run(self._lease_alive(lease, max_age))
 
     # -- the worker is gone --------------------------------------------------------------
+    def _settled(self) -> bool:
+        """Whether this object has been connected for a whole lease: only then is a missing worker key a gone
+        worker. Just after an outage (ours or the server's: a restarted server drops keys older than their TTL)
+        live workers have not had the time to put their keys again."""
+        return self._connected_at is not None and time.monotonic() - self._connected_at >= self.lease_seconds
+
     async def _check_lease(self, r: TaskRecord, max_age: float = 0.0) -> TaskRecord:
         if r.status != TaskStatus.RUNNING or (r.lease is not None and await self._lease_alive(r.lease, max_age)):
             return r
+        if r.lease is not None and r.lease.expires_at is None and not self._settled():
+            return r  # (not judged yet: see _settled)
         if r.lease is None:
             return await self._worker_lost(r, "it has no lease")
         if r.lease.expires_at is not None:
@@ -898,14 +1063,15 @@ class NatsBackend:
     def worker_lost(self, r: TaskRecord, reason: str) -> TaskRecord:
         return self._run(self._worker_lost(r, reason))
 
-    async def _worker_lost(self, r: TaskRecord, reason: str) -> TaskRecord:
+    async def _worker_lost(self, r: TaskRecord, reason: str, force: bool = False) -> TaskRecord:
         """The one place for "the worker is gone" (as TaskStore.worker_lost): the lease is dropped, so the
         lost worker's writes are refused from here on (its supervisor then stops claude); the task goes back
         to the queue as a new attempt when its run used no tool and attempts remain, else it ends failed (or
-        cancelled if a cancel was asked for). Its processes are stopped if they run on this host."""
+        cancelled if a cancel was asked for). Its processes are stopped if they run on this host. ``force``: the lease
+        is not looked at (its own worker says it no longer runs the task)."""
         lease = r.lease
         doomed: list[TaskRecord] = []
-        alive = await self._lease_alive(lease) if lease is not None else False
+        alive = await self._lease_alive(lease) if lease is not None and not force else False
 
         def fn(cur: TaskRecord) -> TaskRecord | None:
             doomed.clear()
@@ -953,8 +1119,10 @@ class NatsBackend:
     # -- claim (worker side) -------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def _queue_locked(self):
-        """The claim lock: a key created if absent (the bucket's TTL frees a dead holder's after LOCK_TTL)."""
-        token = f"{HOST} {os.getpid()} {secrets.token_hex(4)}".encode()
+        """The claim lock: a key created if absent (the bucket's TTL frees a dead holder's after LOCK_TTL), its
+        value a token of this holder's own. Yields ``still_ours()``: whether the key is still the one this
+        holder created (a pass longer than LOCK_TTL may have lost it); call it just before leasing."""
+        token = f"{HOST} {os.getpid()} {secrets.token_hex(8)}".encode()
         deadline = time.monotonic() + LOCK_WAIT
         delay = 0.002
         while True:
@@ -962,15 +1130,28 @@ class NatsBackend:
                 rev = await _retrying(lambda: self.kv_lock.create("queue", token), "lock")
                 break
             except jserr.KeyWrongLastSequenceError:
+                e = await self._kv_get(self.kv_lock, "queue")
+                if e is not None and e.value == token:  # (our create landed; its answer was lost and retried)
+                    rev = e.revision
+                    break
                 if time.monotonic() > deadline:
                     raise Timeout(f"{self.address} queue lock") from None
                 await asyncio.sleep(delay * (0.5 + secrets.randbelow(100) / 100))
                 delay = min(0.05, delay * 1.5)
+
+        async def still_ours() -> bool:
+            e = await self._kv_get(self.kv_lock, "queue")
+            return e is not None and e.revision == rev
+
         try:
-            yield
+            yield still_ours
         finally:
-            with contextlib.suppress(Exception):
-                await self.kv_lock.delete("queue", last=rev)
+            try:
+                await retrying(lambda: self.kv_lock.delete("queue", last=rev), what="unlock", deadline=5.0)
+            except jserr.KeyWrongLastSequenceError:
+                pass  # (not ours any more: expired and taken, or our delete landed before a retry)
+            except Exception as e:  # (the bucket's TTL frees it)
+                log.warning("%s: queue lock not released (%s); it expires in %g s", self.address, e, LOCK_TTL)
 
     def claim(self, worker: WorkerInfo, free_slots: int, fresh: bool = True) -> list[TaskRecord]:
         """Lease up to ``free_slots`` ready tasks to ``worker`` (highest priority, then oldest; only tasks whose
@@ -983,7 +1164,7 @@ class NatsBackend:
 
     async def _claim(self, worker: WorkerInfo, free_slots: int) -> list[TaskRecord]:
         out: list[TaskRecord] = []
-        async with self._queue_locked():
+        async with self._queue_locked() as still_ours:
             seen = await self._unfinished()
             records = {t: r for t, (_, r) in seen.items()}
             for t, r in list(records.items()):  # (a worker seen alive in this pass is not looked up again)
@@ -1009,8 +1190,19 @@ class NatsBackend:
             # (all at once: each is a compare-and-set on the revision read, which only fails if the record
             # changed since, e.g. a cancel; that task is left for the next round)
             hints = {t: seen[t] for t in (r.task_id for r in picked) if seen[t][1] is records[t]}
-            taken = await asyncio.gather(*(self._take(r.task_id, worker, hints.get(r.task_id)) for r in picked))
-            out.extend(rec for rec in taken if rec is not None)
+            if picked and not await still_ours():  # (a pass longer than the lock's TTL: another claimer may be in)
+                log.warning("%s: the queue lock expired during a claim pass; leasing nothing this pass", self.address)
+                return out
+            taken = await asyncio.gather(
+                *(self._take(r.task_id, worker, hints.get(r.task_id)) for r in picked), return_exceptions=True
+            )
+            for r, rec in zip(picked, taken, strict=True):
+                if isinstance(rec, BaseException):  # (the others' leases stand; this one is tried next round)
+                    if not isinstance(rec, Exception):
+                        raise rec
+                    log.warning("task %s: lease failed: %s", r.task_id, rec)
+                elif rec is not None:
+                    out.append(rec)
         return out
 
     async def _note(self, task_id: str, worker: WorkerInfo, why: str) -> None:
@@ -1047,12 +1239,17 @@ class NatsBackend:
         hint: tuple[int, TaskRecord] | None = None,
     ) -> TaskRecord | None:
         taken: list[TaskRecord] = []
+        mine: list[Lease] = []
 
         def fn(r: TaskRecord) -> TaskRecord | None:
             taken.clear()
+            if mine and r.status == TaskStatus.RUNNING and mine[0].same(r.lease):
+                taken.append(r)  # (our own write, landed though its acknowledgement was lost)
+                return None
             if not ready(r) or r.runner != runner:
                 return None
             lease = make_lease(r)
+            mine[:] = [lease]
             update = {
                 "status": TaskStatus.RUNNING,
                 "started_at": lease.acquired_at,
@@ -1244,7 +1441,7 @@ class NatsBackend:
         mine = set(labels)
 
         async def go():
-            async with self._queue_locked():
+            async with self._queue_locked() as still_ours:
                 records = await self._read_all(await self._active_ids())
                 for t, r in list(records.items()):
                     if r.runner == "agent" and r.status == TaskStatus.RUNNING:
@@ -1255,6 +1452,8 @@ class NatsBackend:
                      and (group is None or r.group == group)),
                     key=queue_order,
                 )  # fmt: skip
+                if candidates and not await still_ours():
+                    return None
                 for r in candidates:
                     token = secrets.token_urlsafe(24)
 

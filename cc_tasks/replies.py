@@ -412,8 +412,8 @@ def _(m: MergeResult) -> str:
 def _(i: ServerInfo) -> str:
     return (
         f"cc-tasks {i.version}, pid {i.pid}, {i.backend} store {i.store_dir}: at most {i.max_concurrent} tasks "
-        f"at once, depth {i.depth} of at most {i.max_depth}, default timeout {i.default_timeout:g}s; "
-        f"{len(i.workers)} worker(s) running"
+        f"at once, depth {i.depth} of at most {i.max_depth}, default timeout {i.default_timeout:g}s"
+        f"{'' if i.lease_seconds is None else f', leases {i.lease_seconds:g}s'}; {len(i.workers)} worker(s) running"
     )
 
 

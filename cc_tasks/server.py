@@ -217,7 +217,7 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
     @with_task_options
     async def start_cc_task_async(**options: Any) -> StartResult:
         """Start a Claude Code sub-agent in the background and return its task_id at once."""
-        r = mgr.start(TaskOptions(**options), nudge=False)  # a few small file writes: fine on the loop
+        r = await mgr.on_loop(mgr.start, TaskOptions(**options), nudge=False)  # (local: a few small file writes)
         await mgr.anudge()
         return StartResult(task_id=r.task_id, status=r.status, name=r.name)
 
@@ -267,11 +267,11 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
 
     async def get_server_info() -> ServerInfo:
         """This server: version, backend and store, concurrency cap, nesting depth, live workers. Touches no task."""
-        return mgr.server_info()
+        return await mgr.on_loop(mgr.server_info)
 
     async def check_task_status(task_id: TaskId) -> TaskRecord:
         """The task's record: status, timings, live progress while it runs, its (bounded) result once finished."""
-        return mgr.get_quick(task_id) or await anyio.to_thread.run_sync(mgr.get, task_id)
+        return await mgr.on_loop(mgr.get_quick, task_id) or await anyio.to_thread.run_sync(mgr.get, task_id)
 
     async def list_active_tasks(
         include_finished: Annotated[bool, Field(description="Also list finished tasks, newest first.")] = False,

@@ -25,7 +25,7 @@ from . import procs, worktrees
 from .backend import Backend, dependency_preamble
 from .command import build_argv, build_env, servers_to_deny
 from .config import Settings
-from .errors import CCTasksError, GitError, LeaseLostError
+from .errors import BackendUnreachableError, CCTasksError, GitError, LeaseLostError
 from .models import RESULT_PREVIEW_CHARS, Attempt, Progress, TaskRecord, utcnow
 from .states import TaskStatus
 from .store import atomic_write
@@ -59,6 +59,7 @@ class Supervisor:
         self.claude_ref = None
         self.worktree = record.worktree
         self._last_text_event = -1e9
+        self.lost: str | None = None  # set by abandon(): write nothing more
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
@@ -82,8 +83,27 @@ class Supervisor:
                 pass
         self._wake_r = self._wake_w = -1
 
+    def abandon(self, reason: str) -> None:
+        """From the worker's lease watch (another thread), when its heartbeat has failed for nearly a lease: the
+        task is no longer surely this worker's (others may judge it gone and run it elsewhere), so claude's tree
+        is stopped (the caller calls stop_everything, outside the worker's lock) and the supervisor writes nothing
+        more, as on LeaseLostError."""
+        self.lost = reason
+        self.request_stop()
+
+    def _check_lost(self) -> None:
+        if self.lost:
+            raise LeaseLostError(f"task {self.task_id}: {self.lost}")
+
     def cancelled(self) -> bool:
-        return bool(self.stop_reason) or self.backend.cancel_requested(self.task_id)
+        self._check_lost()
+        if self.stop_reason:
+            return True
+        try:
+            return self.backend.cancel_requested(self.task_id)
+        except BackendUnreachableError as e:  # (an outage is not a cancel: keep going, keep the deadline)
+            log.warning("task %s: cannot check for a cancel (%s); going on", self.task_id, e)
+            return False
 
     def _sleep(self, seconds: float, fds: tuple[int, ...] = ()) -> None:
         """Sleep, but wake at once on ``request_stop`` (or when one of ``fds`` is readable). poll, not select:
@@ -123,6 +143,7 @@ class Supervisor:
                 pass
 
     def _end(self, status: TaskStatus, result_text: str | None = None, **fields) -> TaskRecord:
+        self._check_lost()
         return self.backend.finish(self.lease, status, result_text, **fields, **self._worktree_fields())
 
     # -- the task's git worktree (option worktree) ---------------------------------
@@ -250,6 +271,7 @@ class Supervisor:
         self.result_event, self._buf = None, b""
         out_path = self.dir / "stdout.jsonl"
         start_offset = out_path.stat().st_size if out_path.exists() else 0  # earlier attempts stay in front
+        self._check_lost()
         self.backend.renew(self.lease)  # (never start claude under a lease that is gone)
         try:
             with (
@@ -296,6 +318,7 @@ class Supervisor:
         try:
             while True:
                 self._sleep(min(TICK, deadline - time.monotonic()), (pidfd,) if pidfd is not None else ())
+                self._check_lost()
                 tools_before = self.progress.tool_calls
                 dirty |= self.read_output()
                 if self.proc.poll() is not None:
@@ -339,6 +362,7 @@ class Supervisor:
                 self.backend.event(self.lease, note.pop("kind"), **note)
 
     def flush_progress(self) -> None:
+        self._check_lost()
         self.progress.updated_at = utcnow()
         fields = {"progress": self.progress.model_copy(), "claude": self.claude_ref}
         if self.session_id:

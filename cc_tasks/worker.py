@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from filelock import Timeout
@@ -37,7 +38,7 @@ from .checks import NATS_FILES
 from .config import default_worker_idle
 from .connect import open_backend
 from .errors import CCTasksError
-from .models import TaskRecord, WorkerInfo
+from .models import TaskRecord, WorkerInfo, utcnow
 from .states import TaskStatus
 from .store import HOST, TaskStore
 from .supervisor import Supervisor
@@ -76,11 +77,13 @@ class Worker:
         self.supervising: dict[tuple[str, int], Supervisor] = {}  # (task id, epoch): a lost lease's thread may
         # still be ending when the same task is claimed again
         self._lock = threading.Lock()
+        self._claim_since: datetime | None = None  # when the claim in flight started (see _supervised)
         self.draining = False  # take no more work; exit once the running tasks have ended
         self.cancel_all = False  # ... and cancel them first
         self._cancelled = False
         self.nudged = True
         self.last_claim = self.last_beat = 0.0
+        self.beat_ok = time.monotonic()  # the last successful heartbeat (see _watch_leases)
         self.last_activity = time.monotonic()
         self.inbox: control.Inbox | None = None
         self._wake_r = self._wake_w = -1
@@ -93,8 +96,51 @@ class Worker:
             try:
                 if not self.backend.heartbeat(self.info.worker_id):
                     self.backend.register(self.info)
+                self.beat_ok = time.monotonic()
             except Exception:
                 traceback.print_exc()
+
+    def _watch_leases(self) -> None:
+        """On a remote backend, in a thread of its own (the heartbeat may be stuck waiting for the server): once
+        no heartbeat has succeeded for the lease less a margin, others may judge this worker gone and run its
+        tasks elsewhere, so every task it supervises is abandoned: claude stopped, nothing more written."""
+        lease = float(getattr(self.backend, "lease_seconds", 0) or 0)
+        if self.backend.kind == "local" or lease <= 0:
+            return
+        limit = lease - min(5.0, lease / 4)
+        while not self._stopped.wait(0.25):
+            silent = time.monotonic() - self.beat_ok
+            if silent < limit:
+                continue
+            why = f"worker {self.info.worker_id} had no heartbeat for {silent:.0f} s (lease {lease:g} s)"
+            with self._lock:  # (request_stop under the lock, as _look_for_cancels)
+                doomed = [sup for sup in self.supervising.values() if not sup.lost]
+                for sup in doomed:
+                    sup.abandon(why)
+            for sup in doomed:
+                log.warning("task %s: %s; stopping its claude", sup.task_id, why)
+                try:
+                    sup.stop_everything()
+                except Exception:
+                    traceback.print_exc()
+
+    def _release_unsupervised(self) -> None:
+        """Once a heartbeat period, on a remote backend (where a claim's answer can be lost after its lease
+        landed, and an abandoned task keeps its record): put back the tasks leased to this worker that it does
+        not supervise. Here, not in the heartbeat's thread: a slow pass must not delay a heartbeat."""
+        release = getattr(self.backend, "release_unsupervised", None)
+        if release is None:
+            return
+        try:
+            release(self.info.worker_id, self._supervised)
+        except CCTasksError as e:
+            log.warning("releasing tasks this worker does not run: %s", e)
+
+    def _supervised(self) -> tuple[set[tuple[str, int]], datetime]:
+        """The (task id, epoch) this worker supervises, and the time before which every lease it got is among
+        them (the start of a claim in flight, whose leases are not supervised yet)."""
+        with self._lock:
+            return set(self.supervising), self._claim_since or utcnow()
 
     # -- lifecycle -----------------------------------------------------------
     def stop(self, cancel: bool = False) -> None:
@@ -133,8 +179,10 @@ class Worker:
         on_nudge = getattr(self.backend, "on_nudge", None)
         if on_nudge is not None:  # (a remote backend's nudges and cancels come as messages)
             on_nudge(self._nudged)
+        self.beat_ok = time.monotonic()
         beating = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         beating.start()
+        threading.Thread(target=self._watch_leases, name="lease-watch", daemon=True).start()
         if self.listen:
             self._bind()
         log.info("worker %s started: %d slots, labels %s", self.info.worker_id, self.slots, self.info.labels)
@@ -192,6 +240,7 @@ class Worker:
             self.last_beat = now
             procs.reap_children()  # orphans adopted from tasks' trees
             self._look_for_cancels()
+            self._release_unsupervised()
         if self.inbox is not None and self.inbox.fileno() in ready:
             self.inbox.serve(self.handle)
         if self.draining:
@@ -261,13 +310,19 @@ class Worker:
     def claim(self, free: int, fresh: bool) -> None:
         if fresh:
             self.last_claim = time.monotonic()
+        with self._lock:
+            self._claim_since = utcnow() - timedelta(seconds=1)  # (leases' clocks: this host's, a margin)
         try:
-            records = self.backend.claim(self.info, free, fresh=fresh)
-        except Timeout:  # another claimer holds the queue for long: try again soon
-            self.nudged = True
-            return
-        for rec in records:
-            self.supervise(rec)
+            try:
+                records = self.backend.claim(self.info, free, fresh=fresh)
+            except Timeout:  # another claimer holds the queue for long: try again soon
+                self.nudged = True
+                return
+            for rec in records:
+                self.supervise(rec)
+        finally:
+            with self._lock:
+                self._claim_since = None
 
     def supervise(self, rec: TaskRecord) -> None:
         sup = None
@@ -293,7 +348,7 @@ class Worker:
             sup.run()
         finally:
             try:  # a supervisor always ends its task; if it could not, do it here
-                if self.backend.holds(sup.lease):
+                if not sup.lost and self.backend.holds(sup.lease):
                     self.backend.finish(
                         sup.lease,
                         TaskStatus.FAILED,

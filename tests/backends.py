@@ -51,5 +51,6 @@ def expire(backend, worker: WorkerInfo) -> None:
     if backend.kind == "nats":  # its key in the workers bucket is gone, as when its TTL runs out
         backend._run(backend.kv_workers.purge(worker.worker_id))
         backend._seen_alive.clear()
+        backend._connected_at = time.monotonic() - backend.lease_seconds  # (connected long enough to judge)
         return
     raise ValueError(backend.kind)

@@ -5,20 +5,28 @@ credentials never reach a record, a reply or claude's environment."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 
+import nats.errors
 import pytest
 
+from cc_tasks import nats_backend
 from cc_tasks.config import Settings
+from cc_tasks.connect import open_backend
+from cc_tasks.errors import BackendUnreachableError
 from cc_tasks.manager import TaskManager
-from cc_tasks.models import TaskOptions, TaskStatus
+from cc_tasks.models import TaskOptions, TaskRecord, TaskRequest, TaskStatus, utcnow
 from cc_tasks.nats_backend import NatsBackend
 from cc_tasks.nats_conn import nats_settings, redacted
+from cc_tasks.store import new_task_id
 
 from .backends import worker_info
 from .conftest import ROOT, pid_alive
@@ -291,3 +299,301 @@ def test_nats_file_flags_reach_the_settings(argv):
     res = subprocess.run(argv, cwd=str(ROOT), capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "--nats-creds='/no/such.creds': no such file" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_cancel_check_during_an_outage_answers_the_last_known_value(tmp_path):
+    """An outage is not a cancel and not a supervisor error: the check gives up after CANCEL_RETRY seconds and
+    the last answer stands (False if none), so a running task keeps going."""
+    nats = start_nats(tmp_path / "outage")
+    b = NatsBackend(f"{nats.url}/outage", lease_seconds=30)
+    try:
+        assert b.cancel_requested("t-none") is False  # (reachable: no such task, no cancel)
+        b._cancel_checked["t-known"] = (0.0, True)  # (an old answer, due for a new check)
+        nats.stop()
+        t0 = time.monotonic()
+        assert b.cancel_requested("t-known") is True
+        assert b.cancel_requested("t-never") is False
+        assert time.monotonic() - t0 < 2 * (nats_backend.CANCEL_RETRY + 2)
+    finally:
+        b.close()
+        nats.stop()
+
+
+def _queued(b: NatsBackend, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        r = TaskRecord(task_id=new_task_id(), cwd="/tmp", timeout_seconds=60, max_attempts=3)
+        b.submit(r, TaskRequest(options=TaskOptions(prompt="x"), cwd="/tmp", claude_bin="claude"))
+        ids.append(r.task_id)
+    return ids
+
+
+def test_a_failing_lease_write_keeps_the_claims_other_leases(url, monkeypatch):
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        ids = _queued(b, 3)
+        w = worker_info()
+        b.register(w)
+        take = b._take
+
+        async def flaky(task_id, worker, hint=None):
+            if task_id == ids[1]:
+                raise BackendUnreachableError("lost")
+            return await take(task_id, worker, hint)
+
+        monkeypatch.setattr(b, "_take", flaky)
+        got = b.claim(w, 3)
+        assert sorted(r.task_id for r in got) == sorted([ids[0], ids[2]])
+        assert b.load(ids[1]).status == TaskStatus.QUEUED
+    finally:
+        b.close()
+
+
+def test_a_write_whose_index_or_event_fails_still_reports_the_change(url, monkeypatch):
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        (t,) = _queued(b, 1)
+
+        async def broken(*a, **k):
+            raise BackendUnreachableError("lost")
+
+        monkeypatch.setattr(b, "_append_event", broken)
+        r = b.request_cancel(t)  # (a queued task: cancelled at once)
+        assert r.status == TaskStatus.CANCELLED and b.load(t).status == TaskStatus.CANCELLED
+    finally:
+        b.close()
+
+
+def test_a_lease_whose_acknowledgement_was_lost_is_recognised_as_ours(url, monkeypatch):
+    """The lease landed, its answer was lost and the record changed meanwhile (a cancel mark): the compare-and-set
+    reports a conflict, and the claim still knows the record holds its own lease."""
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        (t,) = _queued(b, 1)
+        w = worker_info()
+        b.register(w)
+        cas = b._cas
+
+        async def lost_ack(kv, key, value, rev):
+            if kv is not b.kv_tasks or not await cas(kv, key, value, rev):
+                return await cas(kv, key, value, rev)
+            e = await b._kv_get(kv, key)
+            marked = b._parse(key, e.value).model_copy(update={"cancel_requested": True})
+            await kv.update(key, marked.model_dump_json().encode(), last=e.revision)
+            monkeypatch.setattr(b, "_cas", cas)
+            return False
+
+        monkeypatch.setattr(b, "_cas", lost_ack)
+        (got,) = b.claim(w, 1)
+        assert got.task_id == t and got.lease.worker == w.worker_id and got.status == TaskStatus.RUNNING
+    finally:
+        b.close()
+
+
+def test_a_worker_releases_a_task_leased_to_it_that_it_does_not_run(url):
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        a, c = _queued(b, 2)
+        w = worker_info()
+        b.register(w)
+        got = {r.task_id: r for r in b.claim(w, 2)}
+        later = utcnow() + timedelta(seconds=5)
+        assert b.release_unsupervised(w.worker_id, lambda: ({(a, 1), (c, 1)}, later)) == []
+        assert b.release_unsupervised(w.worker_id, lambda: (set(), got[a].lease.acquired_at)) == []  # (in flight)
+        assert b.release_unsupervised(w.worker_id, lambda: ({(a, 1)}, later)) == [c]
+        released = b.load(c)
+        assert released.status == TaskStatus.QUEUED and released.lease is None and b.load(a).lease == got[a].lease
+        (again,) = b.claim(w, 1)
+        assert again.task_id == c and again.epoch == 2
+    finally:
+        b.close()
+
+
+def test_the_claim_lock_survives_a_lost_answer_to_its_create_and_its_delete(url, monkeypatch):
+    """A create that landed though its answer was lost is the holder's (its token), not a wait for the TTL; a
+    delete whose answer was lost is tried again, and the lock is free after."""
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        (t,) = _queued(b, 1)
+        w = worker_info()
+        b.register(w)
+        kv = b.kv_lock
+        create, delete = kv.create, kv.delete
+        lost = {"create": 1, "delete": 1}
+
+        async def create_lost(key, value, **kw):
+            rev = await create(key, value, **kw)
+            if lost["create"]:
+                lost["create"] -= 1
+                raise nats.errors.TimeoutError
+            return rev
+
+        async def delete_failed(key, **kw):
+            if lost["delete"]:
+                lost["delete"] -= 1
+                raise nats.errors.TimeoutError
+            return await delete(key, **kw)
+
+        monkeypatch.setattr(kv, "create", create_lost)
+        monkeypatch.setattr(kv, "delete", delete_failed)
+        t0 = time.monotonic()
+        (got,) = b.claim(w, 1)
+        assert got.task_id == t and time.monotonic() - t0 < 5
+        assert lost == {"create": 0, "delete": 0}
+        assert b._run(b._kv_get(kv, "queue")) is None  # (released)
+    finally:
+        b.close()
+
+
+def test_a_claim_pass_that_lost_the_lock_leases_nothing(url, monkeypatch):
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        (t,) = _queued(b, 1)
+        w = worker_info()
+        b.register(w)
+        unfinished = b._unfinished
+
+        async def slow_pass():
+            seen = await unfinished()
+            await b.kv_lock.purge("queue")  # (the lock's TTL ran out during the pass)
+            await b.kv_lock.create("queue", b"another claimer")
+            return seen
+
+        monkeypatch.setattr(b, "_unfinished", slow_pass)
+        assert b.claim(w, 1) == []
+        assert b.load(t).status == TaskStatus.QUEUED
+        assert b._run(b._kv_get(b.kv_lock, "queue")).value == b"another claimer"  # (not released by us)
+    finally:
+        b.close()
+
+
+def test_a_server_without_jetstream_is_one_clear_line(tmp_path):
+    from .nats_servers import NatsServer, free_port, nats_server_bin
+
+    port = free_port()
+    plain = NatsServer(dir=tmp_path, port=port, argv=[nats_server_bin(), "-a", "127.0.0.1", "-p", str(port)])
+    plain.start()
+    try:
+        url = f"nats://u:s3cret@127.0.0.1:{port}"
+        threads = {t.name for t in threading.enumerate()}
+        with pytest.raises(BackendUnreachableError, match=r"JetStream is not enabled on nats://127.0.0.1:\d+: .*-js"):
+            NatsBackend(url)
+        assert not {t.name for t in threading.enumerate()} - threads  # (its loop's thread ended)
+        e = {**os.environ, "PYTHONWARNINGS": "default"}
+        p = subprocess.run(
+            [sys.executable, "-m", "cc_tasks.worker", "--backend", url], cwd=str(ROOT), env=e,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert p.returncode == 2
+        assert p.stderr.strip().splitlines() == [
+            f"error: JetStream is not enabled on nats://127.0.0.1:{port}: start nats-server with -js (or a "
+            "jetstream {} block in its configuration)"
+        ]
+    finally:
+        plain.stop()
+
+
+def test_the_lease_defaults_to_30_s_on_nats_and_follows_the_setting(url, monkeypatch):
+    monkeypatch.delenv("CC_TASKS_LEASE_SECONDS", raising=False)
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    m = TaskManager(Settings.from_env())
+    try:
+        assert m.store.lease_seconds == 30 and m.server_info().lease_seconds == 30
+    finally:
+        m.store.close()
+    monkeypatch.setenv("CC_TASKS_LEASE_SECONDS", "12")
+    b = open_backend(f"{url}b")  # (a namespace of its own: the first opener sets the bucket's TTL)
+    try:
+        assert b.lease_seconds == 12
+    finally:
+        b.close()
+
+
+async def test_a_worker_without_heartbeat_for_nearly_a_lease_stops_its_claude(
+    tmp_path, fake_claude, workdir, monkeypatch
+):
+    """An outage longer than the lease: the worker stops its own claude (others may run the task meanwhile) and
+    writes nothing for it; once back, the task is run again (it used no tool) and completes."""
+    store = tmp_path / "nats-long-outage"
+    server = start_nats(store)
+    url = f"{server.url}/longoutage"
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    monkeypatch.setenv("CC_TASKS_LEASE_SECONDS", "3")
+    m = TaskManager(Settings.from_env())
+    worker = start_worker(url, fake_claude, env={"CC_TASKS_LEASE_SECONDS": "3"})
+    try:
+        go = tmp_path / "go"
+        r = m.start(TaskOptions(prompt=fake({"wait_file": str(go), "no_tools": True, "result": "again"}), cwd=str(workdir)))  # fmt: skip
+        rec = wait_until(lambda: (x := m.get(r.task_id)).claude and x)
+        server.stop()
+        t0 = time.monotonic()
+        wait_until(lambda: not pid_alive(rec.claude.pid), timeout=15)  # (nobody else can reach the server)
+        assert time.monotonic() - t0 < 3 + 2
+        go.touch()
+        server = start_nats(store, port=server.port)
+        done = (await m.wait([r.task_id], timeout=60)).tasks[0]
+        assert done.status == TaskStatus.COMPLETED and done.result == "again" and done.epoch == 2
+    finally:
+        stop(worker)
+        m.store.close()
+        server.stop()
+
+
+def test_a_claimer_judges_workers_gone_only_after_a_lease_connected(url):
+    """Just after (re)connecting, a missing worker key may be a restarted server's expiry, not a gone worker."""
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        (t,) = _queued(b, 1)
+        w = worker_info()
+        b.register(w)
+        b.claim(w, 1)
+        b._run(b.kv_workers.purge(w.worker_id))
+        assert b.read(t).status == TaskStatus.RUNNING  # (connected for less than a lease)
+        b._connected_at -= 30
+        assert b.read(t).status == TaskStatus.QUEUED
+    finally:
+        b.close()
+
+
+async def test_waiters_poll_a_local_stamp_and_remote_calls_leave_the_event_loop(url, monkeypatch):
+    """activity_stamp is this object's counter, fed by its records watcher: no request per poll (a wait polls it
+    every 2-50 ms); and the manager's calls that reach the server run in a thread, not on the event loop."""
+    monkeypatch.setenv("CC_TASKS_BACKEND", url)
+    m = TaskManager(Settings.from_env())
+    other = NatsBackend(url)
+    try:
+        s0 = m.store.activity_stamp()
+
+        def no_requests(*a, **k):
+            raise AssertionError("activity_stamp asked the server")
+
+        monkeypatch.setattr(m.store.js, "stream_info", no_requests)
+        assert m.store.activity_stamp() == s0
+        (t,) = _queued(other, 1)
+        s1 = wait_until(lambda: (s := m.store.activity_stamp()) != s0 and s, timeout=10)
+        other.request_cancel(t)
+        wait_until(lambda: m.store.activity_stamp() != s1, timeout=10)
+        assert await m.on_loop(threading.current_thread) is not threading.current_thread()
+    finally:
+        other.close()
+        m.store.close()
+
+
+def test_a_call_the_caller_stopped_waiting_for_is_cancelled(url):
+    """_run's timeout cancels the coroutine: a claim that outlived its caller leases nothing afterwards."""
+    b = NatsBackend(url)
+    try:
+        cancelled = threading.Event()
+
+        async def slow():
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        with pytest.raises(TimeoutError):
+            b._run(slow(), timeout=0.1)
+        assert cancelled.wait(5)
+    finally:
+        b.close()

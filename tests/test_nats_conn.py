@@ -717,3 +717,19 @@ def _logged_after(cluster, since: datetime.datetime, text: str) -> float | None:
 
 async def _quiet(e: Exception) -> None:
     pass
+
+
+def test_backend_urls_are_shown_without_credentials_and_recognised_in_any_case(tmp_path):
+    from cc_tasks.connect import is_remote, open_backend, shown
+
+    assert shown("nats://user:pa/ss@h:4222") == "nats://h:4222"  # (an unencoded '/' in the password)
+    assert shown("nats://user:s3cret@h:4222/ns") == "nats://h:4222/ns"
+    assert shown("NATS://user:s3cret@h") == "nats://h"
+    assert shown("http://user:s3cret@h/x") == "http://h/x"
+    assert shown(str(tmp_path)) == str(tmp_path)
+    assert is_remote("NATS://user:s3cret@h") and is_remote(" Tls://h") and not is_remote(str(tmp_path))
+    for url in ("http://user:s3cret@h", "file:///tmp/x", "natss://u:s3cret@h"):
+        with pytest.raises(ConfigError) as e:
+            open_backend(url)
+        assert "s3cret" not in str(e.value) and "nats://HOST:PORT" in str(e.value)
+    assert not (Path.cwd() / "NATS:").exists()

@@ -3,6 +3,7 @@
 import threading
 
 from cc_tasks.backend import dependency_preamble
+from cc_tasks.errors import BackendUnreachableError
 from cc_tasks.models import TaskOptions, TaskRecord, TaskRequest
 from cc_tasks.states import TaskStatus
 from cc_tasks.store import TaskStore, new_task_id
@@ -67,3 +68,24 @@ def test_dependency_results_are_bounded_and_point_to_the_rest(tmp_path, fake_cla
     pre = dependency_preamble(store, deps)
     assert "short" in pre and pre.count("y") <= 8_000 + 10
     assert f"get_task_output(task_id={deps[1]!r})" in pre and f"get_task_output(task_id={deps[0]!r})" not in pre
+
+
+def test_an_unreachable_backend_is_not_a_cancel(tmp_path, fake_claude):
+    """A cancel check that cannot reach the backend (a NATS outage) says "not cancelled": the supervisor keeps
+    its task and its deadline instead of failing it with a supervisor error."""
+    store = TaskStore(tmp_path / "store", max_concurrent=4, lease_seconds=5)
+    t = submit(store, fake_claude, fake({"no_tools": True}))
+    w = worker_info()
+    store.register(w)
+    (claimed,) = store.claim(w, 1)
+    sup = Supervisor(store, claimed)
+
+    def unreachable(task_id):
+        raise BackendUnreachableError("NATS did not answer")
+
+    store.cancel_requested = unreachable
+    assert sup.cancelled() is False
+    sup.request_stop()
+    assert sup.cancelled() is True
+    sup.close()
+    assert t.task_id == claimed.task_id
