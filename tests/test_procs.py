@@ -26,8 +26,8 @@ def test_stop_tree_does_not_wait_out_the_sigint_grace_for_a_detached_child():
 
     from .conftest import pid_alive
 
-    code = (
-        "import subprocess, sys, time; "
+    code = (  # (SIGINT handled whatever this test process left it at: an ignored one would be inherited)
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True); "
         "print(p.pid, flush=True); time.sleep(300)"
     )
