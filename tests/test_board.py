@@ -34,6 +34,7 @@ async def test_claims_are_exactly_once_across_four_servers_and_eighty_claimers(c
     clients = [stdio_server(env) for _ in range(4)]
     for c in clients:
         await c.__aenter__()
+        await c.call_tool("get_server_info", {})  # (the server behind the handshake is up: see front.py)
     try:
         posted = (
             await clients[0].call_tool(
