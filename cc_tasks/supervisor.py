@@ -375,9 +375,10 @@ class Supervisor:
         if self.proc is not None:
             self.proc.poll()
 
-    def stop_everything(self) -> None:
+    def stop_everything(self, grace_int: float = procs.GRACE_INT) -> None:
         """Stop claude's tree if it still runs, then what its tools left behind (re-parented to the worker,
-        a subreaper, and found by the task id in their environment)."""
+        a subreaper, and found by the task id in their environment). ``grace_int``: seconds claude has after
+        SIGINT before SIGTERM."""
         self._stopped = True
         root = None
         if self.proc is not None and self.proc.poll() is None:
@@ -385,10 +386,10 @@ class Supervisor:
                 root = psutil.Process(self.proc.pid)
             except psutil.NoSuchProcess:
                 root = None
-        procs.stop_tree(root, reap=self._reap)
+        procs.stop_tree(root, reap=self._reap, grace_int=grace_int)
         leftovers = procs.task_orphans(self.task_id)
         if leftovers:
-            procs.stop_tree(None, others=leftovers, reap=self._reap)
+            procs.stop_tree(None, others=leftovers, reap=self._reap, grace_int=grace_int)
         if self.proc is not None:
             self.proc.wait()
             procs.disown(self.proc.pid)
