@@ -336,6 +336,8 @@ class Worker:
     def claim(self, free: int, fresh: bool) -> None:
         if fresh:
             self.last_claim = time.monotonic()
+        if time.monotonic() - self.beat_ok >= self._silence_limit():
+            return  # (the lease watch would abandon whatever it got at once: claim again once a heartbeat lands)
         with self._lock:
             self._claim_since = utcnow() - timedelta(seconds=1)  # (leases' clocks: this host's, a margin)
         try:

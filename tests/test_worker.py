@@ -302,3 +302,17 @@ def test_the_lease_watch_stops_every_abandoned_tree_at_once_while_a_cancel_check
         backend.answer.set()
         looking.join(30)
         watching.join(30)
+
+
+def test_a_worker_whose_heartbeats_fail_claims_nothing():
+    """Claims may work while heartbeats fail: a task claimed then would be abandoned at once (churn)."""
+    backend = _StubBackend()
+    asked = []
+    backend.claim = lambda info, free, fresh=True: asked.append(free) or []
+    w = Worker(backend, slots=2)
+    w.beat_ok = time.monotonic() - w._silence_limit()
+    w.claim(2, fresh=True)
+    assert asked == []
+    w.beat_ok = time.monotonic()
+    w.claim(2, fresh=True)
+    assert asked == [2]
