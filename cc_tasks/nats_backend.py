@@ -156,6 +156,8 @@ class NatsBackend:
         self._parsed: dict[str, tuple[int, TaskRecord]] = {}
         self._recs_seq = 0
         self._recs_sub = None
+        self._recs_lock = asyncio.Lock()  # (one subscription, whoever starts it first)
+        self._recs_starting = False  # (activity_stamp started the watcher in the background: see there)
         self._recs_moved = asyncio.Event()
         self._closing = False
         #: Each task's status as the records watcher last saw it, and a count of the changes (activity_stamp).
@@ -424,6 +426,11 @@ class NatsBackend:
         key to the (revision, value) last seen, ``_recs_seq`` is the highest revision seen."""
         if self._recs_sub is not None:
             return
+        async with self._recs_lock:
+            if self._recs_sub is None:
+                await self._subscribe_records()
+
+    async def _subscribe_records(self) -> None:
         pre = f"$KV.{self.NS}_TASKS."
 
         async def on_msg(msg) -> None:
@@ -572,13 +579,23 @@ class NatsBackend:
         """Changes whenever a task changes status, is added or is removed: a counter of this object's, fed by its
         watcher of the records (started by the first call), so waiters poll it without a request to the
         server. While the watcher cannot start (an outage) it does not change; waiters still read every
-        WAIT_FULL_EVERY."""
-        if self._recs_sub is None:
+        WAIT_FULL_EVERY. It never waits for the server: it is called on a server's event loop, every poll; the
+        watcher is started in the background (once at a time) and the counter is answered at once."""
+        if self._recs_sub is None and not self._recs_starting and not self._closing:
+            self._recs_starting = True
             try:
-                self._run(self._watch_records(), timeout=RETRY_FOR)
-            except Exception as e:  # (next call tries again)
-                log.debug("%s: records watcher: %s", self.address, e)
+                asyncio.run_coroutine_threadsafe(self._start_watching(), self._loop)
+            except RuntimeError:  # (the loop is closed)
+                self._recs_starting = False
         return self._activity
+
+    async def _start_watching(self) -> None:
+        try:
+            await asyncio.wait_for(self._watch_records(), RETRY_FOR)
+        except Exception as e:  # (the next activity_stamp tries again)
+            log.debug("%s: records watcher: %s", self.address, e)
+        finally:
+            self._recs_starting = False
 
     def queue_position(self, task_id: str) -> int | None:
         async def go():

@@ -597,3 +597,29 @@ def test_a_call_the_caller_stopped_waiting_for_is_cancelled(url):
         assert cancelled.wait(5)
     finally:
         b.close()
+
+
+def test_activity_stamp_never_waits_for_the_watcher_to_start(url, monkeypatch):
+    """While the records watcher cannot start (an outage), activity_stamp answers the local counter at once (it
+    runs on a server's event loop, every poll) and starts the watcher in the background, once at a time."""
+    b = NatsBackend(url)
+    try:
+        calls = []
+
+        async def slow_watch():
+            calls.append(1)
+            await asyncio.sleep(1.0)
+            raise BackendUnreachableError("down")
+
+        monkeypatch.setattr(b, "_watch_records", slow_watch)
+        t0 = time.monotonic()
+        s0 = b.activity_stamp()
+        assert [b.activity_stamp() for _ in range(20)] == [s0] * 20
+        assert time.monotonic() - t0 < 0.5
+        wait_until(lambda: calls, timeout=5)
+        wait_until(lambda: not b._recs_starting, timeout=10)
+        assert len(calls) == 1  # (not subscribed twice)
+        b.activity_stamp()
+        wait_until(lambda: len(calls) == 2, timeout=5)  # (a failed start is tried again by the next call)
+    finally:
+        b.close()
