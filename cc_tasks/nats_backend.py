@@ -97,6 +97,8 @@ RETRY_FOR = 30.0
 SMALL_UPLOAD = 1 << 20
 #: A record's status, without parsing the record (the records watcher looks at every write).
 STATUS_RE = re.compile(rb'"status":"([a-z_]+)"')
+#: The finished statuses as a record's JSON has them: the records watcher keeps nothing of those records.
+FINISHED = frozenset(s.value.encode() for s in TaskStatus if s.terminal)
 #: How long a claimer waits for its watcher of the records to catch up before it reads them instead.
 RECS_WAIT = 0.25
 
@@ -423,7 +425,8 @@ class NatsBackend:
     # -- the claimers' view of the records ---------------------------------------------
     async def _watch_records(self) -> None:
         """Start following the task records (one ordered consumer for this object's life): ``_recs`` maps each
-        key to the (revision, value) last seen, ``_recs_seq`` is the highest revision seen."""
+        unfinished task's key to the (revision, value) last seen (a finished record is dropped: servers would
+        keep every result preview otherwise), ``_recs_seq`` is the highest revision seen."""
         if self._recs_sub is not None:
             return
         async with self._recs_lock:
@@ -439,15 +442,19 @@ class NatsBackend:
             op = (msg.headers or {}).get("KV-Operation")
             if op in ("DEL", "PURGE"):
                 self._recs.pop(key, None)
-                if self._statuses.pop(key, None) is not None:
-                    self._activity += 1
+                self._statuses.pop(key, None)
+                self._activity += 1
             else:
-                self._recs[key] = (meta.sequence.stream, msg.data)
                 m = STATUS_RE.search(msg.data or b"")
                 status = m.group(1) if m else b""
                 if self._statuses.get(key) != status:
-                    self._statuses[key] = status
                     self._activity += 1
+                if status in FINISHED:  # (claims look only at unfinished records: keep nothing of the rest)
+                    self._recs.pop(key, None)
+                    self._statuses.pop(key, None)
+                else:
+                    self._recs[key] = (meta.sequence.stream, msg.data)
+                    self._statuses[key] = status
             self._recs_seq = max(self._recs_seq, meta.sequence.stream)
             self._recs_moved.set()
 

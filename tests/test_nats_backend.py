@@ -623,3 +623,22 @@ def test_activity_stamp_never_waits_for_the_watcher_to_start(url, monkeypatch):
         wait_until(lambda: len(calls) == 2, timeout=5)  # (a failed start is tried again by the next call)
     finally:
         b.close()
+
+
+def test_the_records_watcher_keeps_nothing_of_finished_records(url):
+    """A server's watcher sees every record: it keeps the unfinished ones (claims need them) and only counts the
+    others' changes, so result previews do not pile up in memory."""
+    b = NatsBackend(url)
+    other = NatsBackend(url)
+    try:
+        done, live = _queued(other, 2)
+        b._run(b._watch_records())
+        wait_until(lambda: done in b._recs and live in b._recs, timeout=10)
+        s0 = b.activity_stamp()
+        other.request_cancel(done)
+        wait_until(lambda: b.activity_stamp() != s0, timeout=10)
+        assert done not in b._recs and done not in b._statuses
+        assert live in b._recs and b._statuses[live] == b"queued"
+    finally:
+        other.close()
+        b.close()
