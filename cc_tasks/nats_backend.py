@@ -961,13 +961,20 @@ class NatsBackend:
         self._run(self._kv_delete(self.kv_workers, worker_id))
 
     def release_unsupervised(
-        self, worker_id: str, supervised: Callable[[], tuple[set[tuple[str, int]], datetime]]
+        self,
+        worker_id: str,
+        supervised: Callable[[], tuple[set[tuple[str, int]], datetime]],
+        abandoned: dict[tuple[str, int], tuple[bool, int]] | None = None,
     ) -> list[str]:
         """Put back in the queue the tasks leased to ``worker_id`` that it does not supervise (a claim whose
         answer was lost or that failed after its lease landed): they would stay running while its heartbeat
         keeps the lease alive. ``supervised()``: the (task id, epoch) it supervises and the time before which
         every lease it got is among them (a claim in flight may hold newer ones); called after the read, in the
-        caller's thread."""
+        caller's thread. ``abandoned``: the worker's tasks whose supervisor it abandoned (its lease watch), each
+        with whether that supervisor started claude and its own count of tool calls (the record may not have
+        them: an outage came before its first flush). Such a task is a lost worker's (``_worker_lost``: an
+        attempt counted, not run again if it used a tool); the quiet release is for leases never started. Read
+        after ``supervised()``; entries for tasks no longer leased to the worker, or dealt with here, are removed."""
 
         async def read():
             return [
@@ -977,9 +984,12 @@ class NatsBackend:
             ]
 
         mine = self._run(read())
-        if not mine:
-            return []
         keys, cutoff = supervised()
+        gone = dict(abandoned or {})
+        if abandoned is not None:
+            ours = {(r.task_id, r.epoch) for r in mine}
+            for k in [k for k in gone if k not in ours]:
+                abandoned.pop(k, None)
         orphans = [r for r in mine if (r.task_id, r.epoch) not in keys and r.lease.acquired_at < cutoff]
         if not orphans:
             return []
@@ -988,11 +998,17 @@ class NatsBackend:
             out, ended = [], False
             for r in orphans:
                 lease = r.lease
-                if r.claude is not None or r.progress.tool_calls:  # (claude ran: a lost worker's task, by its rules)
-                    new = await self._worker_lost(r, f"worker {worker_id} no longer supervises it", force=True)
+                spawned, tools = gone.get((r.task_id, r.epoch), (False, 0))
+                if spawned or r.claude is not None or r.progress.tool_calls:  # (claude ran: a lost worker's task)
+                    why = f"worker {worker_id} no longer supervises it"
+                    if spawned:
+                        why = f"worker {worker_id} abandoned it after starting claude ({tools} tool calls)"
+                    new = await self._worker_lost(r, why, force=True, tool_calls=tools)
                     if new is not r and not (new.status == TaskStatus.RUNNING and new.lease == lease):
                         ended = ended or new.status.terminal
                         out.append(r.task_id)
+                        if abandoned is not None:
+                            abandoned.pop((r.task_id, r.epoch), None)
                     continue
                 did: list[bool] = []
 
@@ -1014,6 +1030,8 @@ class NatsBackend:
                 except (TaskNotFoundError, CorruptRecordError):
                     continue
                 if did:
+                    if abandoned is not None:
+                        abandoned.pop((r.task_id, r.epoch), None)
                     ended = ended or new.status.terminal
                     log.warning("task %s: leased to worker %s, which does not run it: released", r.task_id, worker_id)
                     await self._append_event(r.task_id, "released", by=worker_id, reason="leased but not started")
@@ -1087,12 +1105,13 @@ class NatsBackend:
     def worker_lost(self, r: TaskRecord, reason: str) -> TaskRecord:
         return self._run(self._worker_lost(r, reason))
 
-    async def _worker_lost(self, r: TaskRecord, reason: str, force: bool = False) -> TaskRecord:
+    async def _worker_lost(self, r: TaskRecord, reason: str, force: bool = False, tool_calls: int = 0) -> TaskRecord:
         """The one place for "the worker is gone" (as TaskStore.worker_lost): the lease is dropped, so the
         lost worker's writes are refused from here on (its supervisor then stops claude); the task goes back
         to the queue as a new attempt when its run used no tool and attempts remain, else it ends failed (or
         cancelled if a cancel was asked for). Its processes are stopped if they run on this host. ``force``: the lease
-        is not looked at (its own worker says it no longer runs the task)."""
+        is not looked at (its own worker says it no longer runs the task); ``tool_calls``: the tool calls its worker
+        counted (the record may have fewer)."""
         lease = r.lease
         doomed: list[TaskRecord] = []
         alive = await self._lease_alive(lease) if lease is not None and not force else False
@@ -1107,7 +1126,7 @@ class NatsBackend:
             now = utcnow()
             n = len(cur.attempts) + 1
             agent = cur.runner == "agent"
-            acted = not agent and bool(cur.progress.tool_calls)
+            acted = not agent and bool(cur.progress.tool_calls or tool_calls)
             requeue = not cur.cancel_requested and not acted and n < cur.max_attempts
             what = "lease expired" if agent else "worker lost"
             attempt = Attempt(attempt=n, started_at=cur.started_at or now, finished_at=now, status=TaskStatus.FAILED,

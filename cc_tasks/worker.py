@@ -79,6 +79,9 @@ class Worker:
         self.supervising: dict[tuple[str, int], Supervisor] = {}  # (task id, epoch): a lost lease's thread may
         # still be ending when the same task is claimed again
         self._lock = threading.Lock()
+        #: (task id, epoch) -> (claude started, tool calls) of each task whose supervisor the lease watch abandoned
+        #: and that ended, until release_unsupervised deals with it (see there)
+        self.abandoned: dict[tuple[str, int], tuple[bool, int]] = {}
         self._claim_since: datetime | None = None  # when the claim in flight started (see _supervised)
         self.draining = False  # take no more work; exit once the running tasks have ended
         self.cancel_all = False  # ... and cancel them first
@@ -153,7 +156,7 @@ class Worker:
         if release is None:
             return
         try:
-            release(self.info.worker_id, self._supervised)
+            release(self.info.worker_id, self._supervised, abandoned=self.abandoned)
         except CCTasksError as e:
             log.warning("releasing tasks this worker does not run: %s", e)
 
@@ -385,6 +388,8 @@ class Worker:
             except CCTasksError:
                 pass
             with self._lock:  # (after the final record: a draining worker exits once this is empty)
+                if sup.lost:  # (before it leaves supervising: release_unsupervised reads this after that)
+                    self.abandoned[key] = (sup.spawned, sup.progress.tool_calls)
                 self.supervising.pop(key, None)
                 sup.close()
             self.last_activity = time.monotonic()

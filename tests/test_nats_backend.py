@@ -642,3 +642,28 @@ def test_the_records_watcher_keeps_nothing_of_finished_records(url):
     finally:
         other.close()
         b.close()
+
+
+def test_a_task_whose_supervisor_was_abandoned_after_starting_claude_is_a_lost_workers(url):
+    """An outage after claude started and before its first flush: the record shows no claude and no tool, but the
+    worker's lease watch abandoned a running claude. Its task is not put back quietly: an attempt is counted, and
+    the worker's own tool count decides whether it may run again."""
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        quiet, ran, acted = _queued(b, 3)
+        w = worker_info()
+        b.register(w)
+        got = {r.task_id: r for r in b.claim(w, 3)}
+        later = utcnow() + timedelta(seconds=5)
+        abandoned = {(ran, 1): (True, 0), (acted, 1): (True, 2), ("t-elsewhere", 1): (True, 0)}
+        out = b.release_unsupervised(w.worker_id, lambda: (set(), later), abandoned=abandoned)
+        assert sorted(out) == sorted(got)
+        assert abandoned == {}
+        q = b.load(quiet)
+        assert q.status == TaskStatus.QUEUED and q.attempts == []  # (never supervised: released quietly)
+        r = b.load(ran)
+        assert r.status == TaskStatus.QUEUED and len(r.attempts) == 1 and r.attempts[0].retried
+        a = b.load(acted)
+        assert a.status == TaskStatus.FAILED and "used tools" in a.error
+    finally:
+        b.close()
