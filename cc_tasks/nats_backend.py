@@ -97,6 +97,8 @@ RETRY_FOR = 30.0
 SMALL_UPLOAD = 1 << 20
 #: A record's status, without parsing the record (the records watcher looks at every write).
 STATUS_RE = re.compile(rb'"status":"([a-z_]+)"')
+#: The finished statuses as a record's JSON has them: the records watcher keeps nothing of those records.
+FINISHED = frozenset(s.value.encode() for s in TaskStatus if s.terminal)
 #: How long a claimer waits for its watcher of the records to catch up before it reads them instead.
 RECS_WAIT = 0.25
 
@@ -156,6 +158,8 @@ class NatsBackend:
         self._parsed: dict[str, tuple[int, TaskRecord]] = {}
         self._recs_seq = 0
         self._recs_sub = None
+        self._recs_lock = asyncio.Lock()  # (one subscription, whoever starts it first)
+        self._recs_starting = False  # (activity_stamp started the watcher in the background: see there)
         self._recs_moved = asyncio.Event()
         self._closing = False
         #: Each task's status as the records watcher last saw it, and a count of the changes (activity_stamp).
@@ -421,9 +425,15 @@ class NatsBackend:
     # -- the claimers' view of the records ---------------------------------------------
     async def _watch_records(self) -> None:
         """Start following the task records (one ordered consumer for this object's life): ``_recs`` maps each
-        key to the (revision, value) last seen, ``_recs_seq`` is the highest revision seen."""
+        unfinished task's key to the (revision, value) last seen (a finished record is dropped: servers would
+        keep every result preview otherwise), ``_recs_seq`` is the highest revision seen."""
         if self._recs_sub is not None:
             return
+        async with self._recs_lock:
+            if self._recs_sub is None:
+                await self._subscribe_records()
+
+    async def _subscribe_records(self) -> None:
         pre = f"$KV.{self.NS}_TASKS."
 
         async def on_msg(msg) -> None:
@@ -432,15 +442,19 @@ class NatsBackend:
             op = (msg.headers or {}).get("KV-Operation")
             if op in ("DEL", "PURGE"):
                 self._recs.pop(key, None)
-                if self._statuses.pop(key, None) is not None:
-                    self._activity += 1
+                self._statuses.pop(key, None)
+                self._activity += 1
             else:
-                self._recs[key] = (meta.sequence.stream, msg.data)
                 m = STATUS_RE.search(msg.data or b"")
                 status = m.group(1) if m else b""
                 if self._statuses.get(key) != status:
-                    self._statuses[key] = status
                     self._activity += 1
+                if status in FINISHED:  # (claims look only at unfinished records: keep nothing of the rest)
+                    self._recs.pop(key, None)
+                    self._statuses.pop(key, None)
+                else:
+                    self._recs[key] = (meta.sequence.stream, msg.data)
+                    self._statuses[key] = status
             self._recs_seq = max(self._recs_seq, meta.sequence.stream)
             self._recs_moved.set()
 
@@ -572,13 +586,23 @@ class NatsBackend:
         """Changes whenever a task changes status, is added or is removed: a counter of this object's, fed by its
         watcher of the records (started by the first call), so waiters poll it without a request to the
         server. While the watcher cannot start (an outage) it does not change; waiters still read every
-        WAIT_FULL_EVERY."""
-        if self._recs_sub is None:
+        WAIT_FULL_EVERY. It never waits for the server: it is called on a server's event loop, every poll; the
+        watcher is started in the background (once at a time) and the counter is answered at once."""
+        if self._recs_sub is None and not self._recs_starting and not self._closing:
+            self._recs_starting = True
             try:
-                self._run(self._watch_records(), timeout=RETRY_FOR)
-            except Exception as e:  # (next call tries again)
-                log.debug("%s: records watcher: %s", self.address, e)
+                asyncio.run_coroutine_threadsafe(self._start_watching(), self._loop)
+            except RuntimeError:  # (the loop is closed)
+                self._recs_starting = False
         return self._activity
+
+    async def _start_watching(self) -> None:
+        try:
+            await asyncio.wait_for(self._watch_records(), RETRY_FOR)
+        except Exception as e:  # (the next activity_stamp tries again)
+            log.debug("%s: records watcher: %s", self.address, e)
+        finally:
+            self._recs_starting = False
 
     def queue_position(self, task_id: str) -> int | None:
         async def go():
@@ -937,13 +961,20 @@ class NatsBackend:
         self._run(self._kv_delete(self.kv_workers, worker_id))
 
     def release_unsupervised(
-        self, worker_id: str, supervised: Callable[[], tuple[set[tuple[str, int]], datetime]]
+        self,
+        worker_id: str,
+        supervised: Callable[[], tuple[set[tuple[str, int]], datetime]],
+        abandoned: dict[tuple[str, int], tuple[bool, int]] | None = None,
     ) -> list[str]:
         """Put back in the queue the tasks leased to ``worker_id`` that it does not supervise (a claim whose
         answer was lost or that failed after its lease landed): they would stay running while its heartbeat
         keeps the lease alive. ``supervised()``: the (task id, epoch) it supervises and the time before which
         every lease it got is among them (a claim in flight may hold newer ones); called after the read, in the
-        caller's thread."""
+        caller's thread. ``abandoned``: the worker's tasks whose supervisor it abandoned (its lease watch), each
+        with whether that supervisor started claude and its own count of tool calls (the record may not have
+        them: an outage came before its first flush). Such a task is a lost worker's (``_worker_lost``: an
+        attempt counted, not run again if it used a tool); the quiet release is for leases never started. Read
+        after ``supervised()``; entries for tasks no longer leased to the worker, or dealt with here, are removed."""
 
         async def read():
             return [
@@ -953,9 +984,12 @@ class NatsBackend:
             ]
 
         mine = self._run(read())
-        if not mine:
-            return []
         keys, cutoff = supervised()
+        gone = dict(abandoned or {})
+        if abandoned is not None:
+            ours = {(r.task_id, r.epoch) for r in mine}
+            for k in [k for k in gone if k not in ours]:
+                abandoned.pop(k, None)
         orphans = [r for r in mine if (r.task_id, r.epoch) not in keys and r.lease.acquired_at < cutoff]
         if not orphans:
             return []
@@ -964,11 +998,17 @@ class NatsBackend:
             out, ended = [], False
             for r in orphans:
                 lease = r.lease
-                if r.claude is not None or r.progress.tool_calls:  # (claude ran: a lost worker's task, by its rules)
-                    new = await self._worker_lost(r, f"worker {worker_id} no longer supervises it", force=True)
+                spawned, tools = gone.get((r.task_id, r.epoch), (False, 0))
+                if spawned or r.claude is not None or r.progress.tool_calls:  # (claude ran: a lost worker's task)
+                    why = f"worker {worker_id} no longer supervises it"
+                    if spawned:
+                        why = f"worker {worker_id} abandoned it after starting claude ({tools} tool calls)"
+                    new = await self._worker_lost(r, why, force=True, tool_calls=tools)
                     if new is not r and not (new.status == TaskStatus.RUNNING and new.lease == lease):
                         ended = ended or new.status.terminal
                         out.append(r.task_id)
+                        if abandoned is not None:
+                            abandoned.pop((r.task_id, r.epoch), None)
                     continue
                 did: list[bool] = []
 
@@ -990,6 +1030,8 @@ class NatsBackend:
                 except (TaskNotFoundError, CorruptRecordError):
                     continue
                 if did:
+                    if abandoned is not None:
+                        abandoned.pop((r.task_id, r.epoch), None)
                     ended = ended or new.status.terminal
                     log.warning("task %s: leased to worker %s, which does not run it: released", r.task_id, worker_id)
                     await self._append_event(r.task_id, "released", by=worker_id, reason="leased but not started")
@@ -1063,12 +1105,13 @@ class NatsBackend:
     def worker_lost(self, r: TaskRecord, reason: str) -> TaskRecord:
         return self._run(self._worker_lost(r, reason))
 
-    async def _worker_lost(self, r: TaskRecord, reason: str, force: bool = False) -> TaskRecord:
+    async def _worker_lost(self, r: TaskRecord, reason: str, force: bool = False, tool_calls: int = 0) -> TaskRecord:
         """The one place for "the worker is gone" (as TaskStore.worker_lost): the lease is dropped, so the
         lost worker's writes are refused from here on (its supervisor then stops claude); the task goes back
         to the queue as a new attempt when its run used no tool and attempts remain, else it ends failed (or
         cancelled if a cancel was asked for). Its processes are stopped if they run on this host. ``force``: the lease
-        is not looked at (its own worker says it no longer runs the task)."""
+        is not looked at (its own worker says it no longer runs the task); ``tool_calls``: the tool calls its worker
+        counted (the record may have fewer)."""
         lease = r.lease
         doomed: list[TaskRecord] = []
         alive = await self._lease_alive(lease) if lease is not None and not force else False
@@ -1083,7 +1126,7 @@ class NatsBackend:
             now = utcnow()
             n = len(cur.attempts) + 1
             agent = cur.runner == "agent"
-            acted = not agent and bool(cur.progress.tool_calls)
+            acted = not agent and bool(cur.progress.tool_calls or tool_calls)
             requeue = not cur.cancel_requested and not acted and n < cur.max_attempts
             what = "lease expired" if agent else "worker lost"
             attempt = Attempt(attempt=n, started_at=cur.started_at or now, finished_at=now, status=TaskStatus.FAILED,

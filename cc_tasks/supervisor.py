@@ -60,6 +60,7 @@ class Supervisor:
         self.worktree = record.worktree
         self._last_text_event = -1e9
         self.lost: str | None = None  # set by abandon(): write nothing more
+        self.spawned = False  # claude was started (in any attempt): an abandoned task's worker says so
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
@@ -273,6 +274,7 @@ class Supervisor:
         start_offset = out_path.stat().st_size if out_path.exists() else 0  # earlier attempts stay in front
         self._check_lost()
         self.backend.renew(self.lease)  # (never start claude under a lease that is gone)
+        self._check_lost()  # (nor once abandoned while the renew waited for the server)
         try:
             with (
                 open(stdin_path, "rb") as stdin,
@@ -282,6 +284,7 @@ class Supervisor:
                 self.proc = procs.spawn(argv, stdin=stdin, stdout=out, stderr=err, cwd=cwd, env=env, close_fds=True)
         except OSError as e:
             raise ClaudeStartError(str(e)) from e
+        self.spawned = True
         self._stopped = False
         try:  # from here on, whatever fails, claude's tree is stopped and collected, and files are closed
             try:
@@ -375,9 +378,10 @@ class Supervisor:
         if self.proc is not None:
             self.proc.poll()
 
-    def stop_everything(self) -> None:
+    def stop_everything(self, grace_int: float = procs.GRACE_INT) -> None:
         """Stop claude's tree if it still runs, then what its tools left behind (re-parented to the worker,
-        a subreaper, and found by the task id in their environment)."""
+        a subreaper, and found by the task id in their environment). ``grace_int``: seconds claude has after
+        SIGINT before SIGTERM."""
         self._stopped = True
         root = None
         if self.proc is not None and self.proc.poll() is None:
@@ -385,10 +389,10 @@ class Supervisor:
                 root = psutil.Process(self.proc.pid)
             except psutil.NoSuchProcess:
                 root = None
-        procs.stop_tree(root, reap=self._reap)
+        procs.stop_tree(root, reap=self._reap, grace_int=grace_int)
         leftovers = procs.task_orphans(self.task_id)
         if leftovers:
-            procs.stop_tree(None, others=leftovers, reap=self._reap)
+            procs.stop_tree(None, others=leftovers, reap=self._reap, grace_int=grace_int)
         if self.proc is not None:
             self.proc.wait()
             procs.disown(self.proc.pid)

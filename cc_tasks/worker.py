@@ -46,6 +46,8 @@ from .supervisor import Supervisor
 log = logging.getLogger("cc_tasks")
 #: Seconds between heartbeats, and between two full looks at the queue.
 HEARTBEAT = 1.0
+#: Seconds between SIGINT and SIGTERM when the lease watch stops an abandoned task's tree.
+ABANDON_GRACE = 1.0
 
 
 class Worker:
@@ -77,6 +79,9 @@ class Worker:
         self.supervising: dict[tuple[str, int], Supervisor] = {}  # (task id, epoch): a lost lease's thread may
         # still be ending when the same task is claimed again
         self._lock = threading.Lock()
+        #: (task id, epoch) -> (claude started, tool calls) of each task whose supervisor the lease watch abandoned
+        #: and that ended, until release_unsupervised deals with it (see there)
+        self.abandoned: dict[tuple[str, int], tuple[bool, int]] = {}
         self._claim_since: datetime | None = None  # when the claim in flight started (see _supervised)
         self.draining = False  # take no more work; exit once the running tasks have ended
         self.cancel_all = False  # ... and cancel them first
@@ -102,27 +107,46 @@ class Worker:
 
     def _watch_leases(self) -> None:
         """On a remote backend, in a thread of its own (the heartbeat may be stuck waiting for the server): once
-        no heartbeat has succeeded for the lease less a margin, others may judge this worker gone and run its
-        tasks elsewhere, so every task it supervises is abandoned: claude stopped, nothing more written."""
-        lease = float(getattr(self.backend, "lease_seconds", 0) or 0)
-        if self.backend.kind == "local" or lease <= 0:
+        no heartbeat has succeeded for two thirds of the lease, others may soon judge this worker gone and run
+        its tasks elsewhere, so every task it supervises is abandoned: claude stopped, nothing more written. The
+        worker's lock is held only to mark them (never across a call to the server), and their trees are stopped
+        all at once with a short SIGINT grace: the last third of the lease is for stopping, not for waiting."""
+        limit = self._silence_limit()
+        if limit == float("inf"):
             return
-        limit = lease - min(5.0, lease / 4)
+        lease = float(self.backend.lease_seconds)
         while not self._stopped.wait(0.25):
             silent = time.monotonic() - self.beat_ok
             if silent < limit:
                 continue
             why = f"worker {self.info.worker_id} had no heartbeat for {silent:.0f} s (lease {lease:g} s)"
-            with self._lock:  # (request_stop under the lock, as _look_for_cancels)
+            with self._lock:  # (request_stop under the lock: close() is called under it)
                 doomed = [sup for sup in self.supervising.values() if not sup.lost]
                 for sup in doomed:
                     sup.abandon(why)
+            stoppers = []
             for sup in doomed:
                 log.warning("task %s: %s; stopping its claude", sup.task_id, why)
-                try:
-                    sup.stop_everything()
-                except Exception:
-                    traceback.print_exc()
+                t = threading.Thread(target=self._stop_abandoned, args=(sup,), name=f"stop-{sup.task_id}", daemon=True)
+                t.start()
+                stoppers.append(t)
+            for t in stoppers:
+                t.join(30)
+
+    def _silence_limit(self) -> float:
+        """Seconds without a successful heartbeat after which this worker's tasks are no longer surely its own:
+        two thirds of the lease (inf on the local store, whose leases do not expire)."""
+        lease = float(getattr(self.backend, "lease_seconds", 0) or 0)
+        if self.backend.kind == "local" or lease <= 0:
+            return float("inf")
+        return lease - lease / 3
+
+    @staticmethod
+    def _stop_abandoned(sup: Supervisor) -> None:
+        try:
+            sup.stop_everything(grace_int=ABANDON_GRACE)
+        except Exception:
+            traceback.print_exc()
 
     def _release_unsupervised(self) -> None:
         """Once a heartbeat period, on a remote backend (where a claim's answer can be lost after its lease
@@ -132,7 +156,7 @@ class Worker:
         if release is None:
             return
         try:
-            release(self.info.worker_id, self._supervised)
+            release(self.info.worker_id, self._supervised, abandoned=self.abandoned)
         except CCTasksError as e:
             log.warning("releasing tasks this worker does not run: %s", e)
 
@@ -301,15 +325,22 @@ class Worker:
         return {"error": f"unknown op {op!r}"}
 
     def _look_for_cancels(self) -> None:
+        """Ask the backend about each supervised task's cancel, outside the worker's lock (a remote backend may
+        take seconds to answer, and the lease watch needs the lock); the lock is taken again only to stop."""
         with self._lock:
-            for (task_id, _), sup in self.supervising.items():
-                if self.backend.cancel_requested(task_id):
-                    sup.request_stop()
+            snapshot = list(self.supervising.items())
+        for key, sup in snapshot:
+            if self.backend.cancel_requested(key[0]):
+                with self._lock:  # (only while it is still supervised: close() is called under the lock)
+                    if self.supervising.get(key) is sup:
+                        sup.request_stop()
 
     # -- claiming and supervising ------------------------------------------------
     def claim(self, free: int, fresh: bool) -> None:
         if fresh:
             self.last_claim = time.monotonic()
+        if time.monotonic() - self.beat_ok >= self._silence_limit():
+            return  # (the lease watch would abandon whatever it got at once: claim again once a heartbeat lands)
         with self._lock:
             self._claim_since = utcnow() - timedelta(seconds=1)  # (leases' clocks: this host's, a margin)
         try:
@@ -357,6 +388,8 @@ class Worker:
             except CCTasksError:
                 pass
             with self._lock:  # (after the final record: a draining worker exits once this is empty)
+                if sup.lost:  # (before it leaves supervising: release_unsupervised reads this after that)
+                    self.abandoned[key] = (sup.spawned, sup.progress.tool_calls)
                 self.supervising.pop(key, None)
                 sup.close()
             self.last_activity = time.monotonic()

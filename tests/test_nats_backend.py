@@ -597,3 +597,73 @@ def test_a_call_the_caller_stopped_waiting_for_is_cancelled(url):
         assert cancelled.wait(5)
     finally:
         b.close()
+
+
+def test_activity_stamp_never_waits_for_the_watcher_to_start(url, monkeypatch):
+    """While the records watcher cannot start (an outage), activity_stamp answers the local counter at once (it
+    runs on a server's event loop, every poll) and starts the watcher in the background, once at a time."""
+    b = NatsBackend(url)
+    try:
+        calls = []
+
+        async def slow_watch():
+            calls.append(1)
+            await asyncio.sleep(1.0)
+            raise BackendUnreachableError("down")
+
+        monkeypatch.setattr(b, "_watch_records", slow_watch)
+        t0 = time.monotonic()
+        s0 = b.activity_stamp()
+        assert [b.activity_stamp() for _ in range(20)] == [s0] * 20
+        assert time.monotonic() - t0 < 0.5
+        wait_until(lambda: calls, timeout=5)
+        wait_until(lambda: not b._recs_starting, timeout=10)
+        assert len(calls) == 1  # (not subscribed twice)
+        b.activity_stamp()
+        wait_until(lambda: len(calls) == 2, timeout=5)  # (a failed start is tried again by the next call)
+    finally:
+        b.close()
+
+
+def test_the_records_watcher_keeps_nothing_of_finished_records(url):
+    """A server's watcher sees every record: it keeps the unfinished ones (claims need them) and only counts the
+    others' changes, so result previews do not pile up in memory."""
+    b = NatsBackend(url)
+    other = NatsBackend(url)
+    try:
+        done, live = _queued(other, 2)
+        b._run(b._watch_records())
+        wait_until(lambda: done in b._recs and live in b._recs, timeout=10)
+        s0 = b.activity_stamp()
+        other.request_cancel(done)
+        wait_until(lambda: b.activity_stamp() != s0, timeout=10)
+        assert done not in b._recs and done not in b._statuses
+        assert live in b._recs and b._statuses[live] == b"queued"
+    finally:
+        other.close()
+        b.close()
+
+
+def test_a_task_whose_supervisor_was_abandoned_after_starting_claude_is_a_lost_workers(url):
+    """An outage after claude started and before its first flush: the record shows no claude and no tool, but the
+    worker's lease watch abandoned a running claude. Its task is not put back quietly: an attempt is counted, and
+    the worker's own tool count decides whether it may run again."""
+    b = NatsBackend(url, lease_seconds=30)
+    try:
+        quiet, ran, acted = _queued(b, 3)
+        w = worker_info()
+        b.register(w)
+        got = {r.task_id: r for r in b.claim(w, 3)}
+        later = utcnow() + timedelta(seconds=5)
+        abandoned = {(ran, 1): (True, 0), (acted, 1): (True, 2), ("t-elsewhere", 1): (True, 0)}
+        out = b.release_unsupervised(w.worker_id, lambda: (set(), later), abandoned=abandoned)
+        assert sorted(out) == sorted(got)
+        assert abandoned == {}
+        q = b.load(quiet)
+        assert q.status == TaskStatus.QUEUED and q.attempts == []  # (never supervised: released quietly)
+        r = b.load(ran)
+        assert r.status == TaskStatus.QUEUED and len(r.attempts) == 1 and r.attempts[0].retried
+        a = b.load(acted)
+        assert a.status == TaskStatus.FAILED and "used tools" in a.error
+    finally:
+        b.close()

@@ -1,9 +1,13 @@
 """The supervisor of one task, run directly against a store with the fake claude."""
 
+import os
 import threading
+import time
+
+import pytest
 
 from cc_tasks.backend import dependency_preamble
-from cc_tasks.errors import BackendUnreachableError
+from cc_tasks.errors import BackendUnreachableError, LeaseLostError
 from cc_tasks.models import TaskOptions, TaskRecord, TaskRequest
 from cc_tasks.states import TaskStatus
 from cc_tasks.store import TaskStore, new_task_id
@@ -89,3 +93,28 @@ def test_an_unreachable_backend_is_not_a_cancel(tmp_path, fake_claude):
     assert sup.cancelled() is True
     sup.close()
     assert t.task_id == claimed.task_id
+
+
+def test_a_supervisor_abandoned_while_its_renew_waited_never_starts_claude(cc_env, tmp_path):
+    """The lease watch may abandon a supervisor while its renew waits for the server: when the renew returns,
+    claude is not started."""
+    store = TaskStore(tmp_path / "store-abandon")
+    rec = TaskRecord(task_id=new_task_id(), cwd=str(tmp_path), timeout_seconds=60)
+    store.submit(rec, TaskRequest(options=TaskOptions(prompt="x"), cwd=str(tmp_path), claude_bin="claude"))
+    (got,) = store.claim(worker_info(), 1)
+    sup = Supervisor(store, got)
+    renew = store.renew
+
+    def slow_renew(lease):
+        sup.abandon("no heartbeat")  # (the lease watch, while this call waited)
+        return renew(lease)
+
+    store.renew = slow_renew
+    stdin = tmp_path / "stdin"
+    stdin.write_bytes(b"")
+    try:
+        with pytest.raises(LeaseLostError):
+            sup.run_attempt(["/bin/true"], str(tmp_path), dict(os.environ), stdin, time.monotonic() + 60, attempt=1)
+        assert not sup.spawned and sup.proc is None
+    finally:
+        sup.close()

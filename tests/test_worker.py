@@ -3,12 +3,16 @@ A worker that is lost (SIGKILL) frees its slot; its task is requeued or failed."
 
 import os
 import signal
+import threading
+import time
 
 import pytest
 
+from cc_tasks import worker as worker_mod
 from cc_tasks.config import Settings
 from cc_tasks.manager import TaskManager
 from cc_tasks.models import BatchItem, TaskOptions, TaskStatus
+from cc_tasks.worker import Worker
 
 from .conftest import pid_alive
 from .test_manager import fake, run, wait_until
@@ -238,3 +242,77 @@ async def test_a_labelled_task_waits_for_a_worker_with_its_labels(fake_manager, 
     finally:
         gpu.terminate()
         assert gpu.wait(20) == 0  # SIGTERM drains: nothing was running, so it exits at once
+
+
+class _StubBackend:
+    """Just what a worker's lease watch and cancel look use: a remote kind, a lease, a cancel check that hangs."""
+
+    kind = "nats"
+    lease_seconds = 3.0
+
+    def __init__(self):
+        self.asked = threading.Event()
+        self.answer = threading.Event()
+
+    def cancel_requested(self, task_id: str) -> bool:
+        self.asked.set()
+        self.answer.wait(20)
+        return False
+
+
+class _StubSupervisor:
+    def __init__(self, task_id: str, both_stopping: threading.Barrier):
+        self.task_id, self.lost, self.grace = task_id, None, None
+        self.both_stopping = both_stopping
+        self.stopped = threading.Event()
+
+    def abandon(self, reason: str) -> None:
+        self.lost = reason
+
+    def request_stop(self) -> None:
+        pass
+
+    def stop_everything(self, grace_int: float = 3.0) -> None:
+        self.grace = grace_int
+        self.both_stopping.wait()  # (raises if the other is not being stopped at the same time)
+        self.stopped.set()
+
+
+def test_the_lease_watch_stops_every_abandoned_tree_at_once_while_a_cancel_check_hangs():
+    """A cancel check the server does not answer never holds the worker's lock: the lease watch abandons the tasks
+    at two thirds of the lease and stops their trees in parallel, with a short SIGINT grace."""
+    backend = _StubBackend()
+    w = Worker(backend, slots=2)
+    both = threading.Barrier(2, timeout=10)
+    sups = [_StubSupervisor("t-a", both), _StubSupervisor("t-b", both)]
+    w.supervising = {("t-a", 1): sups[0], ("t-b", 1): sups[1]}
+    assert w._silence_limit() == 2.0
+    looking = threading.Thread(target=w._look_for_cancels, daemon=True)
+    looking.start()
+    assert backend.asked.wait(10)
+    w.beat_ok = time.monotonic() - 10
+    watching = threading.Thread(target=w._watch_leases, daemon=True)
+    watching.start()
+    try:
+        for s in sups:
+            assert s.stopped.wait(10), "the lease watch was stuck behind the cancel check"
+            assert s.lost and s.grace == worker_mod.ABANDON_GRACE < 3.0
+    finally:
+        w._stopped.set()
+        backend.answer.set()
+        looking.join(30)
+        watching.join(30)
+
+
+def test_a_worker_whose_heartbeats_fail_claims_nothing():
+    """Claims may work while heartbeats fail: a task claimed then would be abandoned at once (churn)."""
+    backend = _StubBackend()
+    asked = []
+    backend.claim = lambda info, free, fresh=True: asked.append(free) or []
+    w = Worker(backend, slots=2)
+    w.beat_ok = time.monotonic() - w._silence_limit()
+    w.claim(2, fresh=True)
+    assert asked == []
+    w.beat_ok = time.monotonic()
+    w.claim(2, fresh=True)
+    assert asked == [2]
