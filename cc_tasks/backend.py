@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .models import Lease, TaskRecord, TaskRequest, WorkerInfo
+from .models import Attempt, Lease, Progress, TaskRecord, TaskRequest, WorkerInfo, utcnow
 from .states import TaskStatus
 
 #: Characters of each dependency's result put in front of a prompt (or in a claim), and of all of them together.
@@ -122,6 +122,32 @@ class Backend(Protocol):
     def add_note(self, group: str, text: str, key: str | None = None, by: str | None = None) -> int: ...
 
     def iter_notes(self, group: str, since: int = 0) -> Iterator[dict]: ...
+
+
+def lost_update(cur: TaskRecord, reason: str, acted: bool) -> TaskRecord:
+    """What "the worker is gone" (or an agent's lease expired) does to a running record, for every backend:
+    the lease is dropped; the task goes back to the queue as a new attempt if its run had no effect
+    (``acted`` is False: used no tool) and attempts remain, else it ends failed, or cancelled if a cancel was
+    asked for. (Pure: the backends decide ``acted`` and write the result under their compare-and-set.)"""
+    now = utcnow()
+    n = len(cur.attempts) + 1
+    agent = cur.runner == "agent"  # (an agent's lease expired: what it did is its own business)
+    acted = acted and not agent
+    requeue = not cur.cancel_requested and not acted and n < cur.max_attempts
+    what = "lease expired" if agent else "worker lost"
+    attempt = Attempt(attempt=n, started_at=cur.started_at or now, finished_at=now, status=TaskStatus.FAILED,
+                      reason=f"{what}: {reason}", retried=requeue)  # fmt: skip
+    fields: dict = {"attempts": [*cur.attempts, attempt], "lease": None, "claude": None}
+    if cur.cancel_requested:
+        fields.update(status=TaskStatus.CANCELLED, error=f"cancelled; {what}: {reason}")
+    elif requeue:
+        fields.update(status=TaskStatus.QUEUED, started_at=None, progress=Progress())
+    elif agent:
+        fields.update(status=TaskStatus.FAILED, error=f"lease expired: {reason} (no attempts left)")
+    else:
+        why = "its run had used tools or ended, so it is not run again" if acted else "no attempts left"
+        fields.update(status=TaskStatus.FAILED, error=f"worker lost: {reason}; its process tree was stopped ({why})")
+    return cur.model_copy(update=fields)
 
 
 def dependency_preamble(backend: Backend, depends_on: list[str], total: int = DEP_RESULTS_TOTAL) -> str:

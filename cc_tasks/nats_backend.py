@@ -60,6 +60,7 @@ from filelock import Timeout
 from nats.js.api import DeliverPolicy, StreamConfig
 
 from . import procs
+from .backend import lost_update
 from .config import default_lease_seconds, default_max_concurrent
 from .errors import (
     BackendUnreachableError,
@@ -1123,27 +1124,7 @@ class NatsBackend:
             if alive:
                 return None  # renewed since ``r`` was read
             doomed.append(cur)
-            now = utcnow()
-            n = len(cur.attempts) + 1
-            agent = cur.runner == "agent"
-            acted = not agent and bool(cur.progress.tool_calls or tool_calls)
-            requeue = not cur.cancel_requested and not acted and n < cur.max_attempts
-            what = "lease expired" if agent else "worker lost"
-            attempt = Attempt(attempt=n, started_at=cur.started_at or now, finished_at=now, status=TaskStatus.FAILED,
-                              reason=f"{what}: {reason}", retried=requeue)  # fmt: skip
-            fields: dict = {"attempts": [*cur.attempts, attempt], "lease": None, "claude": None}
-            if cur.cancel_requested:
-                fields.update(status=TaskStatus.CANCELLED, error=f"cancelled; {what}: {reason}")
-            elif requeue:
-                fields.update(status=TaskStatus.QUEUED, started_at=None, progress=Progress())
-            elif agent:
-                fields.update(status=TaskStatus.FAILED, error=f"lease expired: {reason} (no attempts left)")
-            else:
-                why = "its run had used tools, so it is not run again" if acted else "no attempts left"
-                fields.update(
-                    status=TaskStatus.FAILED, error=f"worker lost: {reason}; its process tree was stopped ({why})"
-                )
-            return cur.model_copy(update=fields)
+            return lost_update(cur, reason, acted=bool(cur.progress.tool_calls or tool_calls))
 
         try:
             new = await self._update(r.task_id, fn)

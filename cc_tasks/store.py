@@ -51,6 +51,7 @@ import psutil
 from filelock import FileLock, Timeout
 
 from . import control, procs
+from .backend import lost_update
 from .checks import ensure_private_dir
 from .config import default_lease_seconds, default_max_concurrent
 from .errors import (
@@ -663,33 +664,7 @@ class TaskStore:
             if cur.lease is not None and self.lease_alive(cur.lease):
                 return None  # renewed since ``r`` was read
             doomed.append(self._doomed(cur))
-            now = utcnow()
-            n = len(cur.attempts) + 1
-            agent = cur.runner == "agent"  # (an agent's lease expired: what it did is its own business)
-            acted = not agent and self._acted(cur)
-            requeue = not cur.cancel_requested and not acted and n < cur.max_attempts
-            what = "lease expired" if agent else "worker lost"
-            attempt = Attempt(
-                attempt=n,
-                started_at=cur.started_at or now,
-                finished_at=now,
-                status=TaskStatus.FAILED,
-                reason=f"{what}: {reason}",
-                retried=requeue,
-            )
-            fields: dict = {"attempts": [*cur.attempts, attempt], "lease": None, "claude": None}
-            if cur.cancel_requested:
-                fields.update(status=TaskStatus.CANCELLED, error=f"cancelled; {what}: {reason}")
-            elif requeue:
-                fields.update(status=TaskStatus.QUEUED, started_at=None, progress=Progress())
-            elif agent:
-                fields.update(status=TaskStatus.FAILED, error=f"lease expired: {reason} (no attempts left)")
-            else:
-                why = "its run had used tools or ended, so it is not run again" if acted else "no attempts left"
-                fields.update(
-                    status=TaskStatus.FAILED, error=f"worker lost: {reason}; its process tree was stopped ({why})"
-                )
-            return cur.model_copy(update=fields)
+            return lost_update(cur, reason, acted=cur.runner != "agent" and self._acted(cur))
 
         try:
             new = self.update(r.task_id, fn)
