@@ -11,10 +11,12 @@ backend when a task ends; a lease whose worker is gone is ended by the backend (
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from .errors import InvalidOptionsError, LeaseLostError
 from .models import Attempt, Lease, Progress, TaskRecord, TaskRequest, WorkerInfo, utcnow
 from .states import TaskStatus
 
@@ -148,6 +150,27 @@ def lost_update(cur: TaskRecord, reason: str, acted: bool) -> TaskRecord:
         why = "its run had used tools or ended, so it is not run again" if acted else "no attempts left"
         fields.update(status=TaskStatus.FAILED, error=f"worker lost: {reason}; its process tree was stopped ({why})")
     return cur.model_copy(update=fields)
+
+
+def check_agent_lease(r: TaskRecord, task_id: str, digest: str) -> Lease:
+    """The lease an agent's call holds ``r`` under (``digest``: the SHA-256 of its token), or the error that
+    refuses the call: not an agent task, held by no lease, or by another one. (Expiry is the caller's look.)"""
+    if r.runner != "agent":
+        raise InvalidOptionsError(
+            f"task {task_id} is not an agent task (a worker runs claude for it); only tasks posted with "
+            "post_task (or runner 'agent') are claimed, renewed, completed or failed by agents"
+        )
+    lease = r.lease
+    if r.status != TaskStatus.RUNNING or lease is None or lease.token_sha256 is None:
+        raise LeaseLostError(
+            f"task {task_id} is {r.status.value}, held by no lease: that lease is stale; claim_task for work"
+        )
+    if not hmac.compare_digest(lease.token_sha256, digest):
+        raise LeaseLostError(
+            f"task {task_id}: that lease is not the one that holds it (it is held by {lease.worker!r}, "
+            f"claim {lease.epoch}); use the lease claim_task gave you, or claim_task again"
+        )
+    return lease
 
 
 def dependency_preamble(backend: Backend, depends_on: list[str], total: int = DEP_RESULTS_TOTAL) -> str:

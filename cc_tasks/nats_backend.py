@@ -38,7 +38,6 @@ import base64
 import contextlib
 import contextvars
 import hashlib
-import hmac
 import io
 import json
 import logging
@@ -60,7 +59,7 @@ from filelock import Timeout
 from nats.js.api import DeliverPolicy, StreamConfig
 
 from . import procs
-from .backend import lost_update
+from .backend import check_agent_lease, lost_update
 from .config import default_lease_seconds, default_max_concurrent
 from .errors import (
     BackendUnreachableError,
@@ -1533,21 +1532,7 @@ class NatsBackend:
 
         def fn(r: TaskRecord) -> TaskRecord:
             expired.clear()
-            if r.runner != "agent":
-                raise InvalidOptionsError(
-                    f"task {task_id} is not an agent task (a worker runs claude for it); only tasks posted with "
-                    "post_task (or runner 'agent') are claimed, renewed, completed or failed by agents"
-                )
-            lease = r.lease
-            if r.status != TaskStatus.RUNNING or lease is None or lease.token_sha256 is None:
-                raise LeaseLostError(
-                    f"task {task_id} is {r.status.value}, held by no lease: that lease is stale; claim_task for work"
-                )
-            if not hmac.compare_digest(lease.token_sha256, digest):
-                raise LeaseLostError(
-                    f"task {task_id}: that lease is not the one that holds it (it is held by {lease.worker!r}, "
-                    f"claim {lease.epoch}); use the lease claim_task gave you, or claim_task again"
-                )
+            lease = check_agent_lease(r, task_id, digest)
             if lease.expires_at is not None and utcnow() >= lease.expires_at:
                 expired.append(r)
                 raise LeaseLostError(

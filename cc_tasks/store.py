@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -51,7 +50,7 @@ import psutil
 from filelock import FileLock, Timeout
 
 from . import control, procs
-from .backend import lost_update
+from .backend import check_agent_lease, lost_update
 from .checks import ensure_private_dir
 from .config import default_lease_seconds, default_max_concurrent
 from .errors import (
@@ -971,21 +970,7 @@ class TaskStore:
         expired: list[TaskRecord] = []
 
         def fn(r: TaskRecord) -> TaskRecord:
-            if r.runner != "agent":
-                raise InvalidOptionsError(
-                    f"task {task_id} is not an agent task (a worker runs claude for it); only tasks posted with "
-                    "post_task (or runner 'agent') are claimed, renewed, completed or failed by agents"
-                )
-            lease = r.lease
-            if r.status != TaskStatus.RUNNING or lease is None or lease.token_sha256 is None:
-                raise LeaseLostError(
-                    f"task {task_id} is {r.status.value}, held by no lease: that lease is stale; claim_task for work"
-                )
-            if not hmac.compare_digest(lease.token_sha256, digest):
-                raise LeaseLostError(
-                    f"task {task_id}: that lease is not the one that holds it (it is held by {lease.worker!r}, "
-                    f"claim {lease.epoch}); use the lease claim_task gave you, or claim_task again"
-                )
+            lease = check_agent_lease(r, task_id, digest)
             if not self.lease_alive(lease):
                 expired.append(r)
                 raise LeaseLostError(
