@@ -1,6 +1,6 @@
 """The human and remote surfaces on the NATS backend: every CLI command (``--backend URL`` on the subcommand,
 or CC_TASKS_BACKEND) and the HTTP transport with its dashboard API, against a worker process on NATS; none of
-them has a claude binary or a local store."""
+them has a claude binary or a local store. And a worker's SIGTERM: the first drains, a second cancels."""
 
 from __future__ import annotations
 
@@ -106,3 +106,49 @@ def _health(base: str) -> bool:
         return http(base + "/health")[0] == 200
     except OSError:
         return False
+
+
+def _worker(url: str, claude: str, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("CC_TASKS_BACKEND", "CC_TASKS_DIR")}
+    return subprocess.Popen([sys.executable, "-m", "cc_tasks.worker", "--backend", url, "--slots", "2", *args],
+                            cwd=str(ROOT), env={**env, "CC_TASKS_CLAUDE_BIN": claude},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def test_a_workers_sigterm_drains_and_a_second_one_cancels(nats_url, surfaces_env, fake_claude, workdir, tmp_path):
+    import signal
+
+    env = {**surfaces_env, "CC_TASKS_BACKEND": nats_url}
+
+    def start(cfg: dict) -> str:
+        r = cli(env, "run", fake(cfg), "--cwd", str(workdir), "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["task_id"]
+
+    def status(tid: str) -> str:
+        return json.loads(cli(env, "show", tid, "--json").stdout)["status"]
+
+    go = tmp_path / "go"
+    worker = _worker(nats_url, fake_claude)
+    try:
+        first = start({"wait_file": str(go), "result": "drained"})
+        wait_until(lambda: status(first) == "running", 30)
+        worker.send_signal(signal.SIGTERM)  # drain: no new claims, the running task finishes
+        later = start({"result": "later"})
+        assert status(later) == "queued" and worker.poll() is None
+        go.touch()
+        assert worker.wait(60) == 0
+        assert status(first) == "completed" and status(later) == "queued"
+    finally:
+        stop(worker)
+    worker = _worker(nats_url, fake_claude)  # (takes the queued one, then a second SIGTERM cancels)
+    try:
+        wait_until(lambda: status(later) == "completed", 30)
+        long = start({"wait_file": str(tmp_path / "never")})
+        wait_until(lambda: status(long) == "running", 30)
+        worker.send_signal(signal.SIGTERM)  # (draining: the task would run on)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+        assert status(long) == "cancelled"
+    finally:
+        stop(worker)
