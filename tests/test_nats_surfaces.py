@@ -147,6 +147,9 @@ def test_a_workers_sigterm_drains_and_a_second_one_cancels(nats_url, surfaces_en
         long = start({"wait_file": str(tmp_path / "never")})
         wait_until(lambda: status(long) == "running", 30)
         worker.send_signal(signal.SIGTERM)  # (draining: the task would run on)
+        # Signals of one kind do not queue: a second SIGTERM sent at once would merge with the first. A
+        # command in between (a task the draining worker leaves queued) keeps them apart.
+        assert status(start({"result": "not for this one"})) == "queued"
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(60) == 0
         assert status(long) == "cancelled"
