@@ -67,7 +67,7 @@ from .models import (
     clip,
 )
 from .replies import EVENT_PAGE_CHARS, OUTPUT_PAGE_CHARS, fit_page, json_len, squeeze, text_room, utf8_page
-from .store import TASK_ID_RE, TaskStore, new_task_id, validate_task_id
+from .store import HOST, TASK_ID_RE, TaskStore, new_task_id, validate_task_id
 from .transcript import Entry, parse_entries
 
 log = logging.getLogger("cc_tasks")
@@ -149,6 +149,7 @@ def _lacks_changes(r: TaskRecord) -> bool:
         and r.changes is None
         and wt is not None
         and wt.base_commit is not None
+        and not _elsewhere(wt)
         and os.path.isdir(wt.path)
     )
 
@@ -163,6 +164,11 @@ def setup_logging(store: Backend) -> None:
     handler._cc_tasks = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+def _elsewhere(wt: WorktreeInfo) -> bool:
+    """Whether a task's worktree is on another machine (a worker elsewhere ran it, on a remote backend)."""
+    return bool(wt.host) and wt.host != HOST
 
 
 class TaskManager:
@@ -800,6 +806,12 @@ class TaskManager:
 
     def _remove_worktree(self, r: TaskRecord, keep_branch: bool) -> dict:
         wt = r.worktree
+        if _elsewhere(wt):  # (never a same-named worktree of this machine's)
+            return {
+                "worktree_removed": False,
+                "branch_deleted": False,
+                "worktree_note": f"worktree {wt.path} and branch {wt.branch} kept: they are on {wt.host}, not here",
+            }
         users = self._worktree_users(r, include_finished=True)  # (a chain of continuations shares one worktree:
         if users:  # it goes with the last of them, so that cleaning one never loses another's work)
             return {
@@ -827,6 +839,11 @@ class TaskManager:
             raise InvalidOptionsError(
                 f"task {record.task_id} is {record.status.value} and has not started in its worktree: "
                 f"nothing to {doing}"
+            )
+        if _elsewhere(record.worktree):
+            raise InvalidOptionsError(
+                f"task {record.task_id}'s worktree is on {record.worktree.host} (the worker that ran it), not on "
+                f"this machine ({HOST}): {doing} it with cc-tasks on {record.worktree.host}"
             )
         return record.worktree
 

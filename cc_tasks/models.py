@@ -325,6 +325,9 @@ class WorktreeInfo(BaseModel):
         description="The checkout the task was started in (its cwd's top level); merge_task merges there."
     )
     merged: MergeInfo | None = Field(None, description="Set once merge_task merged it.")
+    host: str | None = Field(
+        None, description="The machine it is on (its worker's); diff, merge and removal run there."
+    )
 
 
 #: Files listed in a task's ``changes`` (the counts cover them all; get_task_diff has every one).

@@ -28,7 +28,7 @@ from .config import Settings
 from .errors import BackendUnreachableError, CCTasksError, GitError, LeaseLostError
 from .models import RESULT_PREVIEW_CHARS, Attempt, Progress, TaskRecord, utcnow
 from .states import TaskStatus
-from .store import atomic_write
+from .store import HOST, atomic_write
 from .stream import Outcome, apply_event, is_transient, outcome, split_lines
 
 log = logging.getLogger("cc_tasks")
@@ -162,7 +162,7 @@ class Supervisor:
                     "restore the worktree (git worktree add) or start a new task"
                 )
             if wt.base_commit is None:
-                self.worktree = wt.model_copy(update={"base_commit": worktrees.head(cwd)})
+                self.worktree = wt.model_copy(update={"base_commit": worktrees.head(cwd), "host": HOST})
                 self.backend.progress(self.lease, worktree=self.worktree)
         except GitError as e:
             return f"could not prepare its git worktree: {e}"

@@ -17,7 +17,7 @@ from fastmcp.exceptions import ToolError
 
 from cc_tasks import worktrees
 from cc_tasks.errors import InvalidOptionsError, MergeRefusedError
-from cc_tasks.models import TaskOptions, TaskStatus
+from cc_tasks.models import PostOptions, TaskOptions, TaskStatus, WorktreeInfo
 from cc_tasks.server import create_server
 
 from .conftest import ROOT, mock_prompt
@@ -493,3 +493,16 @@ async def test_a_sub_agent_that_switched_branches_keeps_its_work_visible(fake_ma
     assert not worktrees.orphan_branch(t.worktree)  # its worktree is there: a continuation may enter it
     merged = fake_manager.merge(t.task_id, "merge")
     assert merged.files_changed == 2 and (repo / "g.txt").exists()
+
+
+def test_a_worktree_on_another_machine_is_neither_read_merged_nor_removed_here(fake_manager, tmp_path):
+    """On a remote backend a worker elsewhere may have run the task: its worktree is there, not here (a
+    same-named one here is never touched)."""
+    r = fake_manager.post(PostOptions(prompt="p"))
+    wt = WorktreeInfo(name=r.task_id, path=str(tmp_path / "wt"), branch=f"worktree-{r.task_id}", base_commit="0" * 40,
+                      repo=str(tmp_path), host="another-machine")  # fmt: skip
+    fake_manager.store.update(r.task_id, lambda cur: cur.model_copy(update={"worktree": wt}))
+    with pytest.raises(InvalidOptionsError, match="is on another-machine"):
+        fake_manager.diff(r.task_id)
+    res = fake_manager.cleanup(r.task_id)
+    assert res.deleted and res.worktree_removed is False and "on another-machine" in res.worktree_note
