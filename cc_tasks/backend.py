@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -150,6 +151,53 @@ def lost_update(cur: TaskRecord, reason: str, acted: bool) -> TaskRecord:
         why = "its run had used tools or ended, so it is not run again" if acted else "no attempts left"
         fields.update(status=TaskStatus.FAILED, error=f"worker lost: {reason}; its process tree was stopped ({why})")
     return cur.model_copy(update=fields)
+
+
+def cancel_update(r: TaskRecord) -> TaskRecord | None:
+    """What a cancel does to a record: a task that has not started, or an agent's task, is cancelled at once
+    (an agent's lease is dropped with it); a running claude task is only marked (its worker stops it). None:
+    nothing to do (finished, or already marked)."""
+    if r.status.terminal or (r.cancel_requested and r.runner == "claude"):
+        return None
+    if r.status in (TaskStatus.WAITING, TaskStatus.QUEUED):
+        error = "cancelled before it started"
+    elif r.runner == "agent":
+        held = f" (it was held by {r.lease.worker!r})" if r.lease else ""
+        error = f"cancelled{held}"
+    else:
+        return r.model_copy(update={"cancel_requested": True})
+    return r.model_copy(update={"status": TaskStatus.CANCELLED, "cancel_requested": True, "error": error})
+
+
+def agent_renewed(r: TaskRecord, note: str | None) -> dict:
+    """An agent's renew_task: its lease runs on by its length; a note becomes the task's last text."""
+    lease = r.lease.model_copy(update={"expires_at": utcnow() + timedelta(seconds=r.lease.lease_seconds or 0)})
+    fields: dict = {"lease": lease}
+    if note:
+        fields["progress"] = r.progress.model_copy(update={"last_text": note[-500:], "updated_at": utcnow()})
+    return fields
+
+
+def agent_completed(r: TaskRecord, result: str, preview_chars: int) -> dict:
+    """An agent's complete_task: completed, its result previewed in the record (the whole stored apart)."""
+    attempt = Attempt(attempt=len(r.attempts) + 1, started_at=r.started_at or utcnow(), finished_at=utcnow(),
+                      status=TaskStatus.COMPLETED)  # fmt: skip
+    return {"status": TaskStatus.COMPLETED, "result": result[:preview_chars],
+            "result_truncated": len(result) > preview_chars, "result_chars": len(result), "is_error": False,
+            "attempts": [*r.attempts, attempt]}  # fmt: skip
+
+
+def agent_failed(r: TaskRecord, error: str, retry: bool) -> dict:
+    """An agent's fail_task: back to the queue as a new attempt with ``retry`` while attempts remain, else failed."""
+    n = len(r.attempts) + 1
+    again = retry and n < r.max_attempts
+    attempt = Attempt(attempt=n, started_at=r.started_at or utcnow(), finished_at=utcnow(),
+                      status=TaskStatus.FAILED, reason=error, retried=again)  # fmt: skip
+    if again:
+        return {"status": TaskStatus.QUEUED, "lease": None, "started_at": None, "attempts": [*r.attempts, attempt]}
+    left = " (no attempts left)" if retry else ""
+    return {"status": TaskStatus.FAILED, "error": f"{error}{left}", "is_error": True,
+            "attempts": [*r.attempts, attempt]}  # fmt: skip
 
 
 def check_agent_lease(r: TaskRecord, task_id: str, digest: str) -> Lease:

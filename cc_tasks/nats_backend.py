@@ -59,7 +59,7 @@ from filelock import Timeout
 from nats.js.api import DeliverPolicy, StreamConfig
 
 from . import procs
-from .backend import check_agent_lease, lost_update
+from .backend import agent_completed, agent_failed, agent_renewed, cancel_update, check_agent_lease, lost_update
 from .config import default_lease_seconds, default_max_concurrent
 from .errors import (
     BackendUnreachableError,
@@ -68,7 +68,7 @@ from .errors import (
     LeaseLostError,
     TaskNotFoundError,
 )
-from .models import Attempt, Lease, Progress, TaskRecord, TaskRequest, WorkerInfo, check_group, utcnow
+from .models import Lease, Progress, TaskRecord, TaskRequest, WorkerInfo, check_group, utcnow
 from .nats_conn import FOREVER, NatsSettings, connect, is_transient, nats_settings, redacted, retrying
 from .queue import QueueView, queue_order, ready
 from .states import DEP_FAILED, TRANSITIONS, TaskStatus, check_transition
@@ -800,17 +800,7 @@ class NatsBackend:
         """A task that has not started, or an agent's task, is cancelled at once; a running claude task is
         marked and its worker is told on ``<ns>.cancel.<id>`` (it also sees the mark in the record)."""
 
-        def fn(r: TaskRecord) -> TaskRecord | None:
-            if r.status.terminal or (r.cancel_requested and r.runner == "claude"):
-                return None
-            if r.status in (TaskStatus.WAITING, TaskStatus.QUEUED):
-                error = "cancelled before it started"
-            elif r.runner == "agent":
-                held = f" (it was held by {r.lease.worker!r})" if r.lease else ""
-                error = f"cancelled{held}"
-            else:
-                return r.model_copy(update={"cancel_requested": True})
-            return r.model_copy(update={"status": TaskStatus.CANCELLED, "cancel_requested": True, "error": error})
+        fn = cancel_update
 
         async def go():
             r = await self._update(validate_task_id(task_id), fn)
@@ -1549,11 +1539,7 @@ class NatsBackend:
 
     def renew_agent(self, task_id: str, token: str, note: str | None = None) -> TaskRecord:
         def changes(r: TaskRecord) -> dict:
-            lease = r.lease.model_copy(update={"expires_at": utcnow() + timedelta(seconds=r.lease.lease_seconds or 0)})
-            fields: dict = {"lease": lease}
-            if note:
-                fields["progress"] = r.progress.model_copy(update={"last_text": note[-500:], "updated_at": utcnow()})
-            return fields
+            return agent_renewed(r, note)
 
         async def go():
             r = await self._agent_op(task_id, token, changes)
@@ -1572,11 +1558,7 @@ class NatsBackend:
             def changes(r: TaskRecord) -> dict:
                 if r.epoch != epoch:
                     raise LeaseLostError(f"task {task_id}: it was claimed again meanwhile; claim_task again")
-                attempt = Attempt(attempt=len(r.attempts) + 1, started_at=r.started_at or utcnow(),
-                                  finished_at=utcnow(), status=TaskStatus.COMPLETED)  # fmt: skip
-                return {"status": TaskStatus.COMPLETED, "result": result[:preview_chars],
-                        "result_truncated": len(result) > preview_chars, "result_chars": len(result),
-                        "is_error": False, "attempts": [*r.attempts, attempt]}  # fmt: skip
+                return agent_completed(r, result, preview_chars)
 
             try:
                 r = await self._agent_op(task_id, token, changes)
@@ -1590,16 +1572,7 @@ class NatsBackend:
 
     def fail_agent(self, task_id: str, token: str, error: str, retry: bool) -> TaskRecord:
         def changes(r: TaskRecord) -> dict:
-            n = len(r.attempts) + 1
-            again = retry and n < r.max_attempts
-            attempt = Attempt(attempt=n, started_at=r.started_at or utcnow(), finished_at=utcnow(),
-                              status=TaskStatus.FAILED, reason=error, retried=again)  # fmt: skip
-            if again:
-                return {"status": TaskStatus.QUEUED, "lease": None, "started_at": None,
-                        "attempts": [*r.attempts, attempt]}  # fmt: skip
-            left = " (no attempts left)" if retry else ""
-            return {"status": TaskStatus.FAILED, "error": f"{error}{left}", "is_error": True,
-                    "attempts": [*r.attempts, attempt]}  # fmt: skip
+            return agent_failed(r, error, retry)
 
         async def go():
             r = await self._agent_op(task_id, token, changes)

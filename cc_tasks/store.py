@@ -50,7 +50,7 @@ import psutil
 from filelock import FileLock, Timeout
 
 from . import control, procs
-from .backend import check_agent_lease, lost_update
+from .backend import agent_completed, agent_failed, agent_renewed, cancel_update, check_agent_lease, lost_update
 from .checks import ensure_private_dir
 from .config import default_lease_seconds, default_max_concurrent
 from .errors import (
@@ -61,7 +61,7 @@ from .errors import (
     TaskNotFoundError,
     WorkerUnavailableError,
 )
-from .models import Attempt, Lease, ProcRef, Progress, TaskRecord, TaskRequest, WorkerInfo, check_group, utcnow
+from .models import Lease, ProcRef, Progress, TaskRecord, TaskRequest, WorkerInfo, check_group, utcnow
 from .queue import QueueView, queue_order, ready
 from .states import DEP_FAILED, TRANSITIONS, TaskStatus, check_transition
 from .stream import apply_event, split_lines
@@ -457,17 +457,7 @@ class TaskStore:
         its later calls are refused); a running claude task is marked, and its worker's supervisor stops it
         (``cancel_requested``)."""
 
-        def fn(r: TaskRecord) -> TaskRecord | None:
-            if r.status.terminal or (r.cancel_requested and r.runner == "claude"):
-                return None
-            if r.status in (TaskStatus.WAITING, TaskStatus.QUEUED):
-                error = "cancelled before it started"
-            elif r.runner == "agent":
-                held = f" (it was held by {r.lease.worker!r})" if r.lease else ""
-                error = f"cancelled{held}"
-            else:
-                return r.model_copy(update={"cancel_requested": True})
-            return r.model_copy(update={"status": TaskStatus.CANCELLED, "cancel_requested": True, "error": error})
+        fn = cancel_update
 
         r = self.update(validate_task_id(task_id), fn)
         if r.status == TaskStatus.RUNNING:
@@ -987,11 +977,7 @@ class TaskStore:
 
     def renew_agent(self, task_id: str, token: str, note: str | None = None) -> TaskRecord:
         def changes(r: TaskRecord) -> dict:
-            lease = r.lease.model_copy(update={"expires_at": utcnow() + timedelta(seconds=r.lease.lease_seconds or 0)})
-            fields: dict = {"lease": lease}
-            if note:
-                fields["progress"] = r.progress.model_copy(update={"last_text": note[-500:], "updated_at": utcnow()})
-            return fields
+            return agent_renewed(r, note)
 
         r = self._agent_op(task_id, token, changes)
         self.append_event(task_id, "renewed", by=r.lease.worker, until=r.lease.expires_at, note=note)
@@ -1000,11 +986,7 @@ class TaskStore:
     def complete_agent(self, task_id: str, token: str, result: str, preview_chars: int) -> TaskRecord:
         def changes(r: TaskRecord) -> dict:
             atomic_write(self.path(task_id, "result.txt"), result.encode("utf-8", "surrogatepass"))
-            attempt = Attempt(attempt=len(r.attempts) + 1, started_at=r.started_at or utcnow(), finished_at=utcnow(),
-                              status=TaskStatus.COMPLETED)  # fmt: skip
-            return {"status": TaskStatus.COMPLETED, "result": result[:preview_chars],
-                    "result_truncated": len(result) > preview_chars, "result_chars": len(result), "is_error": False,
-                    "attempts": [*r.attempts, attempt]}  # fmt: skip
+            return agent_completed(r, result, preview_chars)
 
         r = self._agent_op(task_id, token, changes, fsync=True)
         self.resolve_waiting()
@@ -1012,20 +994,7 @@ class TaskStore:
 
     def fail_agent(self, task_id: str, token: str, error: str, retry: bool) -> TaskRecord:
         def changes(r: TaskRecord) -> dict:
-            n = len(r.attempts) + 1
-            again = retry and n < r.max_attempts
-            attempt = Attempt(attempt=n, started_at=r.started_at or utcnow(), finished_at=utcnow(),
-                              status=TaskStatus.FAILED, reason=error, retried=again)  # fmt: skip
-            if again:
-                return {
-                    "status": TaskStatus.QUEUED,
-                    "lease": None,
-                    "started_at": None,
-                    "attempts": [*r.attempts, attempt],
-                }
-            left = " (no attempts left)" if retry else ""
-            return {"status": TaskStatus.FAILED, "error": f"{error}{left}", "is_error": True,
-                    "attempts": [*r.attempts, attempt]}  # fmt: skip
+            return agent_failed(r, error, retry)
 
         r = self._agent_op(task_id, token, changes, fsync=True)
         if r.status == TaskStatus.QUEUED:
