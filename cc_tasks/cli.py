@@ -689,12 +689,67 @@ def worker(ctx, slots, labels, cancel_on_exit):
     sys.exit(w.run())
 
 
+CONFIG_KEYS = ("max_concurrent",)
+
+
+@main_group.group("config", invoke_without_command=True)
+@click.pass_context
+def config_group(ctx):
+    """Show the configuration stored with the backend (shared by every worker and server using it)."""
+    if ctx.invoked_subcommand is None:
+        _show_config(_backend(ctx))
+
+
+def _backend(ctx: click.Context):
+    from .connect import open_backend
+
+    return open_backend(settings=_settings(ctx))
+
+
+def _show_config(backend) -> None:
+    cfg = backend.config()
+    console.print(f"backend {escape(backend.address)}")
+    for key in CONFIG_KEYS:
+        stored = getattr(cfg, key)
+        shown_value = (
+            f"{stored} (stored)" if stored is not None else f"not stored (in force here: {backend.max_concurrent})"
+        )
+        console.print(f"  {key} = {shown_value}")
+
+
+@config_group.command("set")
+@click.argument("key", type=click.Choice(CONFIG_KEYS))
+@click.argument("value")
+@click.pass_context
+def config_set(ctx, key, value):
+    """Store KEY = VALUE with the backend, e.g. `config set max_concurrent 8` (every claimer uses it)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a whole number", param_hint="VALUE") from None
+    if number < 1:
+        raise click.BadParameter(f"{number} is below 1: the cap is at least one task", param_hint="VALUE")
+    backend = _backend(ctx)
+    backend.set_config(**{key: number})
+    _show_config(backend)
+
+
+@config_group.command("unset")
+@click.argument("key", type=click.Choice(CONFIG_KEYS))
+@click.pass_context
+def config_unset(ctx, key):
+    """Remove KEY from the backend's configuration (each process's own default applies again)."""
+    backend = _backend(ctx)
+    backend.set_config(**{key: None})
+    _show_config(backend)
+
+
 @main_group.command()
 @click.pass_context
 def doctor(ctx):
     """Check the setup: claude binary and version, store path and permissions, API credentials, free disk."""
+    from .checks import ensure_private_dir
     from .connect import shown
-    from .store import ensure_private_dir
 
     ok = True
 
@@ -724,9 +779,9 @@ def doctor(ctx):
                 or "none running: start one with `cc-tasks worker --backend URL` on a worker machine",
                 essential=False,
             )
+            line(True, "limits", f"cap {backend.max_concurrent} tasks at once ({backend.cap_source()})")
         except Exception as e:  # (any failure to reach the server is the finding)
             line(False, "backend", f"{shown(settings.backend)}: {type(e).__name__}: {e}")
-        line(True, "limits", f"CC_TASKS_MAX_CONCURRENT={settings.max_concurrent} (this process's claims)")
         sys.exit(0 if ok else 1)
     try:
         claude = settings.resolve_claude()
@@ -766,10 +821,11 @@ def doctor(ctx):
     )
     if os.environ.get("ANTHROPIC_BASE_URL"):
         line(True, "API endpoint", os.environ["ANTHROPIC_BASE_URL"], essential=False)
+    cap = f"CC_TASKS_MAX_CONCURRENT={settings.max_concurrent}"
     try:
-        from .store import TaskStore
-
-        workers = TaskStore(settings.store_dir).workers()
+        backend = open_backend(settings=settings)
+        workers = backend.workers()
+        cap = f"cap {backend.max_concurrent} tasks at once ({backend.cap_source()})"
         line(
             True,
             "workers",
@@ -782,7 +838,7 @@ def doctor(ctx):
     line(
         True,
         "limits",
-        f"CC_TASKS_MAX_CONCURRENT={settings.max_concurrent}, depth {settings.depth} of "
+        f"{cap}, depth {settings.depth} of "
         f"CC_TASKS_MAX_DEPTH={settings.max_depth}, default timeout {settings.default_timeout:g}s",
     )
     sys.exit(0 if ok else 1)

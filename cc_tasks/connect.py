@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .backend import Backend
 from .config import NATS_LEASE_SECONDS, Settings
+from .engine import TaskEngine as Backend
 from .errors import ConfigError
 from .store import TaskStore
 

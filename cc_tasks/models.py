@@ -661,6 +661,7 @@ class ServerInfo(BaseModel):
     backend: str = Field(description="Where the tasks live: 'local' (a file store on this machine).")
     store_dir: str
     max_concurrent: int = Field(description="The global cap: most tasks running at once, across every worker.")
+    cap_source: str | None = Field(None, description="Where the cap in force comes from.")
     depth: int
     max_depth: int
     default_timeout: float
@@ -716,6 +717,14 @@ class Claimed(BaseModel):
     lease_expires_at: datetime | None = None
     attempt: int | None = Field(None, description="1 for the first attempt.")
     metadata: dict[str, Any] | None = None
+
+
+class FleetConfig(BaseModel):
+    """What every claimer of a backend shares, stored with it (``cc-tasks config set``)."""
+
+    max_concurrent: int | None = Field(
+        None, ge=1, le=10_000, description="The cap: most claude tasks running at once, across every worker."
+    )
 
 
 class LeaseRenewed(BaseModel):

@@ -22,13 +22,14 @@ from pathlib import Path
 import psutil
 
 from . import procs, worktrees
-from .backend import Backend, dependency_preamble
 from .command import build_argv, build_env, servers_to_deny
 from .config import Settings
+from .engine import TaskEngine as Backend
+from .engine import dependency_preamble
 from .errors import BackendUnreachableError, CCTasksError, GitError, LeaseLostError
+from .ids import HOST, atomic_write
 from .models import RESULT_PREVIEW_CHARS, Attempt, Progress, TaskRecord, utcnow
 from .states import TaskStatus
-from .store import HOST, atomic_write
 from .stream import Outcome, apply_event, is_transient, outcome, split_lines
 
 log = logging.getLogger("cc_tasks")
@@ -188,7 +189,7 @@ class Supervisor:
             return
         request = self.backend.request(self.task_id)
         opts = request.options
-        remote = self.backend.kind != "local"
+        remote = self.backend.caps.remote
         # a remote worker runs claude with its own environment plus the task's env (the submitter's stays home)
         env = build_env(
             os.environ if remote else request.env,
@@ -293,7 +294,7 @@ class Supervisor:
                 self.claude_ref = None
             # The record learns claude's pid with the first progress flush (FLUSH_EVERY), or the final record:
             # a short task costs one record write less. Until then a lost worker's claude is found by the task
-            # id in its environment (TaskStore.worker_lost).
+            # id in its environment (engine.TaskEngine.worker_lost).
             self.backend.event(self.lease, "started", pid=self.proc.pid, attempt=attempt)
             self._out = open(out_path, "rb")
             self._out.seek(start_offset)

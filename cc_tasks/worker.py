@@ -28,19 +28,18 @@ import threading
 import time
 import traceback
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from filelock import Timeout
 
 from . import __version__, control, procs
-from .backend import Backend
 from .checks import NATS_FILES
 from .config import default_worker_idle
 from .connect import open_backend
+from .engine import TaskEngine as Backend
 from .errors import CCTasksError
+from .ids import HOST
 from .models import TaskRecord, WorkerInfo, utcnow
 from .states import TaskStatus
-from .store import HOST, TaskStore
 from .supervisor import Supervisor
 
 log = logging.getLogger("cc_tasks")
@@ -136,8 +135,8 @@ class Worker:
     def _silence_limit(self) -> float:
         """Seconds without a successful heartbeat after which this worker's tasks are no longer surely its own:
         two thirds of the lease (inf on the local store, whose leases do not expire)."""
-        lease = float(getattr(self.backend, "lease_seconds", 0) or 0)
-        if self.backend.kind == "local" or lease <= 0:
+        lease = float(self.backend.lease_seconds)
+        if not self.backend.caps.remote or lease <= 0:
             return float("inf")
         return lease - lease / 3
 
@@ -152,11 +151,10 @@ class Worker:
         """Once a heartbeat period, on a remote backend (where a claim's answer can be lost after its lease
         landed, and an abandoned task keeps its record): put back the tasks leased to this worker that it does
         not supervise. Here, not in the heartbeat's thread: a slow pass must not delay a heartbeat."""
-        release = getattr(self.backend, "release_unsupervised", None)
-        if release is None:
+        if not self.backend.caps.lost_claims:
             return
         try:
-            release(self.info.worker_id, self._supervised, abandoned=self.abandoned)
+            self.backend.release_unsupervised(self.info.worker_id, self._supervised, abandoned=self.abandoned)
         except CCTasksError as e:
             log.warning("releasing tasks this worker does not run: %s", e)
 
@@ -200,9 +198,8 @@ class Worker:
                 signal.signal(sig, self._on_signal)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.backend.register(self.info)
-        on_nudge = getattr(self.backend, "on_nudge", None)
-        if on_nudge is not None:  # (a remote backend's nudges and cancels come as messages)
-            on_nudge(self._nudged)
+        self.backend.subscribe(self._nudged)  # (nudges and cancels signalled through the backend)
+        self._warn_above_cap()
         self.beat_ok = time.monotonic()
         beating = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         beating.start()
@@ -232,10 +229,20 @@ class Worker:
         log.info("worker %s exits", self.info.worker_id)
         return 0
 
+    def _warn_above_cap(self) -> None:
+        """One line at start when this worker has more slots than the cap lets run (it would wait for them)."""
+        cap = self.backend.max_concurrent
+        if self.slots > cap:
+            log.warning(
+                "worker %s has %d slots, but the cap in force is %d (%s): at most %d tasks run at once across "
+                "every worker; raise it with `cc-tasks --backend %s config set max_concurrent %d`",
+                self.info.worker_id, self.slots, cap, self.backend.cap_source(), cap, self.backend.address, self.slots,
+            )  # fmt: skip
+
     def _bind(self) -> None:
-        path = getattr(self.backend, "socket_path", None)
-        if path is None:
+        if self.backend.launcher is None:  # (no worker of the backend's own: nothing to listen for)
             return
+        path = self.backend.launcher.socket_path
         hello = None
         try:
             hello = control.request(path, {"op": "hello"})
@@ -415,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     files = {key: getattr(args, key) for key in NATS_FILES if getattr(args, key)}
     try:
-        backend = TaskStore(Path(args.store)) if args.store else open_backend(args.backend, nats_files=files)
+        backend = open_backend(args.store or args.backend, nats_files=files)
     except CCTasksError as e:  # (a bad URL or file, an unreachable server: one line, not a traceback)
         print(f"error: {e}", file=sys.stderr)
         return 2

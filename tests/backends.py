@@ -7,9 +7,10 @@ import secrets
 import time
 
 from cc_tasks import __version__, procs
+from cc_tasks.ids import HOST
 from cc_tasks.models import WorkerInfo
 from cc_tasks.nats_backend import NatsBackend
-from cc_tasks.store import HOST, TaskStore
+from cc_tasks.store import TaskStore
 
 KINDS = ["local", "nats"]
 
@@ -43,14 +44,14 @@ def worker_info(labels: tuple[str, ...] = (), slots: int = 4) -> WorkerInfo:
 
 def expire(backend, worker: WorkerInfo) -> None:
     """Make ``worker`` look gone (its heartbeat stopped long ago), as a SIGKILL, a reboot or a hang would."""
+    backend._seen_alive.clear()
     if backend.kind == "local":
         beat = backend.workers_dir / f"{worker.worker_id}.beat"
         beat.write_text(f"{time.monotonic() - 10 * backend.lease_seconds:20.3f}")
-        backend._seen_alive.clear()
         return
     if backend.kind == "nats":  # its key in the workers bucket is gone, as when its TTL runs out
-        backend._run(backend.kv_workers.purge(worker.worker_id))
-        backend._seen_alive.clear()
-        backend._connected_at = time.monotonic() - backend.lease_seconds  # (connected long enough to judge)
+        nats = backend.nats
+        nats._run(nats.kv_workers.purge(worker.worker_id))
+        nats._connected_at = time.monotonic() - backend.lease_seconds  # (connected long enough to judge)
         return
     raise ValueError(backend.kind)

@@ -87,7 +87,7 @@ def running_manager():
         for s in m.list().tasks:
             m.cancel(s.task_id)
         m.store.stop_worker()
-        for p in list(m.store._spawned):  # (one still starting missed the quit: SIGTERM, its tasks are done)
+        for p in list(m.store.launcher._spawned):  # (one still starting missed the quit: SIGTERM, its tasks are done)
             if p.poll() is None:
                 p.terminate()
         m.reap(wait=15)

@@ -7,6 +7,7 @@ reading records, listings, events and output.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -15,12 +16,14 @@ import pytest
 
 from cc_tasks.backend import Backend
 from cc_tasks.errors import LeaseLostError, TaskNotFoundError
-from cc_tasks.models import Progress, TaskOptions, TaskRecord, TaskRequest
+from cc_tasks.models import Progress, TaskOptions, TaskRecord, TaskRequest, utcnow
+from cc_tasks.repo import Liveness
 from cc_tasks.states import TaskStatus
 from cc_tasks.store import new_task_id
 
 from .backends import KINDS, address_for, expire, open_backend, worker_info
 from .conftest import ROOT
+from .test_manager import wait_until
 
 
 @pytest.fixture(params=KINDS)
@@ -280,3 +283,78 @@ def test_annotate_sets_fields_of_a_finished_task_only(backend):
     assert backend.read(t.task_id).changes == changes
     with pytest.raises(ValueError):
         backend.annotate(t.task_id, status=TaskStatus.FAILED)
+
+
+# -- the four drifts between the two former copies, resolved once in the engine -------------------------------
+def test_a_lost_run_whose_transcript_shows_a_tool_call_is_not_run_again(backend):
+    """Drift 1: "did the lost run do something" is read from the record's counters *and* the run's transcript
+    since its lease (the record lags the transcript by a flush), on every backend."""
+    t = submit(backend, max_attempts=3)
+    w = registered(backend)
+    (r,) = backend.claim(w, 1)
+    line = '{"type":"assistant","message":{"content":[{"type":"tool_use","id":"t1","name":"Bash","input":{}}]}}\n'
+    (backend.workspace(t.task_id) / "stdout.jsonl").write_text(line)
+    backend.progress(r.lease, progress=Progress(turns=1))  # the record says: no tool yet (stores the transcript)
+    expire(backend, w)
+    lost = backend.read(t.task_id)
+    assert lost.status == TaskStatus.FAILED and "used tools" in lost.error
+
+
+def test_claims_pass_over_a_task_whose_directory_is_missing_only_where_other_machines_may_have_it(backend, tmp_path):
+    """Drift 2: one claim path (QueueView, priority then age) on every backend; the cwd is checked where other
+    machines may run the task (and the worker says why it passed it over), not on one machine's store."""
+    r = TaskRecord(task_id=new_task_id(), cwd=str(tmp_path / "not-here"), timeout_seconds=60)
+    backend.submit(r, TaskRequest(options=TaskOptions(prompt="p"), cwd=r.cwd, claude_bin="/bin/true"))
+    w = registered(backend)
+    got = backend.claim(w, 1)
+    if backend.caps.remote:
+        assert got == [] and "has no directory" in (backend.queue_note(r.task_id) or "")
+    else:
+        assert [g.task_id for g in got] == [r.task_id]  # (its supervisor fails it, saying so)
+
+
+def test_an_agent_whose_task_was_claimed_again_cannot_complete_it(backend):
+    """Drift 3: completing an agent task checks the claim's epoch on every backend: a late result of an expired
+    lease is refused and never the one read."""
+    t = submit(backend)
+    backend.update(t.task_id, lambda r: r.model_copy(update={"runner": "agent"}))
+    first = backend.claim_agent("a1", [], None, 0.05)
+    assert first is not None
+    expire_at = first[0].lease.expires_at
+    wait_until(lambda: utcnow() > expire_at)
+    second = backend.claim_agent("a2", [], None, 60)
+    assert second is not None and second[0].epoch == first[0].epoch + 1
+    with pytest.raises(LeaseLostError):
+        backend.complete_agent(t.task_id, first[1], "late", 1000)
+    done = backend.complete_agent(t.task_id, second[1], "mine", 1000)
+    assert done.status == TaskStatus.COMPLETED and backend.read_output(t.task_id, "result", 0, 100)[0] == b"mine"
+
+
+def test_a_running_task_of_cc_tasks_0_2_is_left_to_its_live_supervisor(backend):
+    """Drift 4a: a running record with no lease (cc-tasks 0.2) is left alone while its supervisor lives, and is a
+    lost worker's once it does not, on every backend."""
+    from cc_tasks import procs
+
+    alive, dead = submit(backend), submit(backend)
+    me = procs.ref_of(os.getpid())
+    gone = me.model_copy(update={"start_ticks": (me.start_ticks or 0) + 1})
+    for t, ref in ((alive, me), (dead, gone)):
+        backend.update(
+            t.task_id, lambda r, ref=ref: r.model_copy(update={"status": TaskStatus.RUNNING, "supervisor": ref})
+        )
+    assert backend.read(alive.task_id).status == TaskStatus.RUNNING
+    assert backend.read(dead.task_id).status == TaskStatus.QUEUED
+
+
+def test_a_worker_that_cannot_be_judged_yet_keeps_its_leases(backend):
+    """Drift 4b: a lease is ended only when its worker is known to be gone; a backend that cannot tell yet (NATS
+    just after an outage: live workers have not beaten again) leaves the task running, on every backend."""
+    t = submit(backend)
+    w = registered(backend)
+    backend.claim(w, 1)
+    backend.repo.liveness = lambda worker_id: Liveness.UNKNOWN  # (what NATS says until connected a whole lease)
+    backend._seen_alive.clear()
+    assert backend.read(t.task_id).status == TaskStatus.RUNNING
+    del backend.repo.liveness
+    expire(backend, w)
+    assert backend.read(t.task_id).status == TaskStatus.QUEUED

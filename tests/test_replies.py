@@ -140,7 +140,12 @@ async def test_every_reply_stays_bounded_with_200_big_tasks(fake_manager, workdi
 
         # output: pages of the most-escaped text, then of its transcript, put back together exactly
         pages = {}
-        for source, name in (("result", "result.txt"), ("transcript", "stdout.jsonl"), ("stderr", "stderr.log")):
+        epoch = store.read(ids[0]).epoch  # (a result is stored under the claim that made it)
+        for source, name in (
+            ("result", f"result.{epoch}.txt"),
+            ("transcript", "stdout.jsonl"),
+            ("stderr", "stderr.log"),
+        ):
             text, pages[source] = await page_output(call, ids[0], source)
             assert text == store.path(ids[0], name).read_bytes().decode()
         assert pages["result"] > 1 and pages["transcript"] > 1

@@ -12,6 +12,7 @@ from cc_tasks import worker as worker_mod
 from cc_tasks.config import Settings
 from cc_tasks.manager import TaskManager
 from cc_tasks.models import BatchItem, TaskOptions, TaskStatus
+from cc_tasks.repo import Capabilities
 from cc_tasks.worker import Worker
 
 from .conftest import pid_alive
@@ -249,6 +250,8 @@ class _StubBackend:
 
     kind = "nats"
     lease_seconds = 3.0
+    caps = Capabilities(kind="nats", remote=True, lost_claims=True, lease_seconds=3.0)
+    launcher = None
 
     def __init__(self):
         self.asked = threading.Event()

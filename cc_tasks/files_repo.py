@@ -1,0 +1,542 @@
+"""The local repo: ``repo.Repo`` over files in one private folder, shared by every process of the user on this
+machine. Only I/O lives here (no task policy: that is the engine's).
+
+Layout::
+
+    <root>/tasks/<task_id>/record.json    the TaskRecord, replaced atomically; its bytes are its revision
+                           request.json   the TaskRequest: options, cwd, claude binary, the submitter's environment
+                           prompt.txt     claude's standard input (an agent task's prompt, from the start)
+                           stdout.jsonl   claude's stream-json transcript
+                           stderr.log     claude's standard error
+                           result.<epoch>.txt  the whole final result text of a claim (result.txt: cc-tasks <= 0.4)
+                           events.jsonl   append-only event log (``ev.<task_id>``)
+                           cancel         marker: a cancel was signalled (the running supervisor stops)
+                           lock           filelock serialising compare-and-sets of record.json
+                           events.lock    filelock serialising numbered appends to events.jsonl
+    <root>/active/<task_id>               marker of a task that is not finished (the "active" index)
+    <root>/waiting/<task_id>              marker of a task waiting for its dependencies (the "waiting" index)
+    <root>/workers/<worker_id>.json       a registered worker (WorkerInfo)
+    <root>/workers/<worker_id>.beat       its heartbeat: this host's monotonic clock, written in place
+    <root>/groups/<group>/notes.jsonl     a group's notes (``notes.<group>``), numbered under groups/<group>/lock
+    <root>/meta/<key>                     small keyed values (config, remarks.<task_id>), set under meta/.lock
+    <root>/worker.sock                    the control socket of the store's worker (control.py, launcher.py)
+    <root>/queue.lock                     serialises claims
+
+The mtime of ``active/`` is the activity stamp: touched when a task is added, removed or changes status, and on
+every nudge. The active marker is made before a task's folder appears and removed after its record is final, so
+the index may hold a little more than the truth (``unfinished`` repairs what a crash left behind), never less.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from filelock import FileLock
+
+from . import control, procs
+from .checks import ensure_private_dir
+from .errors import CorruptRecordError, InvalidOptionsError, TaskNotFoundError
+from .ids import HOST, TASK_ID_RE, WORKER_ID_RE, atomic_write, validate_task_id, write_all
+from .models import TaskRecord, TaskRequest, WorkerInfo, check_group
+from .repo import INDEXES, SOURCES, WORKSPACE_FILES, Capabilities, Liveness, Versioned
+from .states import TaskStatus
+
+log = logging.getLogger("cc_tasks")
+
+LOCK_TIMEOUT = 30.0
+POLL = 0.002
+META_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+class FileRepo:
+    """See the module's docstring. Records returned by ``get``, ``get_many`` and ``unfinished`` are shared by
+    the parse cache: callers must not change them (the engine changes a ``model_copy``)."""
+
+    def __init__(self, root: Path | str, *, lease_seconds: float):
+        self.root = ensure_private_dir(Path(root))
+        self.tasks_dir = ensure_private_dir(self.root / "tasks")
+        self.active_dir = ensure_private_dir(self.root / "active")
+        self.waiting_dir = ensure_private_dir(self.root / "waiting")
+        self.workers_dir = ensure_private_dir(self.root / "workers")
+        self.caps = Capabilities(
+            kind="local", remote=False, lost_claims=False, worker_home=self.root, log_dir=self.root,
+            lease_seconds=lease_seconds,
+        )  # fmt: skip
+        self._queue_lock_path = self.root / "queue.lock"
+        self._queue_lock_path.touch(0o600)
+        self._cache: dict[str, tuple[bytes, TaskRecord]] = {}
+        self._locks: dict[str, FileLock] = {}
+        self._workers: dict[str, WorkerInfo] = {}
+        self._handlers: list[Callable[[], None]] = []
+
+    def __repr__(self) -> str:
+        return f"FileRepo({str(self.root)!r})"
+
+    @property
+    def address(self) -> str:
+        return str(self.root)
+
+    # -- paths and locks ------------------------------------------------------------
+    def task_dir(self, task_id: str) -> Path:
+        return self.tasks_dir / validate_task_id(task_id)
+
+    def path(self, task_id: str, name: str) -> Path:
+        return self.task_dir(task_id) / name
+
+    def _lock_for(self, path: Path, timeout: float = LOCK_TIMEOUT) -> FileLock:
+        """One FileLock object per lock file and process (making one costs more than using it; its state is
+        per thread, so threads still exclude each other)."""
+        lock = self._locks.get(str(path))
+        if lock is None:
+            if len(self._locks) > 10_000:
+                self._locks.clear()
+            lock = self._locks[str(path)] = FileLock(str(path), timeout=timeout)
+        return lock
+
+    def _locked(self, path: Path, timeout: float = LOCK_TIMEOUT) -> AbstractContextManager:
+        """Hold the lock file ``path`` (in a ``with``), polling briskly (filelock's default poll is 50 ms)."""
+        return self._lock_for(path, timeout).acquire(timeout=timeout, poll_interval=POLL)
+
+    @contextlib.contextmanager
+    def _task_locked(self, task_id: str, name: str) -> Iterator[Path]:
+        """Hold the task's lock file ``name``; TaskNotFoundError if the task is not (or no longer) there."""
+        d = self.task_dir(task_id)
+        if not (d / "record.json").is_file():
+            raise TaskNotFoundError(self._not_found(task_id))
+        with self._locked(d / name):
+            if not (d / "record.json").is_file():  # deleted while we waited: filelock re-made the folder
+                with contextlib.suppress(OSError):
+                    os.unlink(d / name)
+                    os.rmdir(d)
+                raise TaskNotFoundError(self._not_found(task_id))
+            yield d
+
+    def _not_found(self, task_id: str) -> str:
+        return f"no task {task_id} in this store ({self.root}); list_active_tasks shows the known ones"
+
+    def _touch_activity(self) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.active_dir)
+
+    # -- records --------------------------------------------------------------------
+    def create(self, record: TaskRecord, request: TaskRequest) -> None:
+        """Write the task's folder completely, then make it appear at once (rename)."""
+        task_id = validate_task_id(record.task_id)
+        final = self.task_dir(task_id)
+        if final.exists():
+            raise FileExistsError(f"task {task_id} already exists in {self.root}")
+        files = {
+            "request.json": request.model_dump_json().encode("utf-8", "surrogatepass"),
+            "record.json": record.model_dump_json().encode(),
+            "events.jsonl": b"",
+        }
+        if record.runner == "agent":
+            files["prompt.txt"] = request.options.prompt.encode("utf-8", "surrogatepass")
+        tmp = self.tasks_dir / f".new-{task_id}"
+        os.mkdir(tmp, 0o700)
+        try:  # nothing in tmp is visible before the rename, so plain writes are enough here
+            for name, data in files.items():
+                fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    write_all(fd, data)
+                finally:
+                    os.close(fd)
+            (self.active_dir / task_id).touch(0o600)
+            if record.status == TaskStatus.WAITING:
+                (self.waiting_dir / task_id).touch(0o600)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _unlink(self.active_dir / task_id)
+            _unlink(self.waiting_dir / task_id)
+            raise
+        self._touch_activity()
+
+    def _parsed(self, task_id: str, data: bytes) -> TaskRecord:
+        """The record of these bytes, parsed once per change (the cached record is shared: never changed)."""
+        hit = self._cache.get(task_id)
+        if hit is not None and hit[0] == data:
+            return hit[1]
+        try:
+            record = TaskRecord.model_validate_json(data)
+        except ValueError as e:
+            first = str(e).strip().splitlines()
+            raise CorruptRecordError(
+                f"task {task_id}: its record {self.path(task_id, 'record.json')} is unreadable "
+                f"({first[0] if first else 'invalid'}); cleanup_task deletes the task"
+            ) from None
+        if len(self._cache) > 50_000:
+            self._cache.clear()
+        self._cache[task_id] = (data, record)
+        return record
+
+    def get(self, task_id: str) -> Versioned:
+        data = _read(self.path(task_id, "record.json"))
+        if data is None:
+            self._cache.pop(task_id, None)
+            raise TaskNotFoundError(self._not_found(task_id))
+        return data, self._parsed(task_id, data)
+
+    def get_many(self, ids: list[str]) -> dict[str, Versioned]:
+        out = {}
+        for t in ids:
+            with contextlib.suppress(TaskNotFoundError, CorruptRecordError):
+                out[t] = self.get(t)
+        return out
+
+    def unfinished(self, skip: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, Versioned]]:
+        """The active markers (less those of tasks that do not exist or whose record is final: a crash between
+        a write and its unlink; those markers are removed), and the records of those not in ``skip``. A task
+        whose record is corrupt stays in the ids, without a record."""
+        waiting = set(self.ids("waiting"))
+        ids: list[str] = []
+        records: dict[str, Versioned] = {}
+        for t in self.ids("active"):
+            if t in skip:
+                ids.append(t)
+                continue
+            try:
+                rev, r = self.get(t)
+            except TaskNotFoundError:
+                continue
+            except CorruptRecordError:
+                ids.append(t)
+                continue
+            if t in waiting and r.status != TaskStatus.WAITING:
+                _unlink(self.waiting_dir / t)
+            if r.status.terminal:
+                _unlink(self.active_dir / t)
+                continue
+            ids.append(t)
+            records[t] = (rev, r)
+        if len(self._cache) > len(ids):  # forget the others (a long-lived claimer would keep every task)
+            keep = set(ids)
+            for t in [t for t in list(self._cache) if t not in keep]:  # (other threads write to it)
+                self._cache.pop(t, None)
+        return ids, records
+
+    def ids(self, index: str = "all") -> list[str]:
+        if index not in INDEXES:
+            raise ValueError(f"unknown index {index!r} (one of {', '.join(INDEXES)})")
+        d = {"all": self.tasks_dir, "active": self.active_dir, "waiting": self.waiting_dir}[index]
+        return sorted((e.name for e in os.scandir(d) if TASK_ID_RE.fullmatch(e.name)), reverse=True)
+
+    def cas(self, task_id: str, record: TaskRecord, revision: object) -> object | None:
+        if record.task_id != task_id:
+            raise ValueError(f"cas of task {task_id} with the record of task {record.task_id}")
+        data = record.model_dump_json().encode()
+        try:
+            with self._task_locked(task_id, "lock") as d:
+                current = _read(d / "record.json")
+                if current is None or current != revision:
+                    return None
+                try:
+                    old_status = self._parsed(task_id, current).status  # (cached: the caller's get parsed it)
+                except CorruptRecordError:
+                    old_status = None
+                atomic_write(d / "record.json", data, fsync=record.status.terminal)
+                self._cache[task_id] = (data, record.model_copy())
+        except (TaskNotFoundError, FileNotFoundError):  # (deleted before or while we wrote)
+            return None
+        if record.status != old_status:
+            if record.status != TaskStatus.WAITING:
+                _unlink(self.waiting_dir / task_id)
+            if record.status.terminal:
+                _unlink(self.active_dir / task_id)
+            self._touch_activity()
+        return data
+
+    def cas_many(self, writes: list[tuple[TaskRecord, object]]) -> list[object | None]:
+        out: list[object | None] = []
+        for r, rev in writes:
+            try:
+                out.append(self.cas(r.task_id, r, rev))
+            except OSError as e:  # (one failed write: the others stand)
+                log.warning("task %s: write failed: %s", r.task_id, e)
+                out.append(None)
+        return out
+
+    def request(self, task_id: str) -> TaskRequest:
+        data = _read(self.path(task_id, "request.json"))
+        if data is None:
+            raise TaskNotFoundError(f"task {task_id} has no request.json (deleted, or not a task)")
+        try:
+            return TaskRequest.model_validate_json(data)
+        except ValueError as e:
+            raise CorruptRecordError(f"task {task_id}: its request.json is unreadable ({e})") from None
+
+    def delete(self, task_id: str) -> None:
+        d = self.task_dir(task_id)
+        if not d.exists():
+            raise TaskNotFoundError(self._not_found(task_id))
+        _unlink(self.active_dir / task_id)
+        _unlink(self.waiting_dir / task_id)
+        self._locks.pop(str(d / "lock"), None)
+        self._locks.pop(str(d / "events.lock"), None)
+        self._cache.pop(task_id, None)
+        trash = self.tasks_dir / f".del-{task_id}-{secrets.token_hex(3)}"
+        os.rename(d, trash)  # disappears at once for every reader
+        shutil.rmtree(trash, ignore_errors=True)
+        self._touch_activity()
+        remarks = self._meta_path(f"remarks.{task_id}")
+        if remarks.exists():
+            with self._locked(self._meta_dir() / ".lock"):
+                _unlink(remarks)
+
+    # -- outputs ----------------------------------------------------------------------
+    def workspace(self, task_id: str) -> Path:
+        return self.task_dir(task_id)
+
+    def _output_file(self, task_id: str, epoch: int, source: str) -> Path:
+        if source not in SOURCES:
+            raise ValueError(f"unknown output source {source!r} (one of {', '.join(SOURCES)})")
+        name = f"result.{int(epoch)}.txt" if source == "result" else WORKSPACE_FILES[source]
+        return self.path(task_id, name)
+
+    def put_output(self, task_id: str, epoch: int, source: str, data: bytes | Path | None) -> None:
+        target = self._output_file(task_id, epoch, source)
+        if data is None:
+            _unlink(target)
+            return
+        if isinstance(data, Path):
+            if Path(os.path.abspath(data)) == target:
+                return  # the workspace is the storage: the supervisor wrote it in place
+            data = data.read_bytes()
+        atomic_write(target, data, fsync=source == "result")
+
+    def read_output(self, task_id: str, epoch: int, source: str, offset: int, limit: int) -> tuple[bytes, int]:
+        target = self._output_file(task_id, epoch, source)
+        candidates = [target, target.with_name("result.txt")] if source == "result" else [target]
+        for path in candidates:
+            try:
+                with open(path, "rb") as f:
+                    total = os.fstat(f.fileno()).st_size
+                    f.seek(min(max(offset, 0), total))
+                    return f.read(max(limit, 0)), total
+            except FileNotFoundError:
+                continue
+        return b"", 0
+
+    def forget_workspace(self, task_id: str) -> None:
+        """Nothing to do: the workspace is the storage."""
+
+    # -- logs ---------------------------------------------------------------------------
+    def _log_files(self, log: str, create: bool = False) -> tuple[Path, Path]:
+        """The log's file and the lock file of its numbered appends."""
+        kind, _, name = log.partition(".")
+        if kind == "ev":
+            return self.path(name, "events.jsonl"), self.path(name, "events.lock")
+        if kind == "notes":
+            try:
+                check_group(name)
+            except ValueError as e:
+                raise InvalidOptionsError(str(e)) from None
+            d = self.root / "groups" / name
+            if create:
+                ensure_private_dir(ensure_private_dir(d.parent) / name)
+            return d / "notes.jsonl", d / "lock"
+        raise ValueError(f"unknown log {log[:80]!r} (ev.<task_id> or notes.<group>)")
+
+    @staticmethod
+    def _append_line(path: Path, entry: dict, sep: bytes = b"") -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            write_all(fd, sep + (json.dumps(entry, default=str) + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def append(self, log: str, entry: dict) -> None:
+        path, _ = self._log_files(log, create=True)
+        with contextlib.suppress(FileNotFoundError):  # (a task's events: the task was deleted meanwhile)
+            self._append_line(path, entry)
+
+    def append_numbered(self, log: str, make: Callable[[int], dict]) -> int:
+        path, lock = self._log_files(log, create=True)
+        if log.startswith("ev."):
+            held = self._task_locked(log[3:], lock.name)  # (TaskNotFoundError: the task is gone)
+        else:
+            held = self._locked(lock)
+        with held:
+            data = _read(path) or b""
+            torn = bool(data) and not data.endswith(b"\n")
+            n = data.count(b"\n") + torn
+            # a line cut short by a crash stays line n-1 (unreadable); the new one starts on a line of its own
+            self._append_line(path, make(n), b"\n" if torn else b"")
+        return n
+
+    def read_log(self, log: str, since: int = 0) -> list[tuple[int, dict]]:
+        path, _ = self._log_files(log)
+        out = []
+        try:
+            with open(path, "rb") as f:
+                for i, line in enumerate(f):
+                    if i < since:
+                        continue
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        entry = None
+                    out.append((i, entry if isinstance(entry, dict) else {"kind": "unreadable"}))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        return out
+
+    # -- workers ---------------------------------------------------------------------------
+    def _worker_file(self, worker_id: str) -> Path:
+        if not isinstance(worker_id, str) or not WORKER_ID_RE.fullmatch(worker_id):
+            raise ValueError(f"invalid worker id {str(worker_id)[:80]!r}")
+        return self.workers_dir / f"{worker_id}.json"
+
+    def put_worker(self, info: WorkerInfo) -> None:
+        atomic_write(self._worker_file(info.worker_id), info.model_dump_json().encode(), fsync=False)
+        self._workers[info.worker_id] = info
+        self.beat(info.worker_id)
+
+    def beat(self, worker_id: str) -> bool:
+        """This host's monotonic clock, written in place into the beat file (no new file; a stepped wall clock
+        or a suspend changes nothing). False if the worker is not registered (its file was removed)."""
+        path = self._worker_file(worker_id)
+        if not path.exists():
+            return False
+        fd = os.open(path.with_suffix(".beat"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, f"{time.monotonic():20.3f}".encode(), 0)
+        finally:
+            os.close(fd)
+        return True
+
+    def remove_worker(self, worker_id: str) -> None:
+        path = self._worker_file(worker_id)
+        _unlink(path)
+        _unlink(path.with_suffix(".beat"))
+        self._workers.pop(worker_id, None)
+
+    def _worker_info(self, worker_id: str) -> WorkerInfo | None:
+        path = self._worker_file(worker_id)
+        info = self._workers.get(worker_id)
+        if info is None:
+            try:
+                info = WorkerInfo.model_validate_json(path.read_bytes())
+            except (OSError, ValueError):
+                return None
+            if len(self._workers) > 1000:
+                self._workers.clear()
+            self._workers[worker_id] = info
+        return info
+
+    def workers(self) -> list[WorkerInfo]:
+        out = []
+        for e in os.scandir(self.workers_dir):
+            wid = e.name.removesuffix(".json")
+            if e.name.endswith(".json") and WORKER_ID_RE.fullmatch(wid) and self.liveness(wid) == Liveness.ALIVE:
+                info = self._worker_info(wid)
+                if info is not None:
+                    out.append(info)
+        return out
+
+    def _beat_age(self, worker_id: str) -> float:
+        """Seconds since the worker's last beat (on this host's monotonic clock); infinite if none."""
+        try:
+            with open(self._worker_file(worker_id).with_suffix(".beat"), "rb") as f:
+                return time.monotonic() - float(f.read(64))
+        except (OSError, ValueError):
+            return float("inf")
+
+    def liveness(self, worker_id: str) -> Liveness:
+        """ALIVE while registered with a fresh beat and its process alive on this host; else GONE (a local
+        store is one host's: a worker elsewhere cannot be checked). Never UNKNOWN: there is no outage here."""
+        info = self._worker_info(worker_id)
+        alive = (
+            info is not None
+            and info.host == HOST
+            and self._worker_file(worker_id).exists()
+            and self._beat_age(worker_id) <= self.caps.lease_seconds
+            and procs.alive(info.proc)
+        )
+        return Liveness.ALIVE if alive else Liveness.GONE
+
+    # -- coordination ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def claim_lock(self) -> Iterator[Callable[[], bool]]:
+        """The queue lock (filelock.Timeout after 60 s). A holder never loses it while it lives."""
+        with self._locked(self._queue_lock_path, 60.0):
+            yield lambda: True
+
+    def signal(self, kind: str, task_id: str | None = None) -> None:
+        if kind == "nudge":
+            self._touch_activity()
+        elif kind == "cancel":
+            with contextlib.suppress(FileNotFoundError):  # (the task was deleted)
+                self.path(task_id, "cancel").touch(0o600)
+        elif kind == "uncancel":
+            _unlink(self.path(task_id, "cancel"))
+            return
+        else:
+            raise ValueError(f"unknown signal {kind!r} (nudge, cancel or uncancel)")
+        for handler in list(self._handlers):
+            handler()
+        sock = self.root / "worker.sock"
+        if kind == "nudge" and sock.exists():
+            control.send(sock, {"op": "nudge"})  # (best effort: a worker that does not listen polls anyway)
+
+    def subscribe(self, handler: Callable[[], None]) -> None:
+        self._handlers.append(handler)
+
+    def cancel_signalled(self, task_id: str) -> bool:
+        return self.path(task_id, "cancel").exists()
+
+    def activity(self) -> object:
+        st = os.stat(self.active_dir)
+        return st.st_mtime_ns, st.st_ino
+
+    # -- meta ----------------------------------------------------------------------------------
+    def _meta_dir(self) -> Path:
+        return ensure_private_dir(self.root / "meta")
+
+    def _meta_path(self, key: str) -> Path:
+        if not isinstance(key, str) or not META_KEY_RE.fullmatch(key):
+            raise ValueError(f"invalid meta key {str(key)[:80]!r}")
+        return self.root / "meta" / key
+
+    def get_meta(self, key: str) -> tuple[object, bytes] | None:
+        data = _read(self._meta_path(key))
+        return None if data is None else (data, data)
+
+    def cas_meta(self, key: str, value: bytes | None, revision: object | None) -> bool:
+        path = self._meta_path(key)
+        with self._locked(self._meta_dir() / ".lock"):
+            if _read(path) != revision:
+                return False
+            if value is None:
+                _unlink(path)
+            else:
+                atomic_write(path, value)
+        return True
+
+    def usable(self) -> bool:
+        return self.active_dir.is_dir() and self.tasks_dir.is_dir()
+
+    def close(self) -> None:
+        pass
