@@ -197,18 +197,28 @@ class NatsCluster:
         return next(s for s in self.servers if s.name == name)
 
     def wait_jetstream(self, timeout: float = START_TIMEOUT) -> None:
-        """Until a running node answers a JetStream API request ($JS.API.INFO needs a meta leader)."""
+        """Until a stream with one replica per node can be placed: a meta leader is elected *and* every node has
+        joined JetStream as a peer (a meta leader elected by two of three answers $JS.API.INFO while the third is
+        still joining, and an R3 stream made then fails: "no suitable peers for placement")."""
         deadline = time.monotonic() + timeout
+        probe = f"ready_{uuid.uuid4().hex[:8]}"
+        config = json.dumps({"name": probe, "subjects": [f"{probe}.x"], "num_replicas": len(self.servers),
+                             "storage": "memory"}).encode()  # fmt: skip
+        last = None
         while time.monotonic() < deadline:
             for s in self.servers:
                 try:
-                    info = js_request(s.port, "$JS.API.INFO", timeout=1.0) if s.running else None
+                    last = (
+                        js_request(s.port, f"$JS.API.STREAM.CREATE.{probe}", config, timeout=2.0) if s.running else None
+                    )
                 except OSError:
                     continue
-                if info and "error" not in info:
+                if last and "error" not in last:
+                    js_request(s.port, f"$JS.API.STREAM.DELETE.{probe}", timeout=2.0)
                     return
             time.sleep(0.05)
-        raise RuntimeError(f"no JetStream meta leader within {timeout:g} s: {self.servers[0].tail()}")
+        raise RuntimeError(f"JetStream cannot place a stream on every node within {timeout:g} s ({last}): "
+                           f"{self.servers[0].tail()}")  # fmt: skip
 
     def meta_leader(self) -> str | None:
         """The running node that most recently logged becoming JetStream metadata leader (the API that

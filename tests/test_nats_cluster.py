@@ -44,7 +44,7 @@ async def test_killing_the_leader_node_during_100_tasks_loses_none_and_runs_none
         items = [BatchItem(prompt=fake({**cfg, "result": f"r{i}"}), cwd=str(workdir)) for i in range(100)]
         ids = [t.task_id for t in m.start_batch(items).tasks]
         wait_until(lambda: len(runs(track)) >= 20, timeout=60)
-        leader = stream_leader(nats_cluster, f"KV_{m.store.NS}_TASKS")
+        leader = stream_leader(nats_cluster, f"KV_{m.store.nats.NS}_TASKS")
         assert leader, "no leader for the records' stream"
         nats_cluster.by_name(leader).kill()
         killed_at, ran_before = time.monotonic(), len(runs(track))
@@ -55,7 +55,7 @@ async def test_killing_the_leader_node_during_100_tasks_loses_none_and_runs_none
         assert [r.status for r in records] == [TaskStatus.COMPLETED] * 100
         assert [r.result for r in records] == [f"r{i}" for i in range(100)]
         assert all(r.epoch == 1 and len(r.attempts) == 1 for r in records)  # (never requeued)
-        new_leader = stream_leader(nats_cluster, f"KV_{m.store.NS}_TASKS")
+        new_leader = stream_leader(nats_cluster, f"KV_{m.store.nats.NS}_TASKS")
         assert new_leader and new_leader != leader
     finally:
         for w in workers:
