@@ -46,13 +46,30 @@ def servers_to_deny(env: Mapping[str, str]) -> list[str]:
     return list(DEFAULT_SERVER_NAMES) if names is None else [n.strip() for n in names.split(",") if n.strip()]
 
 
+#: How claude names the approval server's tool (``--permission-prompt-tool``).
+APPROVAL_TOOL = "mcp__cc-tasks-approvals__approve"
+
+
+def asks_approval(opts: TaskOptions) -> bool:
+    """Whether a sub-agent's permission requests go to cc-tasks (option ``approvals`` 'ask', and a permission mode
+    that can ask at all): only then is the approval server added (every MCP server delays the first turn)."""
+    return opts.approvals == "ask" and opts.permission_mode != "bypassPermissions"
+
+
 def build_argv(
-    opts: TaskOptions, claude_bin: str, worktree: str | None = None, *, deny_servers: Sequence[str] = ()
+    opts: TaskOptions,
+    claude_bin: str,
+    worktree: str | None = None,
+    *,
+    deny_servers: Sequence[str] = (),
+    approval_server: dict | None = None,
 ) -> list[str]:
     """claude's argv for ``opts``. ``worktree`` is the name of the task's worktree (its own id, or for a
     continuation the id of the task that made it): with the option ``worktree``, claude makes it (or enters
     it when it exists) and runs the session inside it. ``deny_servers``: MCP servers (by name) the session
-    must not start, through claude's ``deniedMcpServers`` setting (see ``servers_to_deny``)."""
+    must not start, through claude's ``deniedMcpServers`` setting (see ``servers_to_deny``). ``approval_server``:
+    the ``--mcp-config`` of the approval server (desk.py), given beside the task's own, and claude's permission
+    prompt tool set to it."""
     argv = [claude_bin, "-p", "--output-format=stream-json", "--verbose"]
 
     def flag(name: str, value: object | None) -> None:
@@ -76,6 +93,9 @@ def build_argv(
     if opts.mcp_config is not None:
         cfg = opts.mcp_config if isinstance(opts.mcp_config, str) else json.dumps(opts.mcp_config)
         flag("mcp-config", cfg)
+    if approval_server is not None:
+        flag("mcp-config", json.dumps(approval_server))
+        flag("permission-prompt-tool", APPROVAL_TOOL)
     if opts.worktree:
         if not worktree:
             raise ValueError("a task with the option worktree needs its worktree's name")

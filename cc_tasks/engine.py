@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import procs
+from .approvals import ApprovalRules
 from .board import AgentBoard
 from .config import default_max_concurrent
 from .errors import CorruptRecordError, LeaseLostError, TaskNotFoundError
@@ -80,7 +81,7 @@ def dependency_verdict(r: TaskRecord, deps: dict[str, TaskRecord | None]) -> tup
     return verdict, None
 
 
-class TaskEngine(LeaseRules, AgentBoard):
+class TaskEngine(LeaseRules, AgentBoard, ApprovalRules):
     """The backend every layer above uses: the rules, over ``repo``. ``max_concurrent``: this process's default
     cap (CC_TASKS_MAX_CONCURRENT); the cap stored with the backend (``set_config``) wins over it, and on a remote
     backend the first worker stores its own when none is set, so every machine claims under one cap."""
@@ -562,7 +563,7 @@ class TaskEngine(LeaseRules, AgentBoard):
             for source, data in outputs.items():
                 self.repo.put_output(t, lease.epoch, source, data)
             try:
-                new = self._fenced(lease, lambda r: {"status": status, **fields})
+                new = self._fenced(lease, lambda r: {"status": status, "pending_approvals": [], **fields})
             except LeaseLostError:
                 if result_text is not None:
                     self.repo.put_output(t, lease.epoch, "result", None)

@@ -69,3 +69,7 @@ class NatsConfigError(ConfigError):
 
 class BackendUnreachableError(CCTasksError):
     """The NATS servers of a backend URL could not be reached or refused the credentials in time."""
+
+
+class ApprovalError(CCTasksError):
+    """An answer to a sub-agent's permission request was refused: unknown, already answered, or expired."""

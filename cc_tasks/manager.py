@@ -5,10 +5,12 @@ the tools it serves): ``manager_base`` (settings, backend, the store's worker, g
 (check_task_status, list_active_tasks), ``outputs`` (get_task_output, get_task_events, the transcript),
 ``submitting`` (start_cc_task_async, start_cc_tasks_batch, continue_task), ``board_tools`` (post_task,
 claim_task and the agents' other calls, notes), ``stopping`` (cancel_task, cleanup_task), ``worktree_tools``
-(get_task_diff, merge_task) and ``waiting`` (wait_for_tasks, execute_cc_task)."""
+(get_task_diff, merge_task), ``approval_tools`` (answer_approval, list_approvals) and ``waiting``
+(wait_for_tasks, execute_cc_task)."""
 
 from __future__ import annotations
 
+from .approval_tools import ApprovalMixin
 from .board_tools import BoardMixin
 from .manager_base import ManagerBase
 from .outputs import OutputsMixin
@@ -20,7 +22,7 @@ from .worktree_tools import WorktreeMixin
 
 
 class TaskManager(
-    WaitMixin, BoardMixin, SubmitMixin, StopMixin, WorktreeMixin, OutputsMixin, RecordsMixin, ManagerBase
+    WaitMixin, BoardMixin, ApprovalMixin, SubmitMixin, StopMixin, WorktreeMixin, OutputsMixin, RecordsMixin, ManagerBase
 ):
     """What the tools do. It submits, reads, cancels and nudges; workers (worker.py) pull and run the tasks.
     ``TaskManager(settings, env)``: ``settings`` default to the environment's; ``env``, the environment local

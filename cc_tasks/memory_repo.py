@@ -20,7 +20,7 @@ from filelock import Timeout
 from .errors import CorruptRecordError, TaskNotFoundError
 from .ids import validate_task_id
 from .models import TaskRecord, TaskRequest, WorkerInfo
-from .repo import WORKSPACE_FILES, Capabilities, Liveness, Versioned
+from .repo import WORKSPACE_FILES, Capabilities, Liveness, Versioned, each
 from .states import TaskStatus
 
 
@@ -72,11 +72,7 @@ class MemoryRepo:
             raise CorruptRecordError(f"task {task_id}: its record is unreadable") from None
 
     def get_many(self, ids: list[str]) -> dict[str, Versioned]:
-        out = {}
-        for t in ids:
-            with contextlib.suppress(TaskNotFoundError, CorruptRecordError):
-                out[t] = self.get(t)
-        return out
+        return each(self.get, ids)
 
     def _status(self, t: str) -> TaskStatus:
         return TaskStatus(json.loads(self._records[t][1])["status"])

@@ -37,6 +37,10 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 #: What a task's ``runner`` may be: a worker runs ``claude -p`` for it, or an outside agent claims it.
 Runner = Literal["claude", "agent"]
+Decision = Literal["allow", "deny"]
+#: Characters of a tool call's input kept in an approval request (its JSON; cut with ``input_truncated``).
+APPROVAL_INPUT_CHARS = 4_000
+_RULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]*(\(.{1,2000}\))?$", re.S)
 #: The options an agent task takes (post_task); the others are claude's.
 AGENT_OPTIONS = frozenset(
     {"prompt", "name", "depends_on", "include_dependency_results", "priority", "labels", "group", "max_attempts",
@@ -65,6 +69,50 @@ class BaseModel(PydanticModel):
     only for the models it uses (the worker at rest uses few of them)."""
 
     model_config = ConfigDict(defer_build=True)
+
+
+class ApprovalRule(BaseModel):
+    """Answers a sub-agent's permission request without asking: ``tool`` is a pattern as in allowed_tools."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tool: str = Field(
+        description="A tool name ('Write', 'mcp__srv__tool') or a tool with a pattern as in allowed_tools: "
+        "'Bash(npm test:*)' (commands starting with 'npm test'), 'Bash(git status)' (that command), "
+        "'Edit(src/*.py)' (files matching the glob)."
+    )
+    decision: Decision = Field(description="'allow' or 'deny'.")
+
+    @field_validator("tool")
+    @classmethod
+    def _tool(cls, v: str) -> str:
+        if not _RULE.fullmatch(v.strip()):
+            raise ValueError(
+                f"approval rule tool {v[:80]!r} is not a tool name, or a name with a pattern in parentheses "
+                "like 'Bash(npm test:*)'"
+            )
+        return v.strip()
+
+
+class ApprovalAnswer(BaseModel):
+    decision: Decision
+    message: str | None = None
+    updated_input: dict[str, Any] | None = None
+    by: str = Field(description="Who answered: a server (host and pid), a person's CLI, a rule, or the timeout.")
+    at: datetime = Field(default_factory=lambda: utcnow())
+    remember: bool = False
+
+
+class PendingApproval(BaseModel):
+    """A sub-agent's request to run a tool call its permissions do not cover, waiting for an answer."""
+
+    request_id: str
+    tool_name: str
+    input: Any = Field(description=f"The call's input; its JSON cut to {APPROVAL_INPUT_CHARS} characters if longer.")
+    input_truncated: bool = False
+    asked_at: datetime
+    expires_at: datetime = Field(description="When it is denied for want of an answer.")
+    answer: ApprovalAnswer | None = Field(None, description="Set once answered (the sub-agent then goes on).")
 
 
 class TaskOptions(BaseModel):
@@ -135,6 +183,21 @@ class TaskOptions(BaseModel):
         None,
         description="A group the task belongs to (1-64 letters, digits, '.', '_', ':', '-'): list, wait for, "
         "cancel its tasks together, and share notes (add_note, get_notes).",
+    )
+    approvals: Literal["ask", "deny"] = Field(
+        "ask",
+        description="A tool call its permissions do not cover: 'ask' (the sub-agent waits for an answer from the "
+        "lead, a person or a rule: answer_approval, list_approvals; wait_for_tasks returns when one asks) or "
+        "'deny' (refused at once, as plain claude -p does).",
+    )
+    approval_timeout_seconds: float = Field(
+        600, ge=1, le=86_400, description="A request no one answers in this time is denied, and the task goes on."
+    )
+    approval_rules: list[ApprovalRule] | None = Field(
+        None,
+        max_length=100,
+        description="Answer requests without asking, first match wins: e.g. "
+        "[{'tool': 'Bash(npm test:*)', 'decision': 'allow'}, {'tool': 'Write', 'decision': 'deny'}].",
     )
     worktree: bool = Field(
         False,
@@ -422,6 +485,17 @@ class TaskRecord(BaseModel):
     changes: Changes | None = Field(
         None, description="What it changed in its worktree against the base commit; set when it ends."
     )
+    pending_approvals: list[PendingApproval] = Field(
+        default_factory=list, description="Permission requests of the running sub-agent waiting for an answer."
+    )
+    approval_rules: list[ApprovalRule] = Field(
+        default_factory=list, description="Answers remembered for the rest of the task (answer_approval remember)."
+    )
+
+    @property
+    def awaiting(self) -> list[PendingApproval]:
+        """The requests still without an answer."""
+        return [a for a in self.pending_approvals if a.answer is None] if self.status == TaskStatus.RUNNING else []
 
     @property
     def elapsed_seconds(self) -> float | None:
@@ -520,6 +594,8 @@ class TaskBrief(BaseModel):
     result_truncated: bool = Field(False, description="True when `result` is only the start of it.")
     result_chars: int = Field(0, description="Length of the whole result; get_task_output pages through it.")
     changes: str | None = Field(None, description="A worktree task's changes in one line (get_task_diff shows them).")
+    awaiting_approval: bool = Field(False, description="True while the sub-agent waits for an answer_approval.")
+    approvals_pending: int = Field(0, description="How many of its requests wait for an answer.")
 
     @classmethod
     def of(cls, r: TaskRecord, preview: int) -> TaskBrief:
@@ -536,6 +612,8 @@ class TaskBrief(BaseModel):
             result_truncated=r.result_truncated or cut,
             result_chars=r.result_chars,
             changes=change_line(r.changes, r.worktree.merged if r.worktree else None) if r.changes else None,
+            awaiting_approval=bool(r.awaiting),
+            approvals_pending=len(r.awaiting),
         )
 
 
@@ -547,6 +625,51 @@ class Listing(BaseModel):
     unreadable: list[str] = Field(default_factory=list, description="Tasks whose record could not be read.")
 
 
+#: Characters of a request's input in a needs_approval entry (list_approvals shows up to APPROVAL_INPUT_CHARS).
+APPROVAL_PREVIEW_CHARS = 300
+
+
+class ApprovalBrief(BaseModel):
+    """A sub-agent's pending permission request, in a few fields."""
+
+    task_id: str
+    request_id: str
+    tool_name: str
+    input_preview: str = Field(
+        description=f"The start of the call's input (JSON), at most {APPROVAL_PREVIEW_CHARS} characters."
+    )
+    asked_at: datetime
+    expires_at: datetime
+
+    @classmethod
+    def of(cls, r: TaskRecord, a: PendingApproval, chars: int = APPROVAL_PREVIEW_CHARS) -> ApprovalBrief:
+        text = a.input if isinstance(a.input, str) else json.dumps(a.input, ensure_ascii=False, default=str)
+        return cls(task_id=r.task_id, request_id=a.request_id, tool_name=a.tool_name, input_preview=text[:chars],
+                   asked_at=a.asked_at, expires_at=a.expires_at)  # fmt: skip
+
+
+class ApprovalEntry(ApprovalBrief):
+    """list_approvals' entry: the request with more of its input, and which task asks."""
+
+    name: str | None = None
+    group: str | None = None
+    input_truncated: bool = Field(False, description="True when input_preview is not the whole input.")
+
+
+class ApprovalList(BaseModel):
+    approvals: list[ApprovalEntry] = Field(description="Pending requests, oldest first.")
+    more: bool = Field(False, description="True when more are pending: pass next_cursor as cursor.")
+    next_cursor: str | None = None
+
+
+class ApprovalAnswered(BaseModel):
+    task_id: str
+    request_id: str
+    decision: Decision
+    by: str
+    remembered: ApprovalRule | None = Field(None, description="The rule added for the rest of the task (remember).")
+
+
 class Waited(BaseModel):
     """What ``TaskManager.wait`` saw: the whole records; wait_for_tasks replies with a WaitResult of them."""
 
@@ -555,6 +678,7 @@ class Waited(BaseModel):
     finished: list[str]
     pending: list[str]
     tasks: list[TaskRecord]
+    needs_approval: list[ApprovalBrief] = Field(default_factory=list)
 
 
 class TaskTable(BaseModel):
@@ -644,6 +768,11 @@ class WaitResult(BaseModel):
         False,
         description="True when `tasks` lists only the first tasks, to keep the reply bounded: the others are in "
         "finished/pending; check_task_status reads one, wait_for_tasks on fewer ids lists them.",
+    )
+    needs_approval: list[ApprovalBrief] = Field(
+        default_factory=list,
+        description="Sub-agents waiting for an answer (the wait returns as soon as one asks): answer each with "
+        "answer_approval(task_id, request_id, 'allow' or 'deny').",
     )
 
 

@@ -19,6 +19,8 @@ from pydantic import BaseModel
 from .errors import ReplyTooLargeError
 from .models import (
     REPLY_CHARS,
+    ApprovalAnswered,
+    ApprovalList,
     BatchResult,
     BatchStarted,
     Claimed,
@@ -274,14 +276,25 @@ def wait_reply(w: Waited) -> Reply:
         preview = max(WAIT_PREVIEW_MIN, preview // 2)
 
 
+#: Most needs_approval entries in one wait_for_tasks reply (list_approvals pages them all).
+WAIT_APPROVALS = 20
+
+
 def _wait(w: Waited, briefs: list[TaskBrief], preview: int, left_out: int) -> Reply:
+    asking = w.needs_approval[:WAIT_APPROVALS]
     model = WaitResult(
-        done=w.done, timed_out=w.timed_out, finished=w.finished, pending=w.pending, tasks=briefs, more=left_out > 0
-    )
+        done=w.done, timed_out=w.timed_out, finished=w.finished, pending=w.pending, tasks=briefs, more=left_out > 0,
+        needs_approval=asking,
+    )  # fmt: skip
     counts = Counter(r.status.value for r in w.tasks if r.status.terminal)
     ended = f" ({', '.join(f'{n} {s}' for s, n in counts.most_common())})" if counts else ""
-    state = "done" if w.done else "timed out"
+    state = "done" if w.done else ("a sub-agent asks" if asking else "timed out")
     lines = [f"{state}: {len(w.finished)} of {len(w.tasks)} finished{ended}, {len(w.pending)} pending"]
+    for a in asking:
+        lines.append(f"needs approval: task {a.task_id} request {a.request_id}: {a.tool_name} {one_line(a.input_preview, 120)}"
+                     " -> answer_approval(task_id, request_id, 'allow' | 'deny')")  # fmt: skip
+    if len(w.needs_approval) > len(asking):
+        lines.append(f"{len(w.needs_approval) - len(asking)} more requests: list_approvals shows them all")
     lines += [brief_line(b, preview) for b in briefs]
     if left_out:
         after = briefs[-1].task_id if briefs else _SOME_ID
@@ -451,6 +464,37 @@ def _(c: Claimed) -> str:
         f"claimed {c.task_id}{name} (attempt {c.attempt}); lease {c.lease} until {c.lease_expires_at:%H:%M:%S} UTC "
         f"(renew_task before then). Prompt: {one_line(c.prompt or '', 500)}"
     )
+
+
+@text_of.register
+def _(a: ApprovalAnswered) -> str:
+    kept = f"; remembered as the rule {a.remembered.tool} -> {a.remembered.decision}" if a.remembered else ""
+    return f"request {a.request_id} of task {a.task_id}: {a.decision} (by {a.by}); the sub-agent goes on{kept}"
+
+
+@text_of.register
+def _(p: ApprovalList) -> str:
+    more = f"; more with cursor={p.next_cursor}" if p.more else ""
+    lines = [f"{len(p.approvals)} pending approval request(s){more}"]
+    lines += [
+        f"task {a.task_id} request {a.request_id}: {a.tool_name} {one_line(a.input_preview, 200)} (until "
+        f"{a.expires_at:%H:%M:%S} UTC)"
+        for a in p.approvals
+    ]
+    return "\n".join(lines)
+
+
+def approvals_reply(p: ApprovalList) -> Reply:
+    """list_approvals: as many entries as fit (each input already bounded), ``more`` and a cursor for the rest."""
+    entries = list(p.approvals)
+    while True:
+        page = p.model_copy(update={"approvals": entries, "more": p.more or len(entries) < len(p.approvals),
+                                    "next_cursor": (entries[-1].request_id if entries else p.next_cursor)
+                                    if (p.more or len(entries) < len(p.approvals)) else None})  # fmt: skip
+        reply = Reply.of(page, text_of(page))
+        if reply.size <= REPLY_CHARS or not entries:
+            return reply
+        entries = entries[: max(0, len(entries) * 3 // 4)]
 
 
 @text_of.register

@@ -25,6 +25,7 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
+from .errors import CorruptRecordError, TaskNotFoundError
 from .models import TaskRecord, TaskRequest, WorkerInfo
 
 #: What an output's ``source`` may be.
@@ -84,136 +85,84 @@ class Capabilities(BaseModel):
 Versioned = tuple[object, TaskRecord]
 
 
+def each(get: Callable[[str], Versioned], ids: list[str]) -> dict[str, Versioned]:
+    """``get_many`` for a repo whose reads are local: those of ``ids`` that exist and parse."""
+    out = {}
+    for t in ids:
+        with contextlib.suppress(TaskNotFoundError, CorruptRecordError):
+            out[t] = get(t)
+    return out
+
+
+def parse_request(task_id: str, data: bytes, where: str) -> TaskRequest:
+    try:
+        return TaskRequest.model_validate_json(data)
+    except ValueError as e:
+        raise CorruptRecordError(f"task {task_id}: its request ({where}) is unreadable ({e})") from None
+
+
 @runtime_checkable
 class Repo(Protocol):
+    """Records: ``create`` stores a new task (request and first record, indexed) whole or not at all; ``get`` is
+    (revision, record), raising TaskNotFoundError or CorruptRecordError; ``get_many`` those of the ids that exist
+    and parse; ``unfinished`` the unfinished ids (newest first) and the records of those not in ``skip`` (a view
+    the caller trusts), as fresh as reading each; ``ids`` lists an index (INDEXES), newest first; ``cas`` writes a
+    record if the stored one is still at ``revision`` (the new revision, or None if it changed or is gone) and
+    keeps the index true to its status; ``cas_many`` does several, each on its own (a write that failed reads as
+    None: it may have landed, so the caller re-reads); ``delete`` removes everything of a task (record, request,
+    outputs, events, index entries, ``remarks.<id>``).
+
+    Outputs of each claim (``epoch``) by source (SOURCES): ``workspace`` is a folder on this machine where a
+    supervisor writes prompt, transcript and stderr; ``put_output`` stores bytes, a file's content (a repo whose
+    workspace is its storage has it already) or None to remove; ``read_output`` is (up to ``limit`` bytes from
+    ``offset``, the output's size); ``forget_workspace``: the run here ended and its outputs are stored.
+
+    Logs (``ev.<task_id>``, ``notes.<group>``): ``append`` at the end; ``append_numbered`` adds ``make(position)``
+    with an exact position under concurrent writers; ``read_log`` is (position, entry) from ``since`` (a line
+    that does not parse reads as ``{"kind": "unreadable"}``).
+
+    Workers: ``put_worker`` registers (beating now), ``beat`` is False for one not registered (any more),
+    ``workers`` those whose heartbeat is fresh, ``liveness`` a Liveness. Coordination: ``claim_lock`` serialises
+    claimers and yields ``still_ours()`` (False once a holder that outlived the lock lost it; filelock.Timeout
+    when it cannot be had); ``signal`` ``nudge`` (workers look now), ``cancel`` (a task's worker stops it) or
+    ``uncancel`` (forget it: claimed again); ``subscribe`` calls a handler (flags only) on a nudge or cancel;
+    ``cancel_signalled`` is cheap (asked every second per task); ``activity`` changes whenever a task is added,
+    removed or changes status, or the queue is signalled. ``get_meta``/``cas_meta``: small keyed values
+    (``config``, ``remarks.<task_id>``) by compare-and-set (revision None: absent; value None: remove).
+    ``usable`` is False once the storage is gone for good (a deleted store folder)."""
+
     caps: Capabilities
 
     @property
-    def address(self) -> str:
-        """Where it is, for people (a folder, a URL without credentials)."""
-        ...
+    def address(self) -> str: ...  # where it is, for people (a folder, a URL without credentials)
 
-    # -- records ---------------------------------------------------------------------
-    def create(self, record: TaskRecord, request: TaskRequest) -> None:
-        """Store a new task (its request and first record) and index it; it appears whole or not at all."""
-        ...
-
-    def get(self, task_id: str) -> Versioned:
-        """(revision, record); raises TaskNotFoundError, or CorruptRecordError for a record that does not parse."""
-        ...
-
-    def get_many(self, ids: list[str]) -> dict[str, Versioned]:
-        """Those of ``ids`` that exist and parse."""
-        ...
-
-    def unfinished(self, skip: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, Versioned]]:
-        """The ids of the unfinished tasks (newest first), and the records of those not in ``skip`` (a caller's
-        view it trusts), as fresh as reading each."""
-        ...
-
-    def ids(self, index: str = "all") -> list[str]:
-        """Task ids of an index (INDEXES), newest first."""
-        ...
-
-    def cas(self, task_id: str, record: TaskRecord, revision: object) -> object | None:
-        """Write ``record`` if the stored one is still at ``revision``; the new revision, or None if it changed
-        (or was deleted). Keeps the index true to the record's status."""
-        ...
-
-    def cas_many(self, writes: list[tuple[TaskRecord, object]]) -> list[object | None]:
-        """``cas`` of several records at once (each on its own: some may land, others not). A write that failed
-        (an error, not a conflict) reads as None: it may have landed all the same, so a caller re-reads."""
-        ...
-
+    def create(self, record: TaskRecord, request: TaskRequest) -> None: ...
+    def get(self, task_id: str) -> Versioned: ...
+    def get_many(self, ids: list[str]) -> dict[str, Versioned]: ...
+    def unfinished(self, skip: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, Versioned]]: ...
+    def ids(self, index: str = "all") -> list[str]: ...
+    def cas(self, task_id: str, record: TaskRecord, revision: object) -> object | None: ...
+    def cas_many(self, writes: list[tuple[TaskRecord, object]]) -> list[object | None]: ...
     def request(self, task_id: str) -> TaskRequest: ...
-
-    def delete(self, task_id: str) -> None:
-        """Everything of the task: record, request, outputs, events, index entries, remarks."""
-        ...
-
-    # -- outputs: result, transcript, stderr, prompt of each claim ----------------------
-    def workspace(self, task_id: str) -> Path:
-        """A folder on this machine where a supervisor writes the task's prompt, transcript and stderr."""
-        ...
-
-    def put_output(self, task_id: str, epoch: int, source: str, data: bytes | Path | None) -> None:
-        """Store an output of the claim ``epoch``: bytes, a file's content (a workspace file: a repo whose
-        workspace is its storage has it already), or None to remove it."""
-        ...
-
-    def read_output(self, task_id: str, epoch: int, source: str, offset: int, limit: int) -> tuple[bytes, int]:
-        """Up to ``limit`` bytes of the claim's output from ``offset``, and the output's size (0: none)."""
-        ...
-
-    def forget_workspace(self, task_id: str) -> None:
-        """The task's run on this machine ended and its outputs are stored: a workspace apart from the storage
-        can go."""
-        ...
-
-    # -- logs: a task's events, a group's notes ------------------------------------------
-    def append(self, log: str, entry: dict) -> None:
-        """Add ``entry`` to the end of a log (``ev.<task_id>``, ``notes.<group>``)."""
-        ...
-
-    def append_numbered(self, log: str, make: Callable[[int], dict]) -> int:
-        """Add ``make(position)`` at the end of a log, its position exact even with concurrent writers."""
-        ...
-
-    def read_log(self, log: str, since: int = 0) -> list[tuple[int, dict]]:
-        """(position, entry) from ``since`` on; a line that does not parse reads as ``{"kind": "unreadable"}``."""
-        ...
-
-    # -- workers -------------------------------------------------------------------------
-    def put_worker(self, info: WorkerInfo) -> None:
-        """Register a worker (and count it as beating now)."""
-        ...
-
-    def beat(self, worker_id: str) -> bool:
-        """A registered worker's heartbeat; False if it is not registered (any more)."""
-        ...
-
+    def delete(self, task_id: str) -> None: ...
+    def workspace(self, task_id: str) -> Path: ...
+    def put_output(self, task_id: str, epoch: int, source: str, data: bytes | Path | None) -> None: ...
+    def read_output(self, task_id: str, epoch: int, source: str, offset: int, limit: int) -> tuple[bytes, int]: ...
+    def forget_workspace(self, task_id: str) -> None: ...
+    def append(self, log: str, entry: dict) -> None: ...
+    def append_numbered(self, log: str, make: Callable[[int], dict]) -> int: ...
+    def read_log(self, log: str, since: int = 0) -> list[tuple[int, dict]]: ...
+    def put_worker(self, info: WorkerInfo) -> None: ...
+    def beat(self, worker_id: str) -> bool: ...
     def remove_worker(self, worker_id: str) -> None: ...
-
-    def workers(self) -> list[WorkerInfo]:
-        """Registered workers whose heartbeat is fresh."""
-        ...
-
+    def workers(self) -> list[WorkerInfo]: ...
     def liveness(self, worker_id: str) -> Liveness: ...
-
-    # -- coordination ----------------------------------------------------------------------
-    def claim_lock(self) -> AbstractContextManager[Callable[[], bool]]:
-        """Serialise claimers; yields ``still_ours()`` (False once a holder that outlived the lock lost it).
-        Raises filelock.Timeout when it cannot be had for long."""
-        ...
-
-    def signal(self, kind: str, task_id: str | None = None) -> None:
-        """``nudge`` (workers look at the queue now), ``cancel`` (a task's worker stops it), ``uncancel`` (forget
-        a task's cancel: it was claimed again)."""
-        ...
-
-    def subscribe(self, handler: Callable[[], None]) -> None:
-        """Call ``handler`` (it must only set flags) when a nudge or a cancel is signalled."""
-        ...
-
-    def cancel_signalled(self, task_id: str) -> bool:
-        """Whether a cancel of the task was signalled (cheap: a worker asks every second for each task)."""
-        ...
-
-    def activity(self) -> object:
-        """Changes whenever a task is added, removed or changes status, or the queue is signalled (cheap)."""
-        ...
-
-    # -- shared configuration and small keyed values ----------------------------------------
-    def get_meta(self, key: str) -> tuple[object, bytes] | None:
-        """(revision, value) of a small keyed value (``config``, ``remarks.<task_id>``...), or None."""
-        ...
-
-    def cas_meta(self, key: str, value: bytes | None, revision: object | None) -> bool:
-        """Write (None: remove) a keyed value if it is still at ``revision`` (None: absent)."""
-        ...
-
-    def usable(self) -> bool:
-        """False once the storage is gone for good (a deleted store folder)."""
-        ...
-
+    def claim_lock(self) -> AbstractContextManager[Callable[[], bool]]: ...
+    def signal(self, kind: str, task_id: str | None = None) -> None: ...
+    def subscribe(self, handler: Callable[[], None]) -> None: ...
+    def cancel_signalled(self, task_id: str) -> bool: ...
+    def activity(self) -> object: ...
+    def get_meta(self, key: str) -> tuple[object, bytes] | None: ...
+    def cas_meta(self, key: str, value: bytes | None, revision: object | None) -> bool: ...
+    def usable(self) -> bool: ...
     def close(self) -> None: ...

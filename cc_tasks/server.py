@@ -27,6 +27,8 @@ from .models import (
     MAX_BATCH,
     OUTPUT_PAGE_BYTES,
     OUTPUT_PAGE_DEFAULT,
+    ApprovalAnswered,
+    ApprovalList,
     BatchItem,
     BatchResult,
     Claimed,
@@ -58,6 +60,8 @@ for several (cheaper than polling check_task_status); get_task_output pages thro
 continue_task asks a finished sub-agent a follow-up; cancel_task stops one; cleanup_task deletes it.
 A task board for agents that are already running: post_task, then claim_task / renew_task / complete_task /
 fail_task / release_task under a lease; groups of tasks share notes (add_note, get_notes).
+A sub-agent whose tool call its permissions do not cover asks (task option approvals, default "ask"):
+wait_for_tasks returns with `needs_approval`; answer with answer_approval (list_approvals shows all).
 execute_cc_task runs one and returns when it ends. Every server process of this user shares the tasks,
 and at most CC_TASKS_MAX_CONCURRENT run at once; the rest are queued by priority. Replies are bounded:
 wait_for_tasks and list_active_tasks give a short entry per task (check_task_status has the whole record),
@@ -473,6 +477,38 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         """The group's notes from `since` on (a keyed note replaced by a later one is left out)."""
         return await anyio.to_thread.run_sync(mgr.notes, group, since, limit)
 
+    async def answer_approval(
+        task_id: TaskId,
+        request_id: Annotated[
+            str, Field(max_length=100, description="The request's id (needs_approval, list_approvals).")
+        ],
+        decision: Annotated[
+            Literal["allow", "deny"], Field(description="'allow' runs the tool call; 'deny' refuses it.")
+        ],
+        message: Annotated[
+            str | None,
+            Field(max_length=2000, description="With 'deny': what the sub-agent is told (why, what instead)."),
+        ] = None,
+        updated_input: Annotated[
+            dict[str, Any] | None, Field(description="With 'allow': the input the tool runs with instead of its own.")
+        ] = None,
+        remember: Annotated[
+            bool,
+            Field(
+                description="Answer the same call (that command, that file, or that tool) so for the rest of the task."
+            ),
+        ] = False,
+    ) -> ApprovalAnswered:
+        """Answer a sub-agent's permission request (its tool call waits for it): exactly one answer counts."""
+        return await mgr.on_loop(mgr.answer_approval, task_id, request_id, decision, message, updated_input, remember)
+
+    async def list_approvals(
+        group: Annotated[str | None, Field(description="Only the requests of this group's tasks.")] = None,
+        cursor: Annotated[str | None, Field(description="`next_cursor` of the previous page.")] = None,
+    ) -> ApprovalList:
+        """Every sub-agent's permission request waiting for an answer (tool, input), oldest first."""
+        return replies.approvals_reply(await mgr.on_loop(mgr.list_approvals, group, cursor))
+
     tools = [
         (execute_cc_task, _annotations(False, destructive=True, open_world=True)),
         (start_cc_task_async, _annotations(False, destructive=True, open_world=True)),
@@ -496,6 +532,8 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         (release_task, _annotations(False)),
         (add_note, _annotations(False)),
         (get_notes, _annotations(True, idempotent=True)),
+        (answer_approval, _annotations(False, idempotent=False)),
+        (list_approvals, _annotations(True, idempotent=True)),
     ]
     for fn, ann in tools:
         mcp.tool(edge(fn), annotations=ann, **({"output_schema": _cancel_schema()} if fn is cancel_task else {}))

@@ -22,8 +22,9 @@ from pathlib import Path
 import psutil
 
 from . import procs, worktrees
-from .command import build_argv, build_env, servers_to_deny
+from .command import asks_approval, build_argv, build_env, servers_to_deny
 from .config import Settings
+from .desk import ApprovalDesk, request_timeout
 from .engine import TaskEngine as Backend
 from .engine import dependency_preamble
 from .errors import BackendUnreachableError, CCTasksError, GitError, LeaseLostError
@@ -62,6 +63,7 @@ class Supervisor:
         self._last_text_event = -1e9
         self.lost: str | None = None  # set by abandon(): write nothing more
         self.spawned = False  # claude was started (in any attempt): an abandoned task's worker says so
+        self.desk: ApprovalDesk | None = None  # where the sub-agent's permission requests come in (approvals 'ask')
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
@@ -78,6 +80,9 @@ class Supervisor:
                 pass
 
     def close(self) -> None:
+        if self.desk is not None:
+            self.desk.close()
+            self.desk = None
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -213,8 +218,15 @@ class Supervisor:
             if problem:
                 self._end(TaskStatus.FAILED, error=problem)
                 return
+        if asks_approval(opts):
+            timeout = request_timeout(opts.approval_timeout_seconds, env)
+            self.desk = ApprovalDesk(self.backend, self.lease, list(opts.approval_rules or []), timeout)
         argv = build_argv(
-            opts, claude_bin, self.worktree.name if self.worktree else None, deny_servers=servers_to_deny(env)
+            opts,
+            claude_bin,
+            self.worktree.name if self.worktree else None,
+            deny_servers=servers_to_deny(env),
+            approval_server=self.desk.server_config() if self.desk else None,
         )
         prompt = opts.prompt
         if opts.include_dependency_results and record.depends_on:

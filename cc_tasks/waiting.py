@@ -12,7 +12,7 @@ import anyio
 
 from .errors import CCTasksError, InvalidOptionsError
 from .ids import validate_task_id
-from .models import TaskOptions, TaskRecord, TaskStatus, Waited
+from .models import ApprovalBrief, TaskOptions, TaskRecord, TaskStatus, Waited
 from .stopping import StopMixin
 from .submitting import SubmitMixin
 
@@ -38,8 +38,9 @@ class WaitMixin(SubmitMixin, StopMixin):
         progress: ProgressFn | None = None,
         group: str | None = None,
     ) -> Waited:
-        """Until all (or any) of the tasks end, or ``timeout``. With ``group``: the group's tasks (as they are
-        when the wait starts), with or without ``task_ids``."""
+        """Until all (or any) of the tasks end, one of them asks for approval (``needs_approval``: it waits for an
+        answer), or ``timeout``. With ``group``: the group's tasks (as they are when the wait starts), with or
+        without ``task_ids``."""
         if group is not None:
             members = await anyio.to_thread.run_sync(self.group_ids, group)
             if len(members) > WAIT_MAX:
@@ -76,13 +77,15 @@ class WaitMixin(SubmitMixin, StopMixin):
             finished = [r.task_id for r in records if r.status.terminal]
             done = len(finished) == len(ids) if mode == "all" else bool(finished)
             now = time.monotonic()
-            if done or now >= deadline:
+            asking = [ApprovalBrief.of(r, a) for r in records for a in r.awaiting]  # (a sub-agent waits for us)
+            if done or now >= deadline or asking:
                 return Waited(
                     done=done,
-                    timed_out=not done,
+                    timed_out=not done and not asking,
                     finished=finished,
                     pending=[t for t in ids if t not in finished],
                     tasks=records,
+                    needs_approval=asking,
                 )
             if progress is not None and now >= next_progress:
                 next_progress = now + PROGRESS_EVERY
