@@ -689,6 +689,30 @@ def worker(ctx, slots, labels, cancel_on_exit):
     sys.exit(w.run())
 
 
+@main_group.command()
+@click.option("--group", default=None, help="A group's budget (default: the whole store's).")
+@click.argument("action", required=False, type=click.Choice(["set", "clear"]))
+@click.argument("usd", required=False, type=float)
+@click.option("--json", "as_json", is_flag=True, help="Print the budget as JSON.")
+@click.pass_context
+def budget(ctx, group, action, usd, as_json):
+    """Show the spending budget shared by every window and machine; `budget set USD` sets it, `budget clear`
+    removes it (with --group: that group's)."""
+    if action == "set" and usd is None:
+        raise click.BadParameter("`budget set` takes the dollars, e.g. `cc-tasks budget set 20`", param_hint="USD")
+    if action != "set" and usd is not None:
+        raise click.BadParameter("only `budget set USD` takes dollars", param_hint="USD")
+    from .replies import text_of
+
+    mgr = _manager(ctx)
+    try:
+        info = mgr.set_budget(usd if action == "set" else None, group) if action else mgr.get_budget(group)
+    except CCTasksError as e:
+        err_console.print(f"[red]error:[/] {escape(str(e))}")
+        sys.exit(2)
+    console.print_json(info.model_dump_json()) if as_json else console.print(escape(text_of(info)))
+
+
 CONFIG_KEYS = ("max_concurrent",)
 
 
@@ -750,6 +774,7 @@ def doctor(ctx):
     """Check the setup: claude binary and version, store path and permissions, API credentials, free disk."""
     from .checks import ensure_private_dir
     from .connect import shown
+    from .replies import limiter_line
 
     ok = True
 
@@ -779,7 +804,8 @@ def doctor(ctx):
                 or "none running: start one with `cc-tasks worker --backend URL` on a worker machine",
                 essential=False,
             )
-            line(True, "limits", f"cap {backend.max_concurrent} tasks at once ({backend.cap_source()})")
+            line(True, "limits", f"cap {backend.max_concurrent} tasks at once ({backend.cap_source()})"
+                 + limiter_line(backend.limiter()))  # fmt: skip
         except Exception as e:  # (any failure to reach the server is the finding)
             line(False, "backend", f"{shown(settings.backend)}: {type(e).__name__}: {e}")
         sys.exit(0 if ok else 1)
@@ -825,7 +851,7 @@ def doctor(ctx):
     try:
         backend = open_backend(settings=settings)
         workers = backend.workers()
-        cap = f"cap {backend.max_concurrent} tasks at once ({backend.cap_source()})"
+        cap = f"cap {backend.max_concurrent} tasks at once ({backend.cap_source()}){limiter_line(backend.limiter())}"
         line(
             True,
             "workers",

@@ -29,6 +29,7 @@ from .errors import CorruptRecordError, LeaseLostError, TaskNotFoundError
 from .ids import HOST, validate_task_id
 from .launcher import WorkerLauncher
 from .leases import ALIVE_CACHE, LeaseRules, doomed_processes, lost_message, stop_processes
+from .limits import FleetLimits
 from .models import FleetConfig, Lease, TaskRecord, TaskRequest, WorkerInfo, utcnow
 from .queue import QueueView, ready
 from .repo import SOURCES, WORKSPACE_FILES, Repo, patiently
@@ -81,7 +82,7 @@ def dependency_verdict(r: TaskRecord, deps: dict[str, TaskRecord | None]) -> tup
     return verdict, None
 
 
-class TaskEngine(LeaseRules, AgentBoard, ApprovalRules):
+class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
     """The backend every layer above uses: the rules, over ``repo``. ``max_concurrent``: this process's default
     cap (CC_TASKS_MAX_CONCURRENT); the cap stored with the backend (``set_config``) wins over it, and on a remote
     backend the first worker stores its own when none is set, so every machine claims under one cap."""
@@ -425,7 +426,10 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules):
                 for r in records.values():
                     view.note(r)
             running = sum(r.status == TaskStatus.RUNNING and r.runner == "claude" for r in records.values())
-            free = min(free_slots, self.max_concurrent - running)
+            free = min(free_slots, self.starts_allowed(running))  # (the cap, less what the limiter holds back)
+            scopes = self.budget_scopes()
+            if scopes:
+                self.settle_reservations(records)
             tried: set[str] = set()
             labels = set(worker.labels)
             while free > 0:
@@ -448,18 +452,31 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules):
                         self._remark(t, worker, f"lacks labels {missing}")
                     elif self.caps.remote and not os.path.isdir(r.cwd):
                         self._remark(t, worker, f"has no directory {r.cwd}")
+                    elif not scopes:
+                        picks.append((*have[t], None))
                     else:
-                        picks.append(have[t])
+                        wanted = self.request(t).options.max_budget_usd
+                        amount, why = self.reserve(r, wanted, scopes)
+                        if why is not None:
+                            self._block(r, why)
+                        else:
+                            picks.append((*have[t], amount))
                 if picks and not still_ours():  # (a pass longer than the lock: another claimer may be in)
                     log.warning("%s: the claim lock expired during a claim pass; leasing nothing more", self.address)
                     break
-                leased_epochs = {r.task_id: r.epoch + 1 for _, r in picks}
+                leased_epochs = {r.task_id: r.epoch + 1 for _, r, _ in picks}
+                reserved = {r.task_id: (r, amount) for _, r, amount in picks if amount is not None}
                 for rec in self._lease_all(picks, worker):
                     if isinstance(rec, TaskRecord):
                         out.append(rec)
                         view.taken(rec.task_id)
                         free -= 1
-                    elif (r := self._peek(rec)) is None:  # refused: cancelled, or taken meanwhile
+                        continue
+                    r = self._peek(rec)
+                    ours = r is not None and r.status == TaskStatus.RUNNING and r.lease is not None
+                    if rec in reserved and not (ours and r.lease.worker == worker.worker_id):
+                        self.release(reserved[rec][0], None)  # (not leased: its reservation goes back)
+                    if r is None:  # refused: cancelled, or taken meanwhile
                         view.queued.discard(rec)
                     elif (
                         r.status == TaskStatus.RUNNING
@@ -475,10 +492,13 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules):
                         free -= r.status == TaskStatus.RUNNING and r.runner == "claude"
         return out
 
-    def _lease_all(self, picks: list[tuple[object, TaskRecord]], worker: WorkerInfo) -> list[TaskRecord | str]:
-        """Lease each picked record to ``worker`` (all at once); the leased records, or the ids refused."""
+    def _lease_all(
+        self, picks: list[tuple[object, TaskRecord, float | None]], worker: WorkerInfo
+    ) -> list[TaskRecord | str]:
+        """Lease each picked record to ``worker`` (all at once, each with what it reserved of the budgets); the
+        leased records, or the ids refused."""
         writes = []
-        for revision, r in picks:
+        for revision, r, amount in picks:
             try:
                 offset = os.stat(self.repo.workspace(r.task_id) / WORKSPACE_FILES["transcript"]).st_size
             except OSError:
@@ -487,7 +507,8 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules):
                           pid=worker.proc.pid, transcript_offset=offset)  # fmt: skip
             check_transition(r.status, TaskStatus.RUNNING)
             new = r.model_copy(update={"status": TaskStatus.RUNNING, "started_at": lease.acquired_at,
-                                       "epoch": lease.epoch, "lease": lease})  # fmt: skip
+                                       "epoch": lease.epoch, "lease": lease, "budget_reserved_usd": amount,
+                                       "blocked_by": None, "blocked_reason": None})  # fmt: skip
             writes.append((new, revision))
         out: list[TaskRecord | str] = []
         for (new, _), landed in zip(writes, self.repo.cas_many(writes) if writes else [], strict=True):
@@ -496,6 +517,8 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules):
                 continue
             self.repo.signal("uncancel", new.task_id)
             self._log_status(new.task_id, entry("status", status="running", worker=worker.worker_id))
+            if new.budget_reserved_usd is not None:
+                self.append_event(new.task_id, "budget_reserved", usd=new.budget_reserved_usd)
             out.append(new)
         return out
 
@@ -569,6 +592,8 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules):
                     self.repo.put_output(t, lease.epoch, "result", None)
                 raise
         self._uploaded.pop(t, None)
+        if new.budget_reserved_usd is not None:  # (its real cost charged, the rest of its reservation returned)
+            self.release(new, new.total_cost_usd if new.total_cost_usd is not None else (new.progress.cost_usd or 0.0))
         self.resolve_waiting()
         self.repo.forget_workspace(t)
         return new

@@ -24,8 +24,7 @@ Layout::
 
 The mtime of ``active/`` is the activity stamp: touched when a task is added, removed or changes status, and on
 every nudge. The active marker is made before a task's folder appears and removed after its record is final, so
-the index may hold a little more than the truth (``unfinished`` repairs what a crash left behind), never less.
-"""
+the index may hold a little more than the truth (``unfinished`` repairs what a crash left behind), never less."""
 
 from __future__ import annotations
 
@@ -38,7 +37,6 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 from filelock import FileLock
@@ -48,7 +46,7 @@ from .checks import ensure_private_dir
 from .errors import CorruptRecordError, InvalidOptionsError, TaskNotFoundError
 from .ids import HOST, TASK_ID_RE, WORKER_ID_RE, atomic_write, validate_task_id, write_all
 from .models import TaskRecord, TaskRequest, WorkerInfo, check_group
-from .repo import INDEXES, SOURCES, WORKSPACE_FILES, Capabilities, Liveness, Versioned
+from .repo import INDEXES, SOURCES, WORKSPACE_FILES, Capabilities, Liveness, Versioned, each, parse_request
 from .states import TaskStatus
 
 log = logging.getLogger("cc_tasks")
@@ -58,16 +56,19 @@ POLL = 0.002
 META_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 
 
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 def _read(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _write(path: Path, data: bytes, flags: int = 0) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
 
 
 class FileRepo:
@@ -76,10 +77,9 @@ class FileRepo:
 
     def __init__(self, root: Path | str, *, lease_seconds: float):
         self.root = ensure_private_dir(Path(root))
-        self.tasks_dir = ensure_private_dir(self.root / "tasks")
-        self.active_dir = ensure_private_dir(self.root / "active")
-        self.waiting_dir = ensure_private_dir(self.root / "waiting")
-        self.workers_dir = ensure_private_dir(self.root / "workers")
+        self.tasks_dir, self.active_dir, self.waiting_dir, self.workers_dir = (
+            ensure_private_dir(self.root / name) for name in ("tasks", "active", "waiting", "workers")
+        )
         self.caps = Capabilities(
             kind="local", remote=False, lost_claims=False, worker_home=self.root, log_dir=self.root,
             lease_seconds=lease_seconds,
@@ -98,26 +98,21 @@ class FileRepo:
     def address(self) -> str:
         return str(self.root)
 
-    # -- paths and locks ------------------------------------------------------------
     def task_dir(self, task_id: str) -> Path:
         return self.tasks_dir / validate_task_id(task_id)
 
     def path(self, task_id: str, name: str) -> Path:
         return self.task_dir(task_id) / name
 
-    def _lock_for(self, path: Path, timeout: float = LOCK_TIMEOUT) -> FileLock:
-        """One FileLock object per lock file and process (making one costs more than using it; its state is
-        per thread, so threads still exclude each other)."""
+    def _locked(self, path: Path, timeout: float = LOCK_TIMEOUT) -> contextlib.AbstractContextManager:
+        """Hold the lock file ``path`` (in a ``with``), polling briskly (filelock's default poll is 50 ms). One
+        FileLock per lock file and process: making one costs more than using it (its state is per thread)."""
         lock = self._locks.get(str(path))
         if lock is None:
             if len(self._locks) > 10_000:
                 self._locks.clear()
             lock = self._locks[str(path)] = FileLock(str(path), timeout=timeout)
-        return lock
-
-    def _locked(self, path: Path, timeout: float = LOCK_TIMEOUT) -> AbstractContextManager:
-        """Hold the lock file ``path`` (in a ``with``), polling briskly (filelock's default poll is 50 ms)."""
-        return self._lock_for(path, timeout).acquire(timeout=timeout, poll_interval=POLL)
+        return lock.acquire(timeout=timeout, poll_interval=POLL)
 
     @contextlib.contextmanager
     def _task_locked(self, task_id: str, name: str) -> Iterator[Path]:
@@ -140,7 +135,6 @@ class FileRepo:
         with contextlib.suppress(OSError):
             os.utime(self.active_dir)
 
-    # -- records --------------------------------------------------------------------
     def create(self, record: TaskRecord, request: TaskRequest) -> None:
         """Write the task's folder completely, then make it appear at once (rename)."""
         task_id = validate_task_id(record.task_id)
@@ -158,21 +152,23 @@ class FileRepo:
         os.mkdir(tmp, 0o700)
         try:  # nothing in tmp is visible before the rename, so plain writes are enough here
             for name, data in files.items():
-                fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    write_all(fd, data)
-                finally:
-                    os.close(fd)
+                _write(tmp / name, data, os.O_EXCL)
             (self.active_dir / task_id).touch(0o600)
             if record.status == TaskStatus.WAITING:
                 (self.waiting_dir / task_id).touch(0o600)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            _unlink(self.active_dir / task_id)
-            _unlink(self.waiting_dir / task_id)
+            self._unindex(task_id)
             raise
         self._touch_activity()
+
+    def _unindex(self, task_id: str, status: TaskStatus | None = None) -> None:
+        """Remove the index markers that ``status`` (None: the task is gone) leaves out."""
+        if status != TaskStatus.WAITING:
+            (self.waiting_dir / task_id).unlink(missing_ok=True)
+        if status is None or status.terminal:
+            (self.active_dir / task_id).unlink(missing_ok=True)
 
     def _parsed(self, task_id: str, data: bytes) -> TaskRecord:
         """The record of these bytes, parsed once per change (the cached record is shared: never changed)."""
@@ -200,40 +196,31 @@ class FileRepo:
         return data, self._parsed(task_id, data)
 
     def get_many(self, ids: list[str]) -> dict[str, Versioned]:
-        out = {}
-        for t in ids:
-            with contextlib.suppress(TaskNotFoundError, CorruptRecordError):
-                out[t] = self.get(t)
-        return out
+        return each(self.get, ids)
 
     def unfinished(self, skip: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, Versioned]]:
-        """The active markers (less those of tasks that do not exist or whose record is final: a crash between
-        a write and its unlink; those markers are removed), and the records of those not in ``skip``. A task
-        whose record is corrupt stays in the ids, without a record."""
+        """The active markers, less those of missing tasks and of final records (a crash between a write and its
+        unlink: such markers are removed), and the records of those not in ``skip`` (a corrupt one: none)."""
         waiting = set(self.ids("waiting"))
         ids: list[str] = []
         records: dict[str, Versioned] = {}
         for t in self.ids("active"):
-            if t in skip:
-                ids.append(t)
-                continue
-            try:
-                rev, r = self.get(t)
-            except TaskNotFoundError:
-                continue
-            except CorruptRecordError:
-                ids.append(t)
-                continue
-            if t in waiting and r.status != TaskStatus.WAITING:
-                _unlink(self.waiting_dir / t)
-            if r.status.terminal:
-                _unlink(self.active_dir / t)
-                continue
+            if t not in skip:
+                try:
+                    rev, r = self.get(t)
+                except TaskNotFoundError:
+                    continue
+                except CorruptRecordError:
+                    pass
+                else:
+                    if r.status.terminal or (t in waiting and r.status != TaskStatus.WAITING):
+                        self._unindex(t, r.status)
+                    if r.status.terminal:
+                        continue
+                    records[t] = (rev, r)
             ids.append(t)
-            records[t] = (rev, r)
         if len(self._cache) > len(ids):  # forget the others (a long-lived claimer would keep every task)
-            keep = set(ids)
-            for t in [t for t in list(self._cache) if t not in keep]:  # (other threads write to it)
+            for t in set(self._cache).difference(ids):  # (other threads write to it)
                 self._cache.pop(t, None)
         return ids, records
 
@@ -252,19 +239,15 @@ class FileRepo:
                 current = _read(d / "record.json")
                 if current is None or current != revision:
                     return None
-                try:
+                old_status = None
+                with contextlib.suppress(CorruptRecordError):
                     old_status = self._parsed(task_id, current).status  # (cached: the caller's get parsed it)
-                except CorruptRecordError:
-                    old_status = None
                 atomic_write(d / "record.json", data, fsync=record.status.terminal)
                 self._cache[task_id] = (data, record.model_copy())
         except (TaskNotFoundError, FileNotFoundError):  # (deleted before or while we wrote)
             return None
         if record.status != old_status:
-            if record.status != TaskStatus.WAITING:
-                _unlink(self.waiting_dir / task_id)
-            if record.status.terminal:
-                _unlink(self.active_dir / task_id)
+            self._unindex(task_id, record.status)
             self._touch_activity()
         return data
 
@@ -282,17 +265,13 @@ class FileRepo:
         data = _read(self.path(task_id, "request.json"))
         if data is None:
             raise TaskNotFoundError(f"task {task_id} has no request.json (deleted, or not a task)")
-        try:
-            return TaskRequest.model_validate_json(data)
-        except ValueError as e:
-            raise CorruptRecordError(f"task {task_id}: its request.json is unreadable ({e})") from None
+        return parse_request(task_id, data, "request.json")
 
     def delete(self, task_id: str) -> None:
         d = self.task_dir(task_id)
         if not d.exists():
             raise TaskNotFoundError(self._not_found(task_id))
-        _unlink(self.active_dir / task_id)
-        _unlink(self.waiting_dir / task_id)
+        self._unindex(task_id)
         self._locks.pop(str(d / "lock"), None)
         self._locks.pop(str(d / "events.lock"), None)
         self._cache.pop(task_id, None)
@@ -303,9 +282,8 @@ class FileRepo:
         remarks = self._meta_path(f"remarks.{task_id}")
         if remarks.exists():
             with self._locked(self._meta_dir() / ".lock"):
-                _unlink(remarks)
+                remarks.unlink(missing_ok=True)
 
-    # -- outputs ----------------------------------------------------------------------
     def workspace(self, task_id: str) -> Path:
         return self.task_dir(task_id)
 
@@ -318,7 +296,7 @@ class FileRepo:
     def put_output(self, task_id: str, epoch: int, source: str, data: bytes | Path | None) -> None:
         target = self._output_file(task_id, epoch, source)
         if data is None:
-            _unlink(target)
+            target.unlink(missing_ok=True)
             return
         if isinstance(data, Path):
             if Path(os.path.abspath(data)) == target:
@@ -328,23 +306,17 @@ class FileRepo:
 
     def read_output(self, task_id: str, epoch: int, source: str, offset: int, limit: int) -> tuple[bytes, int]:
         target = self._output_file(task_id, epoch, source)
-        candidates = [target, target.with_name("result.txt")] if source == "result" else [target]
-        for path in candidates:
-            try:
-                with open(path, "rb") as f:
-                    total = os.fstat(f.fileno()).st_size
-                    f.seek(min(max(offset, 0), total))
-                    return f.read(max(limit, 0)), total
-            except FileNotFoundError:
-                continue
+        for path in [target, target.with_name("result.txt")] if source == "result" else [target]:
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+                total = os.fstat(f.fileno()).st_size
+                f.seek(min(max(offset, 0), total))
+                return f.read(max(limit, 0)), total
         return b"", 0
 
     def forget_workspace(self, task_id: str) -> None:
         """Nothing to do: the workspace is the storage."""
 
-    # -- logs ---------------------------------------------------------------------------
     def _log_files(self, log: str, create: bool = False) -> tuple[Path, Path]:
-        """The log's file and the lock file of its numbered appends."""
         kind, _, name = log.partition(".")
         if kind == "ev":
             return self.path(name, "events.jsonl"), self.path(name, "events.lock")
@@ -361,11 +333,7 @@ class FileRepo:
 
     @staticmethod
     def _append_line(path: Path, entry: dict, sep: bytes = b"") -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            write_all(fd, sep + (json.dumps(entry, default=str) + "\n").encode())
-        finally:
-            os.close(fd)
+        _write(path, sep + (json.dumps(entry, default=str) + "\n").encode(), os.O_APPEND)
 
     def append(self, log: str, entry: dict) -> None:
         path, _ = self._log_files(log, create=True)
@@ -374,11 +342,8 @@ class FileRepo:
 
     def append_numbered(self, log: str, make: Callable[[int], dict]) -> int:
         path, lock = self._log_files(log, create=True)
-        if log.startswith("ev."):
-            held = self._task_locked(log[3:], lock.name)  # (TaskNotFoundError: the task is gone)
-        else:
-            held = self._locked(lock)
-        with held:
+        # (a task's events: TaskNotFoundError if the task is gone)
+        with self._task_locked(log[3:], lock.name) if log.startswith("ev.") else self._locked(lock):
             data = _read(path) or b""
             torn = bool(data) and not data.endswith(b"\n")
             n = data.count(b"\n") + torn
@@ -389,21 +354,16 @@ class FileRepo:
     def read_log(self, log: str, since: int = 0) -> list[tuple[int, dict]]:
         path, _ = self._log_files(log)
         out = []
-        try:
-            with open(path, "rb") as f:
-                for i, line in enumerate(f):
-                    if i < since:
-                        continue
-                    try:
-                        entry = json.loads(line)
-                    except ValueError:
-                        entry = None
-                    out.append((i, entry if isinstance(entry, dict) else {"kind": "unreadable"}))
-        except (FileNotFoundError, NotADirectoryError):
-            pass
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError), open(path, "rb") as f:
+            for i, line in enumerate(f):
+                if i < since:
+                    continue
+                entry = None
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                out.append((i, entry if isinstance(entry, dict) else {"kind": "unreadable"}))
         return out
 
-    # -- workers ---------------------------------------------------------------------------
     def _worker_file(self, worker_id: str) -> Path:
         if not isinstance(worker_id, str) or not WORKER_ID_RE.fullmatch(worker_id):
             raise ValueError(f"invalid worker id {str(worker_id)[:80]!r}")
@@ -415,22 +375,17 @@ class FileRepo:
         self.beat(info.worker_id)
 
     def beat(self, worker_id: str) -> bool:
-        """This host's monotonic clock, written in place into the beat file (no new file; a stepped wall clock
-        or a suspend changes nothing). False if the worker is not registered (its file was removed)."""
+        """Write this host's monotonic clock in place into the beat file; False if the worker is not registered."""
         path = self._worker_file(worker_id)
         if not path.exists():
             return False
-        fd = os.open(path.with_suffix(".beat"), os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            os.pwrite(fd, f"{time.monotonic():20.3f}".encode(), 0)
-        finally:
-            os.close(fd)
+        _write(path.with_suffix(".beat"), f"{time.monotonic():20.3f}".encode())
         return True
 
     def remove_worker(self, worker_id: str) -> None:
         path = self._worker_file(worker_id)
-        _unlink(path)
-        _unlink(path.with_suffix(".beat"))
+        path.unlink(missing_ok=True)
+        path.with_suffix(".beat").unlink(missing_ok=True)
         self._workers.pop(worker_id, None)
 
     def _worker_info(self, worker_id: str) -> WorkerInfo | None:
@@ -447,37 +402,23 @@ class FileRepo:
         return info
 
     def workers(self) -> list[WorkerInfo]:
-        out = []
-        for e in os.scandir(self.workers_dir):
-            wid = e.name.removesuffix(".json")
-            if e.name.endswith(".json") and WORKER_ID_RE.fullmatch(wid) and self.liveness(wid) == Liveness.ALIVE:
-                info = self._worker_info(wid)
-                if info is not None:
-                    out.append(info)
-        return out
-
-    def _beat_age(self, worker_id: str) -> float:
-        """Seconds since the worker's last beat (on this host's monotonic clock); infinite if none."""
-        try:
-            with open(self._worker_file(worker_id).with_suffix(".beat"), "rb") as f:
-                return time.monotonic() - float(f.read(64))
-        except (OSError, ValueError):
-            return float("inf")
+        ids = [e.name.removesuffix(".json") for e in os.scandir(self.workers_dir) if e.name.endswith(".json")]
+        alive = [w for w in ids if WORKER_ID_RE.fullmatch(w) and self.liveness(w) == Liveness.ALIVE]
+        return [info for info in map(self._worker_info, alive) if info is not None]
 
     def liveness(self, worker_id: str) -> Liveness:
         """ALIVE while registered with a fresh beat and its process alive on this host; else GONE (a local
         store is one host's: a worker elsewhere cannot be checked). Never UNKNOWN: there is no outage here."""
         info = self._worker_info(worker_id)
-        alive = (
-            info is not None
-            and info.host == HOST
-            and self._worker_file(worker_id).exists()
-            and self._beat_age(worker_id) <= self.caps.lease_seconds
-            and procs.alive(info.proc)
-        )
+        path = self._worker_file(worker_id)
+        try:  # (the beat: this host's monotonic clock)
+            with open(path.with_suffix(".beat"), "rb") as f:
+                fresh = time.monotonic() - float(f.read(64)) <= self.caps.lease_seconds
+        except (OSError, ValueError):
+            fresh = False
+        alive = info is not None and info.host == HOST and path.exists() and fresh and procs.alive(info.proc)
         return Liveness.ALIVE if alive else Liveness.GONE
 
-    # -- coordination ------------------------------------------------------------------------
     @contextlib.contextmanager
     def claim_lock(self) -> Iterator[Callable[[], bool]]:
         """The queue lock (filelock.Timeout after 60 s). A holder never loses it while it lives."""
@@ -491,7 +432,7 @@ class FileRepo:
             with contextlib.suppress(FileNotFoundError):  # (the task was deleted)
                 self.path(task_id, "cancel").touch(0o600)
         elif kind == "uncancel":
-            _unlink(self.path(task_id, "cancel"))
+            self.path(task_id, "cancel").unlink(missing_ok=True)
             return
         else:
             raise ValueError(f"unknown signal {kind!r} (nudge, cancel or uncancel)")
@@ -511,7 +452,6 @@ class FileRepo:
         st = os.stat(self.active_dir)
         return st.st_mtime_ns, st.st_ino
 
-    # -- meta ----------------------------------------------------------------------------------
     def _meta_dir(self) -> Path:
         return ensure_private_dir(self.root / "meta")
 
@@ -530,7 +470,7 @@ class FileRepo:
             if _read(path) != revision:
                 return False
             if value is None:
-                _unlink(path)
+                path.unlink(missing_ok=True)
             else:
                 atomic_write(path, value)
         return True

@@ -1,8 +1,6 @@
 """The store's own worker, started on demand: where the backend declares a ``worker_home`` (the local store),
 a server or the CLI that has queued work makes sure one worker of this code's version runs there and nudges it
-over its control socket (control.py). Nothing here claims or starts a task: the worker pulls its work.
-
-It reaps only the workers it started (never ``waitpid(-1)``)."""
+over its control socket (control.py). Nothing here claims or starts a task: the worker pulls its work."""
 
 from __future__ import annotations
 
@@ -51,8 +49,7 @@ class WorkerLauncher:
             self._known = None
 
     def nudge(self) -> None:
-        """Have the worker look at the queue now; start one if none of this code's identity listens. Raises
-        WorkerUnavailableError if none could be started (queued tasks stay queued)."""
+        """Have the worker look at the queue now, starting one if needed (WorkerUnavailableError if none could)."""
         if self.worker_known() and control.send(self.socket_path, {"op": "nudge"}):
             return
         self._known = None
@@ -74,17 +71,14 @@ class WorkerLauncher:
 
     def _ensure_locked(self) -> None:
         control.send(self.home / "launcher.sock", {"op": "quit"})  # cc-tasks 0.2's launcher: drain and go
-        try:
-            hello = control.request(self.socket_path, {"op": "hello"})
+        hello = self.worker_hello()
+        if hello is not None:
             if control.same_version(hello):
                 self._remember(hello)
                 if self._known is not None:
                     return
-            control.request(self.socket_path, {"op": "quit"})  # another version of cc-tasks: replace it
-        except (OSError, ValueError):
-            pass
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+            self.stop_worker()  # another version of cc-tasks: replace it
+        self.socket_path.unlink(missing_ok=True)
         self.reap()
         # not part of any task: a server inside a task must not pass the task's id on (see procs.task_orphans)
         env = {k: v for k, v in os.environ.items() if k != "CC_TASKS_TASK_ID"}
@@ -101,44 +95,39 @@ class WorkerLauncher:
         with self._spawned_lock:
             self._spawned.append(p)
         deadline = time.monotonic() + WORKER_START_WAIT
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                break
-            try:
-                hello = control.request(self.socket_path, {"op": "hello"})
+        while time.monotonic() < deadline and p.poll() is None:
+            hello = self.worker_hello()
+            if hello is not None:
                 if control.same_version(hello):
                     self._remember(hello)
                     return
                 break
-            except (OSError, ValueError):
-                time.sleep(0.01)
+            time.sleep(0.01)
         raise WorkerUnavailableError(
             f"the store's worker did not start (exit code {p.poll()}); see {self.home / 'worker.log'}"
         )
 
-    def worker_hello(self) -> dict | None:
+    def _ask(self, op: str) -> dict | None:
         try:
-            return control.request(self.socket_path, {"op": "hello"})
+            return control.request(self.socket_path, {"op": op})
         except (OSError, ValueError):
             return None
 
+    def worker_hello(self) -> dict | None:
+        return self._ask("hello")
+
     def stop_worker(self) -> bool:
         """Ask the worker to take no more work and exit once its tasks have ended. True if one ran."""
-        try:
-            control.request(self.socket_path, {"op": "quit"})
-            return True
-        except (OSError, ValueError):
-            return False
+        return self._ask("quit") is not None
 
     def reap(self, wait: float = 0.0) -> None:
         """Collect workers this process started that have exited (only those: never waitpid(-1))."""
         deadline = time.monotonic() + wait
-        for p in list(self._spawned):
-            if wait > 0:
+        if wait > 0:
+            for p in list(self._spawned):
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(max(0.0, deadline - time.monotonic()))
-        # a SIGCHLD handler may run this in the middle of another call: never wait for the lock, the next call
-        # collects what this one skips
+        # never wait for the lock (a SIGCHLD handler may run this mid-call): the next call collects what this skips
         if self._spawned_lock.acquire(blocking=False):
             try:
                 self._spawned = [p for p in self._spawned if p.poll() is None]

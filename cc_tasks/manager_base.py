@@ -113,6 +113,7 @@ class ManagerBase:
             store_dir=self.store.address,
             max_concurrent=self.store.max_concurrent,
             cap_source=self.store.cap_source(),
+            limiter=self.store.limiter(),
             depth=s.depth,
             max_depth=s.max_depth,
             default_timeout=s.default_timeout,

@@ -356,6 +356,15 @@ class TaskRequest(BaseModel):
         return data
 
 
+class RateLimited(BaseModel):
+    """claude waits to retry an API error (its ``api_retry`` event)."""
+
+    status: int | None = Field(None, description="The API's HTTP status (429 rate limit, 529 overloaded).")
+    retry_in_seconds: float = 0.0
+    attempt: int = 0
+    at: datetime = Field(default_factory=lambda: utcnow())
+
+
 class Progress(BaseModel):
     """Live progress drawn from claude's stream-json output."""
 
@@ -363,9 +372,12 @@ class Progress(BaseModel):
     tool_calls: int = 0
     last_tool: str | None = None
     last_text: str | None = None
-    cost_usd: float | None = None
+    cost_usd: float | None = Field(
+        None, description="Spent so far: the result's figure once it ends, an estimate from per-turn usage before."
+    )
     output_bytes: int = 0
     updated_at: datetime | None = None
+    rate_limited: RateLimited | None = Field(None, description="Set while claude waits to retry an API error.")
 
 
 class MergeInfo(BaseModel):
@@ -488,6 +500,13 @@ class TaskRecord(BaseModel):
     pending_approvals: list[PendingApproval] = Field(
         default_factory=list, description="Permission requests of the running sub-agent waiting for an answer."
     )
+    budget_reserved_usd: float | None = Field(
+        None, description="What its claim reserved of the budgets that apply (claude's --max-budget-usd)."
+    )
+    blocked_by: Literal["budget"] | None = Field(
+        None, description="Why a queued task cannot start: 'budget' (blocked_reason says which, and how to raise it)."
+    )
+    blocked_reason: str | None = None
     approval_rules: list[ApprovalRule] = Field(
         default_factory=list, description="Answers remembered for the rest of the task (answer_approval remember)."
     )
@@ -595,6 +614,7 @@ class TaskBrief(BaseModel):
     result_chars: int = Field(0, description="Length of the whole result; get_task_output pages through it.")
     changes: str | None = Field(None, description="A worktree task's changes in one line (get_task_diff shows them).")
     awaiting_approval: bool = Field(False, description="True while the sub-agent waits for an answer_approval.")
+    blocked_by: str | None = Field(None, description="'budget': it cannot start until a budget is raised.")
     approvals_pending: int = Field(0, description="How many of its requests wait for an answer.")
 
     @classmethod
@@ -613,6 +633,7 @@ class TaskBrief(BaseModel):
             result_chars=r.result_chars,
             changes=change_line(r.changes, r.worktree.merged if r.worktree else None) if r.changes else None,
             awaiting_approval=bool(r.awaiting),
+            blocked_by=r.blocked_by if r.status == TaskStatus.QUEUED else None,
             approvals_pending=len(r.awaiting),
         )
 
@@ -670,6 +691,11 @@ class ApprovalAnswered(BaseModel):
     remembered: ApprovalRule | None = Field(None, description="The rule added for the rest of the task (remember).")
 
 
+class BlockedBrief(BaseModel):
+    task_id: str
+    reason: str
+
+
 class Waited(BaseModel):
     """What ``TaskManager.wait`` saw: the whole records; wait_for_tasks replies with a WaitResult of them."""
 
@@ -679,6 +705,7 @@ class Waited(BaseModel):
     pending: list[str]
     tasks: list[TaskRecord]
     needs_approval: list[ApprovalBrief] = Field(default_factory=list)
+    blocked: list[BlockedBrief] = Field(default_factory=list)
 
 
 class TaskTable(BaseModel):
@@ -769,6 +796,11 @@ class WaitResult(BaseModel):
         description="True when `tasks` lists only the first tasks, to keep the reply bounded: the others are in "
         "finished/pending; check_task_status reads one, wait_for_tasks on fewer ids lists them.",
     )
+    blocked: list[BlockedBrief] = Field(
+        default_factory=list,
+        description="Pending tasks that cannot start until a budget is raised (the wait returns at once when every "
+        "pending task is so): set_budget raises it.",
+    )
     needs_approval: list[ApprovalBrief] = Field(
         default_factory=list,
         description="Sub-agents waiting for an answer (the wait returns as soon as one asks): answer each with "
@@ -791,6 +823,7 @@ class ServerInfo(BaseModel):
     store_dir: str
     max_concurrent: int = Field(description="The global cap: most tasks running at once, across every worker.")
     cap_source: str | None = Field(None, description="Where the cap in force comes from.")
+    limiter: Limiter | None = Field(None, description="The rate-limit-aware cap: effective cap, pauses, last 429/529.")
     depth: int
     max_depth: int
     default_timeout: float
@@ -846,6 +879,38 @@ class Claimed(BaseModel):
     lease_expires_at: datetime | None = None
     attempt: int | None = Field(None, description="1 for the first attempt.")
     metadata: dict[str, Any] | None = None
+
+
+class Budget(BaseModel):
+    """A spending limit shared by every window and machine of a backend: the whole store's, or a group's. Claims
+    reserve from it (``reservations``, by task id); a task's end charges its real cost and returns the rest."""
+
+    budget_usd: float = Field(ge=0, le=1_000_000)
+    spent_usd: float = 0.0
+    reservations: dict[str, float] = Field(default_factory=dict)
+    finished: int = Field(0, description="Tasks charged to it.")
+
+
+class BudgetInfo(BaseModel):
+    group: str | None = Field(None, description="The group, or null: the whole store.")
+    budget_usd: float | None = Field(None, description="The limit; null: none set.")
+    spent_usd: float = Field(0.0, description="What finished tasks it reserved for cost (their total_cost_usd).")
+    reserved_usd: float = Field(0.0, description="What running tasks hold of it.")
+    remaining_usd: float | None = None
+    running: int = Field(0, description="Tasks holding a reservation.")
+    finished: int = Field(0, description="Tasks charged to it.")
+    blocked: int = Field(0, description="Queued tasks waiting for it to be raised.")
+
+
+class Limiter(BaseModel):
+    """The rate-limit-aware cap, shared by every claimer of a backend: a 429/529 halves how many tasks may start
+    and pauses starts for the reported delay; quiet periods raise it again by one."""
+
+    effective_cap: int | None = Field(None, description="How many may run now (null: the cap).")
+    paused_until: datetime | None = None
+    last_status: int | None = None
+    last_at: datetime | None = None
+    changed_at: datetime | None = None
 
 
 class FleetConfig(BaseModel):

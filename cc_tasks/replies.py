@@ -23,6 +23,7 @@ from .models import (
     ApprovalList,
     BatchResult,
     BatchStarted,
+    BudgetInfo,
     Claimed,
     CleanupResult,
     DiffPage,
@@ -282,17 +283,22 @@ WAIT_APPROVALS = 20
 
 def _wait(w: Waited, briefs: list[TaskBrief], preview: int, left_out: int) -> Reply:
     asking = w.needs_approval[:WAIT_APPROVALS]
+    blocked = w.blocked[:WAIT_APPROVALS]
     model = WaitResult(
         done=w.done, timed_out=w.timed_out, finished=w.finished, pending=w.pending, tasks=briefs, more=left_out > 0,
-        needs_approval=asking,
+        needs_approval=asking, blocked=blocked,
     )  # fmt: skip
     counts = Counter(r.status.value for r in w.tasks if r.status.terminal)
     ended = f" ({', '.join(f'{n} {s}' for s, n in counts.most_common())})" if counts else ""
-    state = "done" if w.done else ("a sub-agent asks" if asking else "timed out")
+    state = (
+        "done" if w.done else ("a sub-agent asks" if asking else ("blocked by a budget" if blocked else "timed out"))
+    )
     lines = [f"{state}: {len(w.finished)} of {len(w.tasks)} finished{ended}, {len(w.pending)} pending"]
     for a in asking:
         lines.append(f"needs approval: task {a.task_id} request {a.request_id}: {a.tool_name} {one_line(a.input_preview, 120)}"
                      " -> answer_approval(task_id, request_id, 'allow' | 'deny')")  # fmt: skip
+    for b in blocked:
+        lines.append(f"blocked: task {b.task_id}: {one_line(b.reason, 300)}")
     if len(w.needs_approval) > len(asking):
         lines.append(f"{len(w.needs_approval) - len(asking)} more requests: list_approvals shows them all")
     lines += [brief_line(b, preview) for b in briefs]
@@ -427,7 +433,18 @@ def _(i: ServerInfo) -> str:
         f"cc-tasks {i.version}, pid {i.pid}, {i.backend} store {i.store_dir}: at most {i.max_concurrent} tasks "
         f"at once, depth {i.depth} of at most {i.max_depth}, default timeout {i.default_timeout:g}s"
         f"{'' if i.lease_seconds is None else f', leases {i.lease_seconds:g}s'}; {len(i.workers)} worker(s) running"
+        f"{limiter_line(i.limiter)}"
     )
+
+
+def limiter_line(lim) -> str:
+    """The rate-limit-aware cap in a few words (empty while it holds nothing back)."""
+    if lim is None or lim.effective_cap is None and lim.last_status is None:
+        return ""
+    cap = "the cap" if lim.effective_cap is None else str(lim.effective_cap)
+    last = f"; last API {lim.last_status} at {lim.last_at:%H:%M:%S} UTC" if lim.last_at else ""
+    paused = f"; starts paused until {lim.paused_until:%H:%M:%S} UTC" if lim.paused_until else ""
+    return f"; rate limits: effective cap {cap}{last}{paused}"
 
 
 @text_of.register
@@ -495,6 +512,15 @@ def approvals_reply(p: ApprovalList) -> Reply:
         if reply.size <= REPLY_CHARS or not entries:
             return reply
         entries = entries[: max(0, len(entries) * 3 // 4)]
+
+
+@text_of.register
+def _(b: BudgetInfo) -> str:
+    where = f"group {b.group}" if b.group else "the whole store"
+    if b.budget_usd is None:
+        return f"no budget for {where}" + (f"; {b.blocked} tasks blocked" if b.blocked else "")
+    return (f"budget of {where}: ${b.budget_usd:.2f}; spent ${b.spent_usd:.2f}, reserved ${b.reserved_usd:.2f} by "
+            f"{b.running} running, remaining ${b.remaining_usd:.2f}; {b.finished} finished, {b.blocked} blocked")  # fmt: skip
 
 
 @text_of.register

@@ -31,6 +31,7 @@ from .models import (
     ApprovalList,
     BatchItem,
     BatchResult,
+    BudgetInfo,
     Claimed,
     CleanupResult,
     DiffPage,
@@ -509,6 +510,22 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         """Every sub-agent's permission request waiting for an answer (tool, input), oldest first."""
         return replies.approvals_reply(await mgr.on_loop(mgr.list_approvals, group, cursor))
 
+    async def set_budget(
+        budget_usd: Annotated[
+            float | None, Field(ge=0, le=1_000_000, description="Most dollars in all; null removes the budget.")
+        ],
+        group: Annotated[str | None, Field(description="The group it limits; null: the whole store.")] = None,
+    ) -> BudgetInfo:
+        """Set a spending limit shared by every window and machine: new tasks start only while spent plus reserved
+        stays within it (each running task reserves its max_budget_usd, else $2; claude stops there)."""
+        return await mgr.on_loop(mgr.set_budget, budget_usd, group)
+
+    async def get_budget(
+        group: Annotated[str | None, Field(description="The group; null: the whole store.")] = None,
+    ) -> BudgetInfo:
+        """A budget's limit, what finished tasks spent, what running ones reserve, what remains, task counts."""
+        return await mgr.on_loop(mgr.get_budget, group)
+
     tools = [
         (execute_cc_task, _annotations(False, destructive=True, open_world=True)),
         (start_cc_task_async, _annotations(False, destructive=True, open_world=True)),
@@ -534,6 +551,8 @@ def create_server(manager: TaskManager | None = None) -> FastMCP:
         (get_notes, _annotations(True, idempotent=True)),
         (answer_approval, _annotations(False, idempotent=False)),
         (list_approvals, _annotations(True, idempotent=True)),
+        (set_budget, _annotations(False, idempotent=True)),
+        (get_budget, _annotations(True, idempotent=True)),
     ]
     for fn, ann in tools:
         mcp.tool(edge(fn), annotations=ann, **({"output_schema": _cancel_schema()} if fn is cancel_task else {}))

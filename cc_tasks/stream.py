@@ -12,7 +12,24 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .models import PROGRESS_TEXT_CHARS, Progress, TaskStatus
+from .models import PROGRESS_TEXT_CHARS, Progress, RateLimited, TaskStatus
+
+#: Dollars per million tokens (input, output) by model family, for the live estimate of a running task's cost
+#: (its final figure is claude's own ``total_cost_usd``). Cache writes cost 1.25 x input, cache reads 0.1 x.
+PRICES = {"opus": (15.0, 75.0), "sonnet": (3.0, 15.0), "haiku": (1.0, 5.0)}
+
+
+def turn_cost(model: str | None, usage: dict[str, Any]) -> float:
+    """An estimate of one turn's cost from its ``usage`` (unknown models are priced as sonnet)."""
+    name = (model or "").lower()
+    inp, out = next((p for family, p in PRICES.items() if family in name), PRICES["sonnet"])
+
+    def n(key: str) -> float:
+        v = usage.get(key)
+        return float(v) if isinstance(v, (int, float)) else 0.0
+
+    tokens_in = n("input_tokens") + 1.25 * n("cache_creation_input_tokens") + 0.1 * n("cache_read_input_tokens")
+    return (tokens_in * inp + n("output_tokens") * out) / 1_000_000
 
 
 def split_lines(buf: bytes) -> tuple[list[dict[str, Any]], bytes]:
@@ -36,10 +53,14 @@ def apply_event(progress: Progress, ev: dict[str, Any]) -> list[dict[str, Any]]:
     """Fold ``ev`` into ``progress`` (in place); return notable events for the task's event log."""
     notable: list[dict[str, Any]] = []
     kind = ev.get("type")
+    if kind in ("assistant", "result"):
+        progress.rate_limited = None  # (the API answered)
     if kind == "assistant":
         msg = ev.get("message") or {}
         if ev.get("parent_tool_use_id") is None:
             progress.turns += 1
+        if isinstance(msg.get("usage"), dict):
+            progress.cost_usd = (progress.cost_usd or 0.0) + turn_cost(msg.get("model"), msg["usage"])
         for block in msg.get("content") or []:
             if not isinstance(block, dict):
                 continue
@@ -55,6 +76,14 @@ def apply_event(progress: Progress, ev: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(ev.get("total_cost_usd"), (int, float)):
             progress.cost_usd = float(ev["total_cost_usd"])
         notable.append({"kind": "result", "is_error": ev.get("is_error"), "subtype": ev.get("subtype")})
+    elif kind == "system" and ev.get("subtype") == "api_retry":
+        delay = ev.get("retry_delay_ms")
+        delay = float(delay) / 1000 if isinstance(delay, (int, float)) else 0.0
+        status = ev.get("error_status") if isinstance(ev.get("error_status"), int) else None
+        attempt = ev.get("attempt") if isinstance(ev.get("attempt"), int) else 0
+        progress.rate_limited = RateLimited(status=status, retry_in_seconds=delay, attempt=attempt)
+        notable.append({"kind": "api_retry", "status": status, "retry_in_seconds": delay, "attempt": attempt,
+                        "error": ev.get("error")})  # fmt: skip
     elif kind == "system" and ev.get("subtype") == "init":
         notable.append({"kind": "session", "session_id": ev.get("session_id"), "model": ev.get("model")})
     return notable

@@ -218,6 +218,9 @@ class Supervisor:
             if problem:
                 self._end(TaskStatus.FAILED, error=problem)
                 return
+        if record.budget_reserved_usd is not None:  # (what its claim reserved of the budgets: claude stops there)
+            spend = [x for x in (opts.max_budget_usd, record.budget_reserved_usd) if x]
+            opts = opts.model_copy(update={"max_budget_usd": min(spend)})
         if asks_approval(opts):
             timeout = request_timeout(opts.approval_timeout_seconds, env)
             self.desk = ApprovalDesk(self.backend, self.lease, list(opts.approval_rules or []), timeout)
@@ -263,7 +266,7 @@ class Supervisor:
                     self.backend.event(self.lease, "retry", attempt=n, delay=delay, reason=out.error)
                     self.backend.progress(self.lease, attempts=list(attempts), claude=None)
                     self.claude_ref = None
-                    until = time.monotonic() + delay
+                    until = time.monotonic() + max(delay, self._limiter_pause())  # (a retry waits for the limiter too)
                     while time.monotonic() < until and not self.cancelled():
                         self._sleep(until - time.monotonic())
                     if self.cancelled():
@@ -277,6 +280,14 @@ class Supervisor:
             attempts.append(attempt)
             self.finish(out, attempts, rc)
             return
+
+    def _limiter_pause(self) -> float:
+        """Seconds the fleet's limiter pauses starts for (after a 429/529), 0 if none."""
+        try:
+            until = self.backend.limiter().paused_until
+        except CCTasksError:
+            return 0.0
+        return max(0.0, (until - utcnow()).total_seconds()) if until else 0.0
 
     def run_attempt(
         self, argv: list[str], cwd: str, env: dict, stdin_path: Path, deadline: float, *, attempt: int
@@ -375,6 +386,11 @@ class Supervisor:
                     if now - self._last_text_event < 1.0:
                         continue
                     self._last_text_event = now
+                if note["kind"] == "api_retry" and note.get("status") in (429, 529):  # (the fleet backs off)
+                    try:
+                        self.backend.rate_limited(note["status"], note["retry_in_seconds"] * 1000)
+                    except CCTasksError as e:
+                        log.warning("task %s: the limiter: %s", self.task_id, e)
                 self.backend.event(self.lease, note.pop("kind"), **note)
 
     def flush_progress(self) -> None:

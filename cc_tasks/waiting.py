@@ -12,7 +12,7 @@ import anyio
 
 from .errors import CCTasksError, InvalidOptionsError
 from .ids import validate_task_id
-from .models import ApprovalBrief, TaskOptions, TaskRecord, TaskStatus, Waited
+from .models import ApprovalBrief, BlockedBrief, TaskOptions, TaskRecord, TaskStatus, Waited
 from .stopping import StopMixin
 from .submitting import SubmitMixin
 
@@ -78,14 +78,19 @@ class WaitMixin(SubmitMixin, StopMixin):
             done = len(finished) == len(ids) if mode == "all" else bool(finished)
             now = time.monotonic()
             asking = [ApprovalBrief.of(r, a) for r in records for a in r.awaiting]  # (a sub-agent waits for us)
-            if done or now >= deadline or asking:
+            pending = [r for r in records if not r.status.terminal]
+            blocked = [BlockedBrief(task_id=r.task_id, reason=r.blocked_reason or "a budget is exhausted")
+                       for r in pending if r.status == TaskStatus.QUEUED and r.blocked_by]  # fmt: skip
+            stuck = bool(pending) and len(blocked) == len(pending)  # (nothing can start until a budget is raised)
+            if done or now >= deadline or asking or stuck:
                 return Waited(
                     done=done,
-                    timed_out=not done and not asking,
+                    timed_out=not done and not asking and not stuck,
                     finished=finished,
                     pending=[t for t in ids if t not in finished],
                     tasks=records,
                     needs_approval=asking,
+                    blocked=blocked,
                 )
             if progress is not None and now >= next_progress:
                 next_progress = now + PROGRESS_EVERY

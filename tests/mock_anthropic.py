@@ -24,6 +24,8 @@ so a resumed session runs the new prompt's steps). Steps:
 - ``{"sleep": S, ...}``: wait S seconds before answering the rest of the step.
 - ``{"error_once": 529, "key": "k", ...}``: answer the error the first time this
   key is seen by this mock, then continue with the step's other fields.
+- ``"usage": {"input_tokens": N, "output_tokens": M}`` in any step: the turn's usage (default 12 and 7), so
+  that a turn costs money (claude prices it: 1,000,000 input tokens of a Sonnet model are $3).
 
 A prompt without a directive gets ``mock reply: <prompt>``. Requests are logged
 as JSON lines to ``$MOCK_ANTHROPIC_LOG`` when set.
@@ -151,6 +153,7 @@ def plan_reply(body: dict, state: MockState) -> tuple[int, dict | None, list[dic
     # A resumed session carries earlier turns: count the steps from the message that holds the directive.
     idx = sum(1 for m in messages[at:] if m.get("role") == "assistant")
     step = dict(steps[min(idx, len(steps) - 1)])
+    _turn.usage = step.get("usage") if isinstance(step.get("usage"), dict) else None
     if "sleep" in step:
         time.sleep(float(step["sleep"]))
     if "error_once" in step and state.once(str(step.get("key", "default"))):
@@ -219,6 +222,14 @@ def plan_reply(body: dict, state: MockState) -> tuple[int, dict | None, list[dic
     return 200, None, [{"type": "text", "text": text}]
 
 
+#: The usage of the turn being answered (set by plan_reply from the step's "usage"; per thread).
+_turn = threading.local()
+
+
+def turn_usage() -> dict:
+    return {"input_tokens": 12, "output_tokens": 7, **(getattr(_turn, "usage", None) or {})}
+
+
 def sse_events(model: str, blocks: list[dict]) -> list[tuple[str, dict]]:
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
     ev: list[tuple[str, dict]] = [
@@ -235,7 +246,7 @@ def sse_events(model: str, blocks: list[dict]) -> list[tuple[str, dict]]:
                     "stop_reason": None,
                     "stop_sequence": None,
                     "usage": {
-                        "input_tokens": 12,
+                        "input_tokens": turn_usage()["input_tokens"],
                         "output_tokens": 1,
                         "cache_creation_input_tokens": 0,
                         "cache_read_input_tokens": 0,
@@ -295,7 +306,7 @@ def sse_events(model: str, blocks: list[dict]) -> list[tuple[str, dict]]:
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": stop, "stop_sequence": None},
-                "usage": {"output_tokens": 7},
+                "usage": {"output_tokens": turn_usage()["output_tokens"]},
             },
         )
     )
@@ -352,7 +363,7 @@ def make_handler(state: MockState):
                         "content": blocks,
                         "stop_reason": stop,
                         "stop_sequence": None,
-                        "usage": {"input_tokens": 12, "output_tokens": 7},
+                        "usage": turn_usage(),
                     },
                 )
             self.send_response(200)

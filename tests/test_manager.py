@@ -69,7 +69,10 @@ async def test_completes_with_result_prompt_on_stdin_and_env(fake_manager, workd
     assert r.session_id and r.started_at and r.finished_at and r.cwd == str(workdir)
     seen = json.loads((workdir / "argv.json").read_text())
     assert seen["prompt"] == prompt  # the prompt arrives on stdin, untouched, though it starts with -p
-    assert seen["argv"][1:] == ["-p", "--output-format=stream-json", "--verbose"]
+    assert seen["argv"][1:4] == ["-p", "--output-format=stream-json", "--verbose"]
+    # (and the approval server, approvals "ask" by default: tests/test_approvals.py)
+    assert seen["argv"][4].startswith("--mcp-config=") and "cc-tasks-approvals" in seen["argv"][4]
+    assert seen["argv"][5:] == ["--permission-prompt-tool=mcp__cc-tasks-approvals__approve"]
     assert seen["env"] == {
         "CC_TASKS_DEPTH": "1",
         "CLAUDECODE": None,

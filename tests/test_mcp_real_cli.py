@@ -287,5 +287,6 @@ def test_sub_agents_that_may_not_nest_do_not_start_cc_tasks(manager, workdir, re
         init = next(e for e in map(json.loads, page.text.splitlines()) if e.get("subtype") == "init")
         return [(s["name"], s["status"]) for s in init.get("mcp_servers", [])]
 
-    assert servers("1") == []  # depth 1 of at most 1: not started
-    assert servers("2") == [("cc-tasks", "connected")]
+    approvals = ("cc-tasks-approvals", "connected")  # (the task's own approval server: never denied)
+    assert servers("1") == [approvals]  # depth 1 of at most 1: cc-tasks not started
+    assert sorted(servers("2")) == [("cc-tasks", "connected"), approvals]
