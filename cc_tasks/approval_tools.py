@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import InvalidOptionsError
 from .ids import validate_task_id
 from .models import APPROVAL_INPUT_CHARS, ApprovalAnswered, ApprovalEntry, ApprovalList
 from .records import RecordsMixin
@@ -32,9 +33,13 @@ class ApprovalMixin(RecordsMixin):
         self, group: str | None = None, cursor: str | None = None, limit: int = APPROVALS_PAGE
     ) -> ApprovalList:
         pending = self.store.approvals(group)
-        if cursor:
-            at = next((i for i, (_, a) in enumerate(pending) if a.request_id == cursor), None)
-            pending = pending[at + 1 :] if at is not None else pending
+        if cursor:  # (the requests after that one, whether it is still pending or not)
+            when, _, rid = cursor.partition("_")
+            try:
+                at = float(when)
+            except ValueError:
+                raise InvalidOptionsError(f"cursor {cursor[:80]!r} is not a next_cursor list_approvals gave") from None
+            pending = [(r, a) for r, a in pending if (round(a.asked_at.timestamp(), 6), a.request_id) > (at, rid)]
         page = pending[: max(1, min(limit, APPROVALS_PAGE))]
         entries = []
         for r, a in page:
@@ -42,6 +47,4 @@ class ApprovalMixin(RecordsMixin):
             cut = a.input_truncated or len(e.input_preview) < len(str(a.input))
             entries.append(e.model_copy(update={"name": r.name, "group": r.group, "input_truncated": cut}))
         more = len(pending) > len(page)
-        return ApprovalList(
-            approvals=entries, more=more, next_cursor=entries[-1].request_id if more and entries else None
-        )
+        return ApprovalList(approvals=entries, more=more, next_cursor=entries[-1].cursor if more and entries else None)

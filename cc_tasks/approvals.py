@@ -143,8 +143,18 @@ class ApprovalRules:
                                     remember=remember)  # fmt: skip
             rules = r.approval_rules
             if remember:
-                tool_input = req.input if isinstance(req.input, dict) else {}
-                added.append(rule_for(req.tool_name, tool_input, decision))
+                if req.input_truncated or not isinstance(req.input, dict):
+                    raise ApprovalError(
+                        f"request {request_id} of task {task_id}: its input was too long to keep whole, so it cannot "
+                        "be remembered as a rule (that would cover every call of the tool): answer without remember"
+                    )
+                try:
+                    added.append(rule_for(req.tool_name, req.input, decision))
+                except ValueError:
+                    raise ApprovalError(
+                        f"request {request_id} of task {task_id}: {req.tool_name!r} with that input cannot be written "
+                        "as an approval rule: answer without remember"
+                    ) from None
                 rules = [*added, *rules][:100]
             pending = [a.model_copy(update={"answer": answer}) if a is req else a for a in r.pending_approvals]
             return r.model_copy(update={"pending_approvals": pending, "approval_rules": rules})

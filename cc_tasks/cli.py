@@ -596,6 +596,106 @@ def notes(ctx, group, text, key, by, since, as_json):
             break
 
 
+# -- sub-agents that ask: their permission requests, answered from a shell ------------------------------------
+
+
+def _cli_answerer() -> str:
+    """Who answers from here (the record and the approval_answered event name them)."""
+    import getpass
+
+    from .ids import HOST
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # (no name for this uid)
+        user = f"uid {os.getuid()}"
+    return f"cli {user}@{HOST}"
+
+
+def _until(when) -> str:
+    from .models import utcnow
+
+    left = (when - utcnow()).total_seconds()
+    return f"{when:%H:%M:%S} UTC " + (f"(in {_elapsed(left)})" if left > 0 else "(expired)")
+
+
+@main_group.command()
+@click.option("--group", help="Only the requests of this group's tasks.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every pending request).")
+@click.pass_context
+def approvals(ctx, group, as_json):
+    """List sub-agents' permission requests waiting for an answer, oldest first (answer: approve, deny)."""
+    from .models import ApprovalList
+
+    mgr = _manager(ctx)
+    entries, seen, cursor = [], set(), None
+    while True:  # every page (a request answered meanwhile may repeat one: each is listed once)
+        page = mgr.list_approvals(group, cursor)
+        new = [a for a in page.approvals if (a.task_id, a.request_id) not in seen]
+        seen.update((a.task_id, a.request_id) for a in new)
+        entries += new
+        if not page.more or not page.next_cursor or not new:
+            break
+        cursor = page.next_cursor
+    if as_json:
+        click.echo(ApprovalList(approvals=entries).model_dump_json(indent=2))
+        return
+    if not entries:
+        console.print("[dim]no pending approval requests[/]")
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("task", "name", "request", "tool", "input", "expires"):
+        table.add_column(col, no_wrap=col in ("task", "request", "tool"))
+    for a in entries:
+        preview = " ".join(a.input_preview.split())
+        preview = preview[:100] + "…" if len(preview) > 100 or a.input_truncated else preview
+        table.add_row(a.task_id, escape(a.name or ""), a.request_id, escape(a.tool_name), escape(preview),
+                      _until(a.expires_at))  # fmt: skip
+    console.print(table)
+    console.print("[dim]answer: cc-tasks approve TASK_ID REQUEST_ID, or cc-tasks deny TASK_ID REQUEST_ID -m WHY[/]")
+
+
+def _answer(ctx, task_id: str, request_id: str, decision: str, message: str | None, remember: bool) -> None:
+    from .errors import ApprovalError
+
+    try:
+        a = _manager(ctx).answer_approval(task_id, request_id, decision, message, None, remember, _cli_answerer())
+    except ApprovalError as e:  # unknown, already answered, expired: the answer was refused
+        err_console.print(f"[red]error:[/] {escape(str(e))}")
+        sys.exit(1)
+    shown = "[green]allowed[/]" if a.decision == "allow" else "[red]denied[/]"
+    kept = f"; remembered for the rest of the task: {escape(a.remembered.tool)}" if a.remembered else ""
+    console.print(f"{a.request_id} of {a.task_id} {shown} (by {escape(a.by)}){kept}")
+
+
+_REMEMBER = click.option(
+    "--remember", is_flag=True, help="Answer the same call (that command, file or tool) so for the rest of the task."
+)
+
+
+@main_group.command()
+@click.argument("task_id")
+@click.argument("request_id")
+@_REMEMBER
+@click.pass_context
+def approve(ctx, task_id, request_id, remember):
+    """Allow a sub-agent's pending tool call (cc-tasks approvals lists them); exit 1 if the answer is refused."""
+    _answer(ctx, task_id, request_id, "allow", None, remember)
+
+
+@main_group.command()
+@click.argument("task_id")
+@click.argument("request_id")
+@click.option("-m", "--message", help="What the sub-agent is told: why, and what to do instead.")
+@_REMEMBER
+@click.pass_context
+def deny(ctx, task_id, request_id, message, remember):
+    """Refuse a sub-agent's pending tool call (it goes on without it); exit 1 if the answer is refused."""
+    if message is not None and len(message) > 2000:
+        raise click.BadParameter(f"{len(message)} characters; at most 2000", param_hint="--message")
+    _answer(ctx, task_id, request_id, "deny", message, remember)
+
+
 @main_group.command()
 @click.argument("task_id", required=False)
 @click.option(

@@ -16,7 +16,9 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from .errors import CCTasksError, ConfigError, TaskNotFoundError
+from . import replies
+from .errors import ApprovalError, CCTasksError, ConfigError, TaskNotFoundError
+from .ids import HOST
 from .manager import TaskManager
 from .models import TaskTable
 from .server import create_server
@@ -24,6 +26,8 @@ from .server import create_server
 log = logging.getLogger("cc_tasks")
 COOKIE = "cc_tasks_token"
 PUBLIC_PATHS = frozenset({"/health"})
+#: Most bytes of a dashboard's POST body (an answer: ids, a decision, a message of at most 2,000 characters).
+MAX_BODY = 64 * 1024
 
 
 def is_loopback(host: str) -> bool:
@@ -174,7 +178,77 @@ def create_http_app(manager: TaskManager, token: str | None, path: str = "/mcp")
         record = await anyio.to_thread.run_sync(manager.cancel, task_id)
         return JSONResponse({"task_id": task_id, "status": record.status.value})
 
+    @mcp.custom_route("/api/approvals", methods=["GET"])
+    async def api_approvals(request: Request) -> Response:
+        """The pending permission requests (of ``?group=``), oldest first: list_approvals' bounded page."""
+        group = request.query_params.get("group") or None
+        cursor = request.query_params.get("cursor") or None
+        if len(group or "") > 200 or len(cursor or "") > 200:
+            return JSONResponse({"error": "group and cursor take at most 200 characters"}, status_code=400)
+        try:
+            page = await anyio.to_thread.run_sync(manager.list_approvals, group, cursor)
+        except CCTasksError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        return JSONResponse(replies.approvals_reply(page).data)
+
+    @mcp.custom_route("/api/approvals/answer", methods=["POST"])
+    async def api_answer_approval(request: Request) -> Response:
+        """Answer one: JSON ``{task_id, request_id, decision: "allow"|"deny", message?, remember?}``; 409 when
+        the answer is refused (unknown, already answered, expired), 404 for an unknown task, 400 for bad input."""
+        if request.headers.get("x-cc-tasks") != "1":  # not sendable cross-site without a preflight
+            return JSONResponse({"error": "missing X-CC-Tasks header"}, status_code=400)
+        body = await _read_body(request)
+        try:
+            answer = json.loads(body) if body is not None else None
+        except ValueError:
+            answer = None
+        problem = _answer_problem(answer)
+        if problem:
+            return JSONResponse({"error": problem}, status_code=400)
+        by = "dashboard" + (f" of {request.client.host}" if request.client else "") + f" on {HOST}"
+        call = functools.partial(manager.answer_approval, answer["task_id"], answer["request_id"], answer["decision"],
+                                 answer.get("message") or None, None, bool(answer.get("remember")), by)  # fmt: skip
+        try:
+            done = await anyio.to_thread.run_sync(call)
+        except ApprovalError as e:
+            return JSONResponse({"error": str(e)}, status_code=409)
+        except TaskNotFoundError as e:
+            return JSONResponse({"error": str(e)}, status_code=404)
+        except CCTasksError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        return JSONResponse(json.loads(done.model_dump_json()))
+
     return TokenAuth(mcp.http_app(path=path), token)  # outermost: nothing is reachable around it
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The request's body, or None past MAX_BODY bytes (read no further)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            return None
+    return body
+
+
+def _answer_problem(answer) -> str | None:
+    """What is wrong with an answer's JSON (None: nothing)."""
+    if not isinstance(answer, dict):
+        return f"send a JSON object (at most {MAX_BODY} bytes): {{task_id, request_id, decision, message?}}"
+    unknown = sorted(set(answer) - {"task_id", "request_id", "decision", "message", "remember"})
+    if unknown:
+        return f"unknown field(s): {', '.join(k[:40] for k in unknown[:5])}"
+    for key in ("task_id", "request_id"):
+        if not isinstance(answer.get(key), str) or not 0 < len(answer[key]) <= 100:
+            return f"{key} must be a string of 1 to 100 characters"
+    if answer.get("decision") not in ("allow", "deny"):
+        return "decision must be 'allow' or 'deny'"
+    message = answer.get("message")
+    if message is not None and (not isinstance(message, str) or len(message) > 2000):
+        return "message must be a string of at most 2000 characters"
+    if not isinstance(answer.get("remember", False), bool):
+        return "remember must be true or false"
+    return None
 
 
 def run_http(manager: TaskManager, host: str, port: int, path: str, token: str | None) -> None:

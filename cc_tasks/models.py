@@ -676,6 +676,11 @@ class ApprovalEntry(ApprovalBrief):
     group: str | None = None
     input_truncated: bool = Field(False, description="True when input_preview is not the whole input.")
 
+    @property
+    def cursor(self) -> str:
+        """Where a page that ends here goes on (requests sort by when they were asked, then id)."""
+        return f"{self.asked_at.timestamp():.6f}_{self.request_id}"  # (safe in a URL as it is)
+
 
 class ApprovalList(BaseModel):
     approvals: list[ApprovalEntry] = Field(description="Pending requests, oldest first.")

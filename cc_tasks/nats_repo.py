@@ -1,26 +1,19 @@
-"""The NATS JetStream repo: tasks shared by servers and workers on several machines (``repo.Repo``, I/O only;
-every task rule is engine.TaskEngine's).
-
-Everything lives in JetStream under a namespace taken from the URL (``nats://host:4222/NAME`` or
-``nats://host:4222?ns=NAME``; default ``cc_tasks``), so several deployments (and tests) share a server:
+"""The NATS JetStream repo (``repo.Repo``): tasks shared by servers and workers on several machines, in a namespace
+from the URL (``nats://host:4222/NAME`` or ``?ns=NAME``; default ``cc_tasks``):
 
     KV   <NS>_TASKS     <task_id> -> the TaskRecord (JSON); every write is a compare-and-set on the key's revision.
     KV   <NS>_REQ       <task_id> -> the TaskRequest (a large one goes to the object store, ``<id>.request``).
-    KV   <NS>_IDX       a.<task_id> -> status of an unfinished task; w.<task_id>: waiting for dependencies (kept
-                        from the status of each record written); n.<task_id>: older versions' queue notes.
-    KV   <NS>_WORKERS   <worker_id> -> WorkerInfo; the bucket's TTL is the lease: a worker is alive while its
-                        key exists (its heartbeat re-puts it; the server removes it lease_seconds after the last
-                        one, by the server's clock).
+    KV   <NS>_IDX       a.<task_id> -> status of an unfinished task; w.<task_id>: waiting for dependencies (both
+                        kept from each record written); n.<task_id>: older versions' queue notes.
+    KV   <NS>_WORKERS   <worker_id> -> WorkerInfo; the bucket's TTL is the lease: a worker is alive while its key
+                        exists (its heartbeat re-puts it; the server removes it lease_seconds after the last one).
     KV   <NS>_LOCK      ``queue``: the claim lock (create-if-absent; the bucket's 30 s TTL frees a dead holder's).
     KV   <NS>_META      small keyed values: ``config``, ``remarks.<task_id>``...
-    OBJ  <NS>_OUT       <task_id>.<epoch>.<source>: result, transcript, stderr, prompt of each claim (epoch), so
-                        a superseded worker's late upload is never the one read.
+    OBJ  <NS>_OUT       <task_id>.<epoch>.<source>: result, transcript, stderr, prompt of each claim (epoch): a
+                        superseded worker's late upload is never the one read.
     STREAM <NS>_EV      subject <ns>.ev.<task_id>: the task's events (position = order on the subject).
     STREAM <NS>_NOTES   subject <ns>.notes.<hex group>: group notes (appended by compare-and-set on the subject).
     core   <ns>.nudge (workers look at the queue now), <ns>.cancel.<task_id> (a running task's worker stops it).
-
-The connection, its event loop (and the retries), the KV, object and stream primitives, the claim lock and the
-records watcher are nats_store.JetStreamClient's, this class's base.
 """
 
 from __future__ import annotations
@@ -28,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
+import math
 import os
 import re
 import secrets
@@ -44,62 +37,32 @@ from .checks import ensure_private_dir
 from .errors import BackendUnreachableError, CorruptRecordError, InvalidOptionsError, TaskNotFoundError
 from .ids import validate_task_id
 from .models import TaskRecord, TaskRequest, WorkerInfo, check_group
-from .nats_conn import NatsSettings, retrying
-from .nats_store import RETRY_FOR, WRONG_LAST, JetStreamClient, _retrying
-from .repo import INDEXES, SOURCES, Capabilities, Liveness, Versioned
+from .nats_conn import retrying
+from .nats_store import RETRY_FOR, WRONG_LAST, JetStreamClient, _retrying, blocking, log
+from .repo import INDEXES, SOURCES, Liveness, Versioned, parse_request
 from .states import TaskStatus
 
-log = logging.getLogger("cc_tasks")
-#: A request larger than this goes to the object store (the KV value limit is the server's max_payload).
-REQ_INLINE_MAX = 512 << 10
+REQ_INLINE_MAX = 512 << 10  # (larger requests go to the object store: a KV value is at most max_payload)
 CANCEL_POLL = 0.5
-#: How long one cancel check rides out a failing server before the last answer stands (a supervisor polls it).
-CANCEL_RETRY = 2.0
-#: A file up to this size is uploaded from memory (larger ones are streamed from the file).
+CANCEL_RETRY = 2.0  # (how long one cancel check rides out a failing server before the last answer stands)
 SMALL_UPLOAD = 1 << 20
-#: How long ``unfinished`` waits for the records watcher to catch up before it reads the records instead.
-RECS_WAIT = 0.25
-#: A meta key (a KV key: no empty token between dots).
+RECS_WAIT = 0.25  # (how long ``unfinished`` waits for the records watcher to catch up before reading them)
 META_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*")
 
 
 class NatsRepo(JetStreamClient):
-    """The NATS repo (see the module docstring). ``url``: ``nats://[user:pass@]host:port[/NS][?ns=NS&replicas=N]``."""
-
-    def __init__(
-        self, url: str, *, lease_seconds: float, settings: NatsSettings | None = None, **files: str | None
-    ) -> None:
-        """``files``: creds, nkey, tls_ca, tls_cert, tls_key (the ``--nats-*`` flags; the environment's
-        CC_TASKS_NATS_* otherwise); ``settings`` instead of the URL's and the files' (nats_conn). ``lease_seconds``:
-        the workers bucket's TTL if this object creates it (its first opener's stands)."""
-        super().__init__(url, lease_seconds=lease_seconds, settings=settings, **files)  # (connects)
-        self._cancels: set[str] = set()
-        self._cancel_checked: dict[str, tuple[float, bool]] = {}
-        self._cancel_sub = None
-        self._nudge_sub = None
-        self._handlers: list[Callable[[], None]] = []
-        self._parsed: dict[str, tuple[int, TaskRecord]] = {}
-        self._recs_starting = False  # (activity started the watcher in the background: see there)
-        self.caps = Capabilities(
-            kind="nats", remote=True, lost_claims=True, worker_home=None, log_dir=None, lease_seconds=self.lease_seconds
-        )
-
     def __repr__(self) -> str:
         return f"NatsRepo({self.address!r})"
 
     def usable(self) -> bool:
         return True
 
-    # -- records -----------------------------------------------------------------------
     def _parse(self, task_id: str, data: bytes) -> TaskRecord:
         try:
             return TaskRecord.model_validate_json(data)
         except ValueError as e:
-            first = str(e).strip().splitlines()
-            raise CorruptRecordError(
-                f"task {task_id}: its record is unreadable ({first[0] if first else 'invalid'}); "
-                "cleanup_task deletes the task"
-            ) from None
+            why = f"its record is unreadable ({(str(e).strip().splitlines() or ['invalid'])[0]})"
+            raise CorruptRecordError(f"task {task_id}: {why}; cleanup_task deletes the task") from None
 
     async def _get(self, task_id: str) -> Versioned:
         e = await self._kv_get(self.kv_tasks, validate_task_id(task_id))
@@ -110,129 +73,102 @@ class NatsRepo(JetStreamClient):
         r = self._parse(task_id, e.value)
         return (e.revision, r.status.value), r
 
-    def get(self, task_id: str) -> Versioned:
-        return self._run(self._get(task_id))
+    get = blocking(_get)
 
-    def get_many(self, ids: list[str]) -> dict[str, Versioned]:
+    @blocking
+    async def get_many(self, ids: list[str]) -> dict[str, Versioned]:
         async def one(t: str) -> Versioned | None:
-            try:
+            with contextlib.suppress(TaskNotFoundError, CorruptRecordError):
                 return await self._get(t)
-            except (TaskNotFoundError, CorruptRecordError):
-                return None
 
-        async def go():
-            got = await asyncio.gather(*(one(t) for t in ids))
-            return {t: v for t, v in zip(ids, got) if v is not None}
-
-        return self._run(go())
+        got = await asyncio.gather(*(one(t) for t in ids))
+        return {t: v for t, v in zip(ids, got) if v is not None}
 
     async def _index(self, task_id: str, old: str | None, new: TaskStatus, strict: bool = False) -> None:
         """Keep the index true to a record's status (``old``: the one it replaced; None: a new task)."""
-        writes = []
-        if old == TaskStatus.WAITING.value and new != TaskStatus.WAITING:
-            writes.append(self._kv_delete(self.kv_idx, f"w.{task_id}"))
-        if new == TaskStatus.WAITING and old != new.value:
-            writes.append(self._kv_put(self.kv_idx, f"w.{task_id}", b""))
-        if new.terminal:
-            writes.append(self._kv_delete(self.kv_idx, f"a.{task_id}"))
-        else:
-            writes.append(self._kv_put(self.kv_idx, f"a.{task_id}", new.value.encode()))
+        idx, w, a, waiting = self.kv_idx, f"w.{task_id}", f"a.{task_id}", TaskStatus.WAITING
+        writes = [self._kv_delete(idx, w)] if old == waiting.value and new != waiting else []
+        if new == waiting and old != new.value:
+            writes.append(self._kv_put(idx, w, b""))
+        writes.append(self._kv_delete(idx, a) if new.terminal else self._kv_put(idx, a, new.value.encode()))
         for failed in await asyncio.gather(*writes, return_exceptions=True):
-            if isinstance(failed, BaseException):
-                if strict or not isinstance(failed, Exception):
-                    raise failed
-                # (the record is written: its index entry is best effort, never a reason to report it failed)
+            if isinstance(failed, Exception) and not strict:  # (best effort: the record is written)
                 log.warning("task %s: %s: index write failed: %s", task_id, new.value, failed)
+            elif isinstance(failed, BaseException):
+                raise failed
 
     async def _cas_record(self, record: TaskRecord, revision: object) -> object | None:
         rev, status = revision
         t = validate_task_id(record.task_id)
-        new = await self._cas(self.kv_tasks, t, record.model_dump_json().encode(), rev)
-        if new is None:
+        if (new := await self._cas(self.kv_tasks, t, record.model_dump_json().encode(), rev)) is None:
             return None
         if record.status.value != status:
             await self._index(t, status, record.status)
         return new, record.status.value
 
-    def cas(self, task_id: str, record: TaskRecord, revision: object) -> object | None:
+    @blocking
+    async def cas(self, task_id: str, record: TaskRecord, revision: object) -> object | None:
         if record.task_id != task_id:
             raise ValueError(f"record of task {record.task_id} written as task {task_id}")
-        return self._run(self._cas_record(record, revision))
+        return await self._cas_record(record, revision)
 
-    def cas_many(self, writes: list[tuple[TaskRecord, object]]) -> list[object | None]:
-        """Each write on its own; one that failed (an error, not a conflict) is logged and reads as None."""
+    @blocking
+    async def cas_many(self, writes: list[tuple[TaskRecord, object]]) -> list[object | None]:
+        done = await asyncio.gather(*(self._cas_record(r, rev) for r, rev in writes), return_exceptions=True)
+        for (r, _), d in zip(writes, done, strict=True):
+            if isinstance(d, Exception):
+                log.warning("task %s: write failed: %s", r.task_id, d)
+            elif isinstance(d, BaseException):
+                raise d
+        return [None if isinstance(d, Exception) else d for d in done]
 
-        async def go():
-            done = await asyncio.gather(*(self._cas_record(r, rev) for r, rev in writes), return_exceptions=True)
-            for (r, _), d in zip(writes, done, strict=True):
-                if isinstance(d, BaseException) and not isinstance(d, Exception):
-                    raise d
-                if isinstance(d, Exception):
-                    log.warning("task %s: write failed: %s", r.task_id, d)
-            return [None if isinstance(d, Exception) else d for d in done]
-
-        return self._run(go())
-
-    def create(self, record: TaskRecord, request: TaskRequest) -> None:
+    @blocking
+    async def create(self, record: TaskRecord, request: TaskRequest) -> None:
         """The request, the agent's prompt and the index first, the record last: the task appears with it."""
+        t = validate_task_id(record.task_id)
+        data = request.model_dump_json().encode("utf-8", "surrogatepass")
+        if len(data) > REQ_INLINE_MAX:
+            await self._obj_put(f"{t}.request", data)
+            data = b"@object"
+        await self._kv_put(self.kv_req, t, data)
+        if record.runner == "agent":
+            await self._obj_put(f"{t}.0.prompt", request.options.prompt.encode("utf-8", "surrogatepass"))
+        await self._index(t, None, record.status, strict=True)
+        if await self._cas(self.kv_tasks, t, record.model_dump_json().encode(), None) is None:
+            raise ValueError(f"task {t} exists already")
 
-        async def go():
-            t = validate_task_id(record.task_id)
-            data = request.model_dump_json().encode("utf-8", "surrogatepass")
-            if len(data) > REQ_INLINE_MAX:
-                await self._obj_put(f"{t}.request", data)
-                data = b"@object"
-            await self._kv_put(self.kv_req, t, data)
-            if record.runner == "agent":
-                await self._obj_put(f"{t}.0.prompt", request.options.prompt.encode("utf-8", "surrogatepass"))
-            await self._index(t, None, record.status, strict=True)
-            if await self._cas(self.kv_tasks, t, record.model_dump_json().encode(), None) is None:
-                raise ValueError(f"task {t} exists already")
+    @blocking
+    async def request(self, task_id: str) -> TaskRequest:
+        e = await self._kv_get(self.kv_req, validate_task_id(task_id))
+        if e is None:
+            raise TaskNotFoundError(f"task {task_id} has no request (deleted, or not a task)")
+        data = e.value if e.value != b"@object" else await self._obj_get(f"{task_id}.request")
+        if data is None:
+            raise TaskNotFoundError(f"task {task_id}: its request is gone from the object store")
+        return parse_request(task_id, data, "in the REQ bucket")
 
-        self._run(go())
-
-    def request(self, task_id: str) -> TaskRequest:
-        async def go():
-            e = await self._kv_get(self.kv_req, validate_task_id(task_id))
-            if e is None:
-                raise TaskNotFoundError(f"task {task_id} has no request (deleted, or not a task)")
-            data = e.value if e.value != b"@object" else await self._obj_get(f"{task_id}.request")
-            if data is None:
-                raise TaskNotFoundError(f"task {task_id}: its request is gone from the object store")
-            try:
-                return TaskRequest.model_validate_json(data)
-            except ValueError as err:
-                raise CorruptRecordError(f"task {task_id}: its request is unreadable ({err})") from None
-
-        return self._run(go())
-
-    def delete(self, task_id: str) -> None:
-        async def go():
-            t = validate_task_id(task_id)
-            e = await self._kv_get(self.kv_tasks, t)
-            if e is None:
-                raise TaskNotFoundError(f"no task {t} in this backend ({self.address})")
-            try:
-                epoch = self._parse(t, e.value).epoch
-            except CorruptRecordError:
-                epoch = 20
-            await self._kv_delete(self.kv_tasks, t)
-            for key in (f"a.{t}", f"w.{t}", f"n.{t}"):
-                await self._kv_delete(self.kv_idx, key)
-            req = await self._kv_get(self.kv_req, t)
-            if req is not None and req.value == b"@object":
-                await self._obj_delete(f"{t}.request")
-            await self._kv_delete(self.kv_req, t)
-            await self._kv_delete(self.kv_meta, f"remarks.{t}")
-            names = [f"{t}.{n}.{s}" for n in range(epoch + 1) for s in SOURCES]
-            await asyncio.gather(*(self._obj_delete(n) for n in names))
-            subject = f"{self.ns}.ev.{t}"
-            await _retrying(lambda: self.js.purge_stream(self.ev_stream, subject=subject), "purge")
-            self._log_seqs.pop(subject, None)
-            self._cancels.discard(t)
-            self._cancel_checked.pop(t, None)
-
-        self._run(go())
+    @blocking
+    async def delete(self, task_id: str) -> None:
+        t = validate_task_id(task_id)
+        e = await self._kv_get(self.kv_tasks, t)
+        if e is None:
+            raise TaskNotFoundError(f"no task {t} in this backend ({self.address})")
+        epoch = 20
+        with contextlib.suppress(CorruptRecordError):
+            epoch = self._parse(t, e.value).epoch
+        await self._kv_delete(self.kv_tasks, t)
+        for key in (f"a.{t}", f"w.{t}", f"n.{t}"):
+            await self._kv_delete(self.kv_idx, key)
+        if getattr(await self._kv_get(self.kv_req, t), "value", None) == b"@object":
+            await self._obj_delete(f"{t}.request")
+        await self._kv_delete(self.kv_req, t)
+        await self._kv_delete(self.kv_meta, f"remarks.{t}")
+        await asyncio.gather(*(self._obj_delete(f"{t}.{n}.{s}") for n in range(epoch + 1) for s in SOURCES))
+        subject = f"{self.ns}.ev.{t}"
+        await _retrying(lambda: self.js.purge_stream(self.ev_stream, subject=subject), "purge")
+        self._log_seqs.pop(subject, None)
+        self._cancels.discard(t)
+        self._cancel_checked.pop(t, None)
 
     def ids(self, index: str = "all") -> list[str]:
         if index not in INDEXES:
@@ -240,32 +176,23 @@ class NatsRepo(JetStreamClient):
         kv, prefix = {"all": (self.kv_tasks, ""), "active": (self.kv_idx, "a."), "waiting": (self.kv_idx, "w.")}[index]
         return sorted(self._run(self._kv_keys(kv, prefix)), reverse=True)
 
-    # -- the records watcher: unfinished tasks and activity -------------------------------
     async def _unfinished(self, skip: frozenset[str]) -> tuple[list[str], dict[str, Versioned]]:
-        """The index lists the unfinished tasks; their records come from the watcher once it has caught up with
-        the records' stream, else are read (those in ``skip`` are not). An id whose record is gone or finished
-        (a stale index entry, mended here) is left out."""
+        """The index's ids; records from the watcher once caught up, else read (not ``skip``'s); stale ids mended."""
         await self._watch_records()
         ids = sorted(await self._kv_keys(self.kv_idx, "a."), reverse=True)
         info = await _retrying(lambda: self.js.stream_info(f"KV_{self.NS}_TASKS"), "stream info")
-        deadline = time.monotonic() + RECS_WAIT
-        while self._recs_seq < info.state.last_seq and time.monotonic() < deadline:
+        last, deadline = info.state.last_seq, time.monotonic() + RECS_WAIT
+        while self._recs_seq < last and time.monotonic() < deadline:
             self._recs_moved.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._recs_moved.wait(), max(0.001, deadline - time.monotonic()))
-        if self._recs_seq < info.state.last_seq:  # (the newest message was removed, or the watcher lags)
-            self._recs_seq = info.state.last_seq
+        if self._recs_seq < last:  # (the newest message was removed, or the watcher lags)
+            self._recs_seq = last
             for t in ids:
                 self._recs.pop(t, None)
         out: dict[str, Versioned] = {}
-        missing = []
-        for t in ids:
-            hit = self._recs.get(t)
-            if hit is None:
-                if t not in skip:
-                    missing.append(t)
-                continue
-            seq, data = hit
+        missing = [t for t in ids if t not in self._recs and t not in skip]
+        for t, (seq, data) in [(t, self._recs[t]) for t in ids if t in self._recs]:
             parsed = self._parsed.get(t)
             if parsed is None or parsed[0] != seq:
                 try:
@@ -273,23 +200,21 @@ class NatsRepo(JetStreamClient):
                 except CorruptRecordError:
                     continue
             out[t] = (seq, parsed[1].status.value), parsed[1]
-        gone = set()
         entries = await asyncio.gather(*(self._kv_get(self.kv_tasks, t) for t in missing))
-        for t, e in zip(missing, entries):
+        gone = {t for t, e in zip(missing, entries) if e is None}
+        for t, e in [(t, e) for t, e in zip(missing, entries) if e is not None]:
             try:
-                r = self._parse(t, e.value) if e is not None else None
+                r = self._parse(t, e.value)
             except CorruptRecordError:
                 continue
-            if r is None or r.status.terminal:
+            if r.status.terminal:  # (a stale index entry: a crash or a race between two writers)
                 gone.add(t)
-                if r is not None:  # (a stale index entry: a crash or a race between two writers)
-                    await self._index(t, TaskStatus.WAITING.value, r.status)
-                continue
-            self._parsed[t] = (e.revision, r)
-            out[t] = (e.revision, r.status.value), r
-        active = set(ids)
+                await self._index(t, TaskStatus.WAITING.value, r.status)
+            else:
+                self._parsed[t] = (e.revision, r)
+                out[t] = (e.revision, r.status.value), r
         for cache in (self._recs, self._parsed):  # (finished tasks are not looked at again)
-            for t in [t for t in cache if t not in active]:
+            for t in set(cache).difference(ids):
                 del cache[t]
         return [t for t in ids if t not in gone], out
 
@@ -297,10 +222,7 @@ class NatsRepo(JetStreamClient):
         return self._run(self._unfinished(skip))
 
     def activity(self) -> object:
-        """A counter of this object's, fed by its watcher of the records (started by the first call) and by the
-        signals it sends or hears, so waiters poll it without a request to the server. It never waits for the
-        server (it is called on a server's event loop, every poll): the watcher is started in the background
-        (once at a time); while it cannot start (an outage) the counter does not change."""
+        """A counter fed by the records watcher and signals; never waits: the watcher is started in the background."""
         if self._recs_sub is None and not self._recs_starting and not self._closing:
             self._recs_starting = True
             try:
@@ -317,7 +239,6 @@ class NatsRepo(JetStreamClient):
         finally:
             self._recs_starting = False
 
-    # -- objects: requests and outputs -----------------------------------------------------
     @staticmethod
     def _output_name(task_id: str, epoch: int, source: str) -> str:
         if source not in SOURCES:
@@ -325,8 +246,6 @@ class NatsRepo(JetStreamClient):
         return f"{validate_task_id(task_id)}.{int(epoch)}.{source}"
 
     def workspace(self, task_id: str) -> Path:
-        """A local folder (on the worker) where the supervisor keeps the task's prompt, transcript and stderr;
-        they are uploaded to the object store (put_output)."""
         root = ensure_private_dir(Path(tempfile.gettempdir()) / f"cc_tasks-nats-{os.getuid()}")
         return ensure_private_dir(ensure_private_dir(root / self.ns) / validate_task_id(task_id))
 
@@ -334,45 +253,27 @@ class NatsRepo(JetStreamClient):
         root = Path(tempfile.gettempdir()) / f"cc_tasks-nats-{os.getuid()}"
         shutil.rmtree(root / self.ns / validate_task_id(task_id), ignore_errors=True)
 
-    def put_output(self, task_id: str, epoch: int, source: str, data: bytes | Path | None) -> None:
-        """bytes are stored; a file's content is uploaded (from memory up to SMALL_UPLOAD, else streamed; a
-        missing or empty file is not: reading it gives nothing either way); None removes the output."""
+    @blocking
+    async def put_output(self, task_id: str, epoch: int, source: str, data: bytes | Path | None) -> None:
         name = self._output_name(task_id, epoch, source)
+        if data is None:
+            await self._obj_delete(name)
+        elif isinstance(data, bytes):
+            await self._obj_put(name, data)
+        else:
+            with contextlib.suppress(FileNotFoundError), open(data, "rb") as f:
+                if size := os.fstat(f.fileno()).st_size:
+                    await self._obj_put(name, f.read() if size <= SMALL_UPLOAD else f)
 
-        async def go():
-            if data is None:
-                await self._obj_delete(name)
-            elif isinstance(data, bytes):
-                await self._obj_put(name, data)
-            else:
-                try:
-                    with open(data, "rb") as f:
-                        size = os.fstat(f.fileno()).st_size
-                        if size:
-                            await self._obj_put(name, f.read() if size <= SMALL_UPLOAD else f)
-                except FileNotFoundError:
-                    pass
+    @blocking
+    async def read_output(self, task_id: str, epoch: int, source: str, offset: int, limit: int) -> tuple[bytes, int]:
+        epochs = (epoch, 0) if source == "prompt" and epoch != 0 else (epoch,)  # (an agent's prompt: stored at submit)
+        for name in [self._output_name(task_id, n, source) for n in epochs]:
+            if (data := await self._obj_get(name, cache=True)) is not None:
+                return data[offset : offset + limit] if offset < len(data) else b"", len(data)
+        return b"", 0
 
-        self._run(go())
-
-    def read_output(self, task_id: str, epoch: int, source: str, offset: int, limit: int) -> tuple[bytes, int]:
-        names = [self._output_name(task_id, epoch, source)]
-        if source == "prompt" and epoch != 0:
-            names.append(self._output_name(task_id, 0, source))  # (an agent's prompt, stored at submit)
-
-        async def go():
-            for name in names:
-                data = await self._obj_get(name, cache=True)
-                if data is not None:
-                    return data
-            return b""
-
-        data = self._run(go())
-        return data[offset : offset + limit] if offset < len(data) else b"", len(data)
-
-    # -- logs: a task's events, a group's notes -------------------------------------------
     def _log(self, name: str) -> tuple[str, str]:
-        """The stream and subject of a log."""
         kind, _, rest = name.partition(".")
         if kind == "ev":
             return self.ev_stream, f"{self.ns}.ev.{validate_task_id(rest)}"
@@ -388,188 +289,127 @@ class NatsRepo(JetStreamClient):
         stream, subject = self._log(log)
         self._run(self._publish(stream, subject, entry, {"Nats-Msg-Id": secrets.token_hex(12)}))
 
-    def append_numbered(self, log: str, make: Callable[[int], dict]) -> int:
-        """A compare-and-set on the subject's last sequence; the entry carries its position (``_pos``, not shown
-        by read_log), so the next append reads one message, not the log. A conflict whose winner is our own
-        message (a retry after a lost acknowledgement) counts as landed."""
+    @blocking
+    async def append_numbered(self, log: str, make: Callable[[int], dict]) -> int:
+        """A compare-and-set on the subject's last sequence; entries carry ``_pos``: an append reads one message."""
         stream, subject = self._log(log)
-
-        async def go():
-            while True:
-                msg_id = secrets.token_hex(12)
-                try:
-                    last = await _retrying(lambda: self.js.get_msg(stream, subject=subject), "get")
-                except jserr.NotFoundError:
-                    last_seq, pos = 0, 0
-                else:
-                    last_seq, pos = last.seq, None
-                    with contextlib.suppress(ValueError, TypeError, AttributeError):
-                        p = json.loads(last.data).get("_pos")
-                        pos = p + 1 if isinstance(p, int) and not isinstance(p, bool) else None
-                    if pos is None:  # (appended without a position: count)
-                        _, seqs = await self._walk(stream, subject, 1 << 62)
-                        last_seq, pos = (seqs[-1] if seqs else 0), len(seqs)
-                headers = {"Nats-Expected-Last-Subject-Sequence": str(last_seq), "Nats-Msg-Id": msg_id}
-                try:
-                    await self._publish(stream, subject, {**make(pos), "_pos": pos}, headers)
-                    return pos
-                except jserr.APIError as e:
-                    if e.err_code not in WRONG_LAST:
-                        raise
-                with contextlib.suppress(jserr.NotFoundError):  # (the message that took the position)
-                    won = await _retrying(
-                        lambda s=last_seq: self.js.get_msg(stream, seq=s + 1, subject=subject, next=True), "get"
-                    )
-                    if (won.headers or {}).get("Nats-Msg-Id") == msg_id:
-                        return pos
-
-        return self._run(go())
+        while True:
+            msg_id = secrets.token_hex(12)
+            try:
+                last = await _retrying(lambda: self.js.get_msg(stream, subject=subject), "get")
+            except jserr.NotFoundError:
+                last_seq, pos = 0, 0
+            else:
+                last_seq, pos = last.seq, None
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    p = json.loads(last.data).get("_pos")
+                    pos = p + 1 if isinstance(p, int) and not isinstance(p, bool) else None
+                if pos is None:  # (appended without a position: count)
+                    _, seqs = await self._walk(stream, subject, 1 << 62)
+                    last_seq, pos = (seqs[-1] if seqs else 0), len(seqs)
+            headers = {"Nats-Expected-Last-Subject-Sequence": str(last_seq), "Nats-Msg-Id": msg_id}
+            try:
+                await self._publish(stream, subject, {**make(pos), "_pos": pos}, headers)
+                return pos
+            except jserr.APIError as e:
+                if e.err_code not in WRONG_LAST:
+                    raise
+            won = await self._next_msg(stream, subject, last_seq + 1)  # (ours if only our answer was lost)
+            if won is not None and (won.headers or {}).get("Nats-Msg-Id") == msg_id:
+                return pos
 
     def read_log(self, log: str, since: int = 0) -> list[tuple[int, dict]]:
         stream, subject = self._log(log)
         out = []
         for pos, raw in self._run(self._walk(stream, subject, since))[0]:
-            try:
+            entry = None
+            with contextlib.suppress(ValueError):
                 entry = json.loads(raw)
-            except ValueError:
-                entry = None
             if isinstance(entry, dict):
                 entry.pop("_pos", None)
             out.append((pos, entry if isinstance(entry, dict) else {"kind": "unreadable"}))
         return out
 
-    # -- workers ------------------------------------------------------------------
     def put_worker(self, info: WorkerInfo) -> None:
         self._run(self._kv_put(self.kv_workers, info.worker_id, info.model_dump_json().encode()))
 
-    def beat(self, worker_id: str) -> bool:
-        """Re-put the worker's key (which the bucket's TTL would remove); False if it is gone (expired, removed)."""
-
-        async def go():
-            e = await self._kv_get(self.kv_workers, worker_id)
-            return e is not None and await self._cas(self.kv_workers, worker_id, e.value, e.revision) is not None
-
-        return self._run(go())
+    @blocking
+    async def beat(self, worker_id: str) -> bool:
+        e = await self._kv_get(self.kv_workers, worker_id)
+        return e is not None and await self._cas(self.kv_workers, worker_id, e.value, e.revision) is not None
 
     def remove_worker(self, worker_id: str) -> None:
         self._run(self._kv_delete(self.kv_workers, worker_id))
 
-    def workers(self) -> list[WorkerInfo]:
-        """Registered workers whose heartbeat is fresh (their key has not expired)."""
-
-        async def go():
-            keys = await self._kv_keys(self.kv_workers)
-            entries = await asyncio.gather(*(self._kv_get(self.kv_workers, k) for k in keys))
-            out = []
-            for e in entries:
-                if e is not None and e.value:
-                    with contextlib.suppress(ValueError):
-                        out.append(WorkerInfo.model_validate_json(e.value))
-            return out
-
-        return self._run(go())
+    @blocking
+    async def workers(self) -> list[WorkerInfo]:
+        keys = await self._kv_keys(self.kv_workers)
+        out = []
+        for e in await asyncio.gather(*(self._kv_get(self.kv_workers, k) for k in keys)):
+            if e is not None and e.value:
+                with contextlib.suppress(ValueError):
+                    out.append(WorkerInfo.model_validate_json(e.value))
+        return out
 
     def liveness(self, worker_id: str) -> Liveness:
-        e = self._run(self._kv_get(self.kv_workers, worker_id))
-        if e is not None and e.value:
+        """A missing key is a gone worker only after a whole lease connected (after an outage, keys come back)."""
+        if getattr(self._run(self._kv_get(self.kv_workers, worker_id)), "value", None):
             return Liveness.ALIVE
-        return Liveness.GONE if self._settled() else Liveness.UNKNOWN
+        settled = self._connected_at is not None and time.monotonic() - self._connected_at >= self.lease_seconds
+        return Liveness.GONE if settled else Liveness.UNKNOWN
 
-    def _settled(self) -> bool:
-        """Whether this object has been connected for a whole lease: only then is a missing worker key a gone
-        worker. Just after an outage (ours or the server's: a restarted server drops keys older than their TTL)
-        live workers have not had the time to put their keys again."""
-        return self._connected_at is not None and time.monotonic() - self._connected_at >= self.lease_seconds
-
-    # -- the claim lock -----------------------------------------------------------------
     @contextlib.contextmanager
     def claim_lock(self) -> Iterator[Callable[[], bool]]:
-        """The claim lock; ``still_ours()``: whether the key is still the one this holder created (a pass longer
-        than LOCK_TTL may have lost it)."""
         rev = self._run(self._lock())
         try:
-            yield lambda: self._run(self._still_ours(rev))
+            yield lambda: getattr(self._run(self._kv_get(self.kv_lock, "queue")), "revision", None) == rev
         finally:
             self._run(self._unlock(rev), patient=False)
 
-    # -- signals ---------------------------------------------------------------------
     def signal(self, kind: str, task_id: str | None = None) -> None:
-        if kind == "nudge":
-            subject = f"{self.ns}.nudge"
-        elif kind in ("cancel", "uncancel"):
-            t = validate_task_id(task_id)
-            if kind == "uncancel":
-                self._cancels.discard(t)
-                self._cancel_checked.pop(t, None)
-                return
-            self._cancels.add(t)
-            subject = f"{self.ns}.cancel.{t}"
-        else:
+        if kind not in ("nudge", "cancel", "uncancel"):
             raise ValueError(f"unknown signal {kind!r} (nudge, cancel or uncancel)")
+        t = None if kind == "nudge" else validate_task_id(task_id)
+        if kind == "uncancel":
+            self._cancels.discard(t)
+            self._cancel_checked.pop(t, None)
+            return
+        if t is not None:
+            self._cancels.add(t)
+        self._run(self._publish_signal(f"{self.ns}.nudge" if t is None else f"{self.ns}.cancel.{t}"))
 
-        async def go():
-            self._activity += 1
-            await self.nc.publish(subject, b"")
+    async def _publish_signal(self, subject: str) -> None:
+        self._activity += 1
+        await self.nc.publish(subject, b"")
 
-        self._run(go())
-
-    def _heard(self) -> None:
+    async def _on_signal(self, msg) -> None:
+        if msg.subject != f"{self.ns}.nudge":  # (<ns>.cancel.<task_id>)
+            self._cancels.add(msg.subject.rsplit(".", 1)[-1])
         self._activity += 1
         for handler in list(self._handlers):
             with contextlib.suppress(Exception):
                 handler()
 
-    async def _on_cancel(self, msg) -> None:
-        self._cancels.add(msg.subject.rsplit(".", 1)[-1])
-        self._heard()
-
-    async def _on_nudge(self, msg) -> None:
-        self._heard()
-
-    def subscribe(self, handler: Callable[[], None]) -> None:
-        """``handler`` is called in this object's thread (it must only set flags)."""
+    @blocking
+    async def subscribe(self, handler: Callable[[], None]) -> None:
         self._handlers.append(handler)
-
-        async def go():
-            if self._nudge_sub is None:
-                self._nudge_sub = await self.nc.subscribe(f"{self.ns}.nudge", cb=self._on_nudge)
-            if self._cancel_sub is None:
-                self._cancel_sub = await self.nc.subscribe(f"{self.ns}.cancel.*", cb=self._on_cancel)
-
-        self._run(go())
+        if self._nudge_sub is None:
+            self._nudge_sub = await self.nc.subscribe(f"{self.ns}.nudge", cb=self._on_signal)
+        if self._cancel_sub is None:
+            self._cancel_sub = await self.nc.subscribe(f"{self.ns}.cancel.*", cb=self._on_signal)
 
     def cancel_signalled(self, task_id: str) -> bool:
-        """Told on the cancel subject (at once), or seen in the record (read at most every CANCEL_POLL seconds
-        per task). During an outage it never waits long: the last answer stands."""
+        """Heard on the cancel subject, or read in the record at most every CANCEL_POLL s (in an outage: the last)."""
         if task_id in self._cancels:
             return True
-        now = time.monotonic()
-        hit = self._cancel_checked.get(task_id)
-        if hit is not None and now - hit[0] < CANCEL_POLL:
-            return hit[1]
-        if not self.nc.is_connected:  # (an outage: no waiting for it; the last answer stands)
-            return hit[1] if hit is not None else False
-
-        async def go():
-            if self._cancel_sub is None:
-                self._cancel_sub = await self.nc.subscribe(f"{self.ns}.cancel.*", cb=self._on_cancel)
-            try:
-                get = retrying(lambda: self.kv_tasks.get(task_id), what="cancel check", deadline=CANCEL_RETRY)
-                e = await asyncio.wait_for(get, CANCEL_RETRY)
-            except (jserr.KeyNotFoundError, jserr.KeyDeletedError):
-                return False
-            try:
-                return self._parse(task_id, e.value).cancel_requested
-            except CorruptRecordError:
-                return False
-
+        now, (read_at, last) = time.monotonic(), self._cancel_checked.get(task_id, (-math.inf, False))
+        if now - read_at < CANCEL_POLL or not self.nc.is_connected:
+            return last
         try:
-            yes = self._run(go(), timeout=CANCEL_RETRY + 5, patient=False)
-        except (BackendUnreachableError, TimeoutError) as e:
-            # (an outage: the last answer stands; the supervisor keeps going and keeps its deadline, and a cancel
-            # sent meanwhile arrives on the cancel subject or is seen in the record once the server is back)
+            yes = self._run(self._cancel_requested(task_id), timeout=CANCEL_RETRY + 5, patient=False)
+        except (BackendUnreachableError, TimeoutError) as e:  # (a cancel sent meanwhile is heard or read later)
             log.debug("task %s: cancel check: %s", task_id, e)
-            yes = hit[1] if hit is not None else False
+            yes = last
         if len(self._cancel_checked) > 1000:
             self._cancel_checked.clear()
         self._cancel_checked[task_id] = (now, yes)
@@ -577,7 +417,14 @@ class NatsRepo(JetStreamClient):
             self._cancels.add(task_id)
         return yes
 
-    # -- meta: shared configuration and small keyed values ------------------------------------
+    async def _cancel_requested(self, task_id: str) -> bool:
+        if self._cancel_sub is None:
+            self._cancel_sub = await self.nc.subscribe(f"{self.ns}.cancel.*", cb=self._on_signal)
+        with contextlib.suppress(jserr.KeyNotFoundError, jserr.KeyDeletedError, CorruptRecordError):
+            get = retrying(lambda: self.kv_tasks.get(task_id), what="cancel check", deadline=CANCEL_RETRY)
+            return self._parse(task_id, (await asyncio.wait_for(get, CANCEL_RETRY)).value).cancel_requested
+        return False
+
     @staticmethod
     def _meta_key(key: str) -> str:
         if not isinstance(key, str) or not META_KEY_RE.fullmatch(key):
@@ -588,12 +435,9 @@ class NatsRepo(JetStreamClient):
         e = self._run(self._kv_get(self.kv_meta, self._meta_key(key)))
         return None if e is None else (e.revision, e.value or b"")
 
-    def cas_meta(self, key: str, value: bytes | None, revision: object | None) -> bool:
+    @blocking
+    async def cas_meta(self, key: str, value: bytes | None, revision: object | None) -> bool:
         key = self._meta_key(key)
-
-        async def go():
-            if value is None and revision is None:  # (remove an absent value: it is absent, or it is not)
-                return await self._kv_get(self.kv_meta, key) is None
-            return await self._cas(self.kv_meta, key, value, revision) is not None
-
-        return self._run(go())
+        if value is None and revision is None:  # (removing an absent value: it is absent, or it is not)
+            return await self._kv_get(self.kv_meta, key) is None
+        return await self._cas(self.kv_meta, key, value, revision) is not None

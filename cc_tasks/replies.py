@@ -505,13 +505,18 @@ def approvals_reply(p: ApprovalList) -> Reply:
     """list_approvals: as many entries as fit (each input already bounded), ``more`` and a cursor for the rest."""
     entries = list(p.approvals)
     while True:
-        page = p.model_copy(update={"approvals": entries, "more": p.more or len(entries) < len(p.approvals),
-                                    "next_cursor": (entries[-1].request_id if entries else p.next_cursor)
-                                    if (p.more or len(entries) < len(p.approvals)) else None})  # fmt: skip
+        cut = p.more or len(entries) < len(p.approvals)
+        cursor = (entries[-1].cursor if entries else p.next_cursor) if cut else None
+        page = p.model_copy(update={"approvals": entries, "more": cut, "next_cursor": cursor})
         reply = Reply.of(page, text_of(page))
-        if reply.size <= REPLY_CHARS or not entries:
+        if reply.size <= REPLY_CHARS:
             return reply
-        entries = entries[: max(0, len(entries) * 3 // 4)]
+        if len(entries) > 1:
+            entries = entries[: max(1, len(entries) * 3 // 4)]
+        else:  # (one entry alone too big: characters that escape long; its preview is cut until it fits)
+            e = entries[0]
+            entries = [e.model_copy(update={"input_preview": e.input_preview[: len(e.input_preview) // 2],
+                                            "input_truncated": True})]  # fmt: skip
 
 
 @text_of.register

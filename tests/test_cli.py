@@ -12,7 +12,7 @@ from cc_tasks import cli as cli_module
 from cc_tasks.models import TaskStatus
 from cc_tasks.store import TaskStore
 
-from .conftest import ROOT, pid_alive
+from .conftest import ROOT, mock_prompt, pid_alive
 from .test_manager import fake, wait_until
 
 
@@ -41,7 +41,8 @@ def cli(cc_env, fake_claude, monkeypatch):
 
 def test_every_subcommand_has_help(cli):
     for cmd in ("serve", "list", "show", "logs", "run", "cancel", "cleanup", "doctor", "install-claude", "worker",
-                "post", "claim", "renew", "complete", "fail", "release", "notes", "diff", "merge"):  # fmt: skip
+                "post", "claim", "renew", "complete", "fail", "release", "notes", "diff", "merge", "approvals", "approve",
+                "deny"):  # fmt: skip
         r = cli(cmd, "--help")
         assert r.returncode == 0 and "Usage: cc-tasks " + cmd in r.stdout, (cmd, r.stderr)
 
@@ -202,3 +203,90 @@ def test_a_shell_script_works_the_task_board(cli):
     assert len(json.loads(cli("list", "--all", "--group", "ops", "--json").stdout)["tasks"]) == 2
     bad = cli("post", "x", "--group", "a b")
     assert bad.returncode == 2 and "group" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- sub-agents that ask, answered from a shell: the real claude (against the mock API) run by the store's worker
+
+
+@pytest.fixture
+def real_cli(cc_env):
+    """The CLI against the test's store, its tasks run by the store's worker with the real claude CLI."""
+    store = TaskStore(cc_env["CC_TASKS_DIR"])
+
+    def call(*args, timeout=60):
+        return subprocess.run([sys.executable, "-m", "cc_tasks", *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=str(ROOT), env=dict(os.environ))  # fmt: skip
+
+    call.store = store
+    yield call
+    for t in store.active_ids():
+        call("cancel", t)
+    store.stop_worker()
+
+
+ASKS = [{"bash": "echo hi > out.txt"}, {"text": "done: {last_result}"}]
+
+
+def start_asking(cli, cwd, name: str) -> tuple[str, str]:
+    """A task started from the CLI whose sub-agent asks to run a Bash call: (task id, request id)."""
+    r = cli("run", mock_prompt(ASKS), "--cwd", str(cwd), "--name", name)
+    assert r.returncode == 0, r.stderr
+    tid = r.stdout.strip()
+    req = wait_until(lambda: (rec := cli.store.read(tid)).awaiting and rec.awaiting[0], 60)
+    return tid, req.request_id
+
+
+@pytest.mark.timeout(180)
+def test_approvals_lists_and_approve_and_deny_answer_from_the_shell(real_cli, workdir):
+    assert "no pending approval requests" in real_cli("approvals").stdout
+    allowed_dir, denied_dir = workdir / "allowed", workdir / "denied"
+    allowed_dir.mkdir()
+    denied_dir.mkdir()
+    allowed, a_req = start_asking(real_cli, allowed_dir, "to allow")
+    denied, d_req = start_asking(real_cli, denied_dir, "to deny")
+
+    listed = real_cli("approvals")
+    assert listed.returncode == 0, listed.stderr
+    for tid, req, name in ((allowed, a_req, "to allow"), (denied, d_req, "to deny")):
+        row = next(line for line in listed.stdout.splitlines() if req in line)
+        assert tid in row and name in row and "Bash" in row and "echo hi" in row and "UTC (in " in row
+    as_json = json.loads(real_cli("approvals", "--json").stdout)
+    assert [(a["task_id"], a["request_id"]) for a in as_json["approvals"]] == [(allowed, a_req), (denied, d_req)]
+    first = as_json["approvals"][0]
+    assert first["name"] == "to allow" and "echo hi > out.txt" in first["input_preview"]
+    assert json.loads(real_cli("approvals", "--group", "nobody", "--json").stdout)["approvals"] == []
+    assert not (allowed_dir / "out.txt").exists()  # nothing ran before the answer
+
+    ok = real_cli("approve", allowed, a_req)
+    assert ok.returncode == 0 and f"{a_req} of {allowed} allowed" in ok.stdout and "by cli " in ok.stdout, ok.stderr
+    no = real_cli("deny", denied, d_req, "--message", "not here: use the fixture instead")
+    assert no.returncode == 0 and "denied" in no.stdout, no.stderr
+    again = real_cli("deny", allowed, a_req)  # exactly one answer counts
+    assert again.returncode == 1 and "error:" in again.stderr and again.stdout == ""
+    assert "already answered: allow by cli " in again.stderr or "no pending request" in again.stderr
+    unknown = real_cli("approve", denied, "a-00000000")
+    assert unknown.returncode == 1 and "no pending request 'a-00000000'" in unknown.stderr
+
+    done = {t: wait_until(lambda t=t: (r := real_cli.store.read(t)).status.terminal and r, 60)
+            for t in (allowed, denied)}  # fmt: skip
+    assert done[allowed].status == TaskStatus.COMPLETED and (allowed_dir / "out.txt").read_text() == "hi\n"
+    assert done[denied].status == TaskStatus.COMPLETED and not (denied_dir / "out.txt").exists()
+    assert "not here: use the fixture instead" in done[denied].result
+    answered = {t: [e for _, e in real_cli.store.iter_events(t) if e["kind"] == "approval_answered"]
+                for t in (allowed, denied)}  # fmt: skip
+    assert answered[allowed][0]["decision"] == "allow" and answered[allowed][0]["by"].startswith("cli ")
+    assert answered[denied][0]["decision"] == "deny" and "@" in answered[denied][0]["by"]
+    assert "no pending approval requests" in real_cli("approvals").stdout
+
+
+@pytest.mark.timeout(180)
+def test_approve_remember_answers_the_same_call_again(real_cli, workdir):
+    steps = [{"bash": "echo hi >> out.txt"}, {"bash": "echo hi >> out.txt"}, {"text": "done"}]
+    tid = real_cli("run", mock_prompt(steps), "--cwd", str(workdir)).stdout.strip()
+    req = wait_until(lambda: (rec := real_cli.store.read(tid)).awaiting and rec.awaiting[0], 60)
+    ok = real_cli("approve", tid, req.request_id, "--remember")
+    assert ok.returncode == 0 and "remembered for the rest of the task: Bash(echo hi" in ok.stdout, ok.stderr
+    done = wait_until(lambda: (r := real_cli.store.read(tid)).status.terminal and r, 60)
+    assert done.status == TaskStatus.COMPLETED and (workdir / "out.txt").read_text() == "hi\nhi\n"
+    long = real_cli("deny", tid, req.request_id, "--message", "x" * 2001)
+    assert long.returncode == 2 and "at most 2000" in long.stderr

@@ -186,6 +186,8 @@ async def test_priorities_reorder_the_queue(fake_manager, workdir, tmp_path, mon
     cap(fake_manager, monkeypatch, 1)
     log, gate = tmp_path / "order.log", tmp_path / "gate"
     blocker = fake_manager.start(TaskOptions(prompt=fake({"wait_file": str(gate)}), cwd=str(workdir)))
+    # (it holds the only slot before the others exist: else it is still queued, and counted, when positions are read)
+    wait_until(lambda: fake_manager.get(blocker.task_id).status == TaskStatus.RUNNING)
     low = fake_manager.start(TaskOptions(prompt=fake({"log": str(log), "name": "low"}), cwd=str(workdir)))
     mid = fake_manager.start(TaskOptions(prompt=fake({"log": str(log), "name": "mid"}), cwd=str(workdir), priority=5))
     high = fake_manager.start(

@@ -141,3 +141,52 @@ def test_dashboard_shows_a_worktree_tasks_changes(http_server, browser, fake_man
     shown = browser.find_element(By.ID, "changes").text
     assert "2 files changed, +3 -0 · 1 commit" in shown and "one.txt +1 -0" in shown and "two.txt +2 -0" in shown
     assert f"worktree-{t.task_id}" in browser.find_element(By.ID, "detail").text
+
+
+def test_needs_you_shows_a_pending_request_and_its_buttons_answer_it(http_server, browser, manager, workdir, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.keys import Keys
+
+    from .conftest import mock_prompt
+    from .test_approvals import STEPS, asking
+
+    allowed_dir, denied_dir = workdir / "allowed", workdir / "denied"
+    allowed_dir.mkdir()
+    denied_dir.mkdir()
+    allowed = manager.start(TaskOptions(prompt=mock_prompt(STEPS), cwd=str(allowed_dir), name="asks to echo"))
+    denied = manager.start(TaskOptions(prompt=mock_prompt(STEPS), cwd=str(denied_dir), name="asks again"))
+    to_allow, to_deny = asking(manager, allowed.task_id), asking(manager, denied.task_id)
+    browser.get(http_server.base + f"/?token={TOKEN}")
+    wait = WebDriverWait(browser, 40, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+    entry = f'.approval[data-request-id="{to_allow.request_id}"]'
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, entry))
+    shown = browser.find_element(By.CSS_SELECTOR, entry).text
+    assert "Bash" in shown and "echo hi > out.txt" in shown and "asks to echo" in shown
+    assert allowed.task_id in shown and to_allow.request_id in shown and "expires" in shown and "(in " in shown
+    assert "Needs you (2)" in browser.find_element(By.ID, "needs").text
+    assert "2 requests need you" in browser.find_element(By.ID, "summary").text
+    assert not (allowed_dir / "out.txt").exists()
+    browser.save_screenshot(str(tmp_path / "needs-you.png"))
+
+    click(wait, f"{entry} button.allow")
+    wait.until(lambda d: "allowed (by dashboard" in d.find_element(By.CSS_SELECTOR, entry).text)
+    done = wait_until(lambda: (r := manager.get(allowed.task_id)).status.terminal and r, 60)
+    assert done.status == TaskStatus.COMPLETED and (allowed_dir / "out.txt").read_text() == "hi\n"
+    answered = [e for _, e in manager.store.iter_events(allowed.task_id) if e["kind"] == "approval_answered"]
+    assert answered[0]["decision"] == "allow" and answered[0]["by"].startswith("dashboard")
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, entry))  # gone once answered
+
+    # Deny asks for an optional message, which the sub-agent is told
+    other = f'.approval[data-request-id="{to_deny.request_id}"]'
+    click(wait, f"{other} button.deny")
+    box = browser.find_element(By.CSS_SELECTOR, f"{other} input.message")
+    box.send_keys("not in the browser test")
+    browser.execute_script("return new Promise(r => setTimeout(r, 1500))")  # refreshes keep what is typed
+    assert browser.find_element(By.CSS_SELECTOR, f"{other} input.message").get_attribute("value") == (
+        "not in the browser test"
+    )
+    box.send_keys(Keys.ENTER)
+    wait.until(lambda d: "denied (by dashboard" in d.find_element(By.CSS_SELECTOR, other).text)
+    done = wait_until(lambda: (r := manager.get(denied.task_id)).status.terminal and r, 60)
+    assert done.status == TaskStatus.COMPLETED and "not in the browser test" in done.result
+    assert not (denied_dir / "out.txt").exists()
+    wait.until(lambda d: not d.find_element(By.ID, "needs").is_displayed())

@@ -13,6 +13,7 @@ import pytest
 from fastmcp import Client
 from fastmcp.client.transports import StreamableHttpTransport
 
+from cc_tasks.models import TaskOptions, TaskStatus
 from cc_tasks.store import TaskStore
 
 from .conftest import ROOT, mock_prompt
@@ -222,3 +223,80 @@ def test_without_a_token_only_loopback_hosts_and_origins_get_in(cc_env, fake_cla
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(20) == 0
+
+
+# -- the dashboard's approvals API: sub-agents that ask, answered over HTTP --------------------------------------
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def answer(base, body, headers=None):
+    """POST /api/approvals/answer: (status, JSON reply)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    hdrs = {**AUTH, "X-CC-Tasks": "1", "Content-Type": "application/json", **(headers or {})}
+    status, _, text = http(base + "/api/approvals/answer", method="POST", headers=hdrs, data=data)
+    return status, json.loads(text)
+
+
+def test_a_pending_request_is_listed_and_answered_once_over_http(http_server, manager, workdir):
+    from .test_approvals import STEPS, asking
+
+    base = http_server.base
+    t = manager.start(TaskOptions(prompt=mock_prompt(STEPS), cwd=str(workdir), name="asks over http", group="web"))
+    req = asking(manager, t.task_id)
+    assert http(base + "/api/approvals")[0] == 401
+    assert http(base + "/api/approvals/answer", method="POST", data=b"{}")[0] == 401
+    status, _, body = http(base + "/api/approvals", headers=AUTH)
+    (entry,) = json.loads(body)["approvals"]
+    assert status == 200 and entry["task_id"] == t.task_id and entry["request_id"] == req.request_id
+    assert entry["name"] == "asks over http" and entry["tool_name"] == "Bash" and "echo hi" in entry["input_preview"]
+    assert json.loads(http(base + "/api/approvals?group=web", headers=AUTH)[2])["approvals"] == [entry]
+    assert json.loads(http(base + "/api/approvals?group=other", headers=AUTH)[2])["approvals"] == []
+
+    ok = {"task_id": t.task_id, "request_id": req.request_id, "decision": "allow"}
+    status, _, _ = http(base + "/api/approvals/answer", method="POST", headers=AUTH, data=json.dumps(ok).encode())
+    assert status == 400  # without X-CC-Tasks (a cross-site form cannot send it)
+    for bad in (b"not json", b"[1]", b"x" * 70_000, {**ok, "decision": "maybe"}, {**ok, "message": 3},
+                {**ok, "request_id": ""}, {**ok, "task_id": 7}, {**ok, "remember": "yes"}, {**ok, "extra": 1},
+                {**ok, "task_id": "../etc/passwd"}):  # fmt: skip
+        status, reply = answer(base, bad)
+        assert status == 400 and reply["error"], bad
+    status, reply = answer(base, {**ok, "task_id": "20260101-000000-000-1a2b3c4d"})
+    assert status == 404 and "no task" in reply["error"]
+    status, reply = answer(base, {**ok, "request_id": "a-00000000"})
+    assert status == 409 and "no pending request 'a-00000000'" in reply["error"]
+    assert not (workdir / "out.txt").exists()  # nothing ran yet
+
+    status, reply = answer(base, ok)
+    assert status == 200 and reply["decision"] == "allow" and reply["by"].startswith("dashboard of 127.0.0.1 on ")
+    status, again = answer(base, {**ok, "decision": "deny"})  # exactly one answer counts
+    assert status == 409 and ("already answered: allow by dashboard" in again["error"]
+                              or "no pending request" in again["error"])  # fmt: skip
+    done = wait_until(lambda: (r := manager.get(t.task_id)).status.terminal and r, 60)
+    assert done.status == TaskStatus.COMPLETED and (workdir / "out.txt").read_text() == "hi\n"
+    events = [e for _, e in manager.store.iter_events(t.task_id) if e["kind"] == "approval_answered"]
+    assert [(e["decision"], e["by"]) for e in events] == [("allow", reply["by"])]
+    assert json.loads(http(base + "/api/approvals", headers=AUTH)[2])["approvals"] == []
+
+
+def test_the_approvals_list_stays_bounded_and_pages_with_a_cursor(http_server, manager):
+    from cc_tasks.models import REPLY_CHARS, PostOptions
+
+    t = manager.post(PostOptions(prompt="a job whose agent asks a lot", name="n" * 200))
+    manager.claim("asker", lease_seconds=600)
+    lease = manager.get(t.task_id).lease
+    asked = [manager.store.ask_approval(lease, "Bash", {"command": f"{n} " + "\x01\"" * 5_000}, 600).request_id
+             for n in range(80)]  # fmt: skip
+    seen, cursor = [], ""
+    while True:
+        status, _, body = http(http_server.base + f"/api/approvals?cursor={cursor}", headers=AUTH)
+        page = json.loads(body)
+        assert status == 200 and len(body) <= REPLY_CHARS and page["approvals"]
+        assert all(a["input_truncated"] and a["task_id"] == t.task_id for a in page["approvals"])
+        seen += [a["request_id"] for a in page["approvals"]]
+        if not page["more"]:
+            break
+        cursor = page["next_cursor"]
+    assert seen == asked and cursor  # every request once, oldest first, over more than one page
+    status, _, body = http(http_server.base + "/api/approvals?group=" + "g" * 300, headers=AUTH)
+    assert status == 400

@@ -209,6 +209,42 @@ async def test_every_reply_stays_bounded_with_200_big_tasks(fake_manager, workdi
         merged = await call("merge_task", {"task_id": wt_task, "strategy": "squash", "message": "m" * 10_000})
         assert merged.structured_content["leftovers_committed"]
         await call("cleanup_task", {"task_id": wt_task, "keep_branch": True})
+        # sub-agents that ask: 60 pending requests of an agent's task, with inputs of the most-escaped text (each
+        # cut to its bound) and the longest tool names, listed page by page, then answered with the longest message
+        asker = (await call("post_task", {"prompt": "ask", "group": "asks", "name": worst(200)})).structured_content
+        await call("claim_task", {"worker": "asker", "group": "asks", "lease_seconds": 600})
+        lease = store.read(asker["task_id"]).lease
+        asked = [store.ask_approval(lease, worst(300) if n % 7 == 3 else "Bash",
+                                    {"command": "x" * 1_500 if n == 0 else worst(30_000), "n": n}, 600).request_id
+                 for n in range(60)]  # fmt: skip
+        seen, cursor, pages = [], None, 0
+        while True:
+            args = {"group": "asks"} | ({"cursor": cursor} if cursor else {})
+            page = (await call("list_approvals", args)).structured_content
+            assert page["approvals"] and all(a["task_id"] == asker["task_id"] for a in page["approvals"])
+            seen, pages = seen + [a["request_id"] for a in page["approvals"]], pages + 1
+            if not page["more"]:
+                assert page["next_cursor"] is None
+                break
+            cursor = page["next_cursor"]
+        assert seen == asked and pages > 2  # every request exactly once, oldest first
+        assert (await call("list_approvals", {})).structured_content["more"]
+        assert (await call("list_approvals", {"group": "nobody"})).structured_content["approvals"] == []
+        args = {"task_id": asker["task_id"], "request_id": asked[0], "decision": "allow", "remember": True}
+        got = (await call("answer_approval", args)).structured_content
+        assert got["remembered"]["tool"].startswith("Bash(") and len(got["remembered"]["tool"]) > 1_000
+        deny = {"task_id": asker["task_id"], "request_id": asked[1], "decision": "deny", "message": worst(2_000)}
+        cut = await client.call_tool("answer_approval", deny | {"remember": True}, raise_on_error=False)
+        assert cut.is_error and "cannot be remembered" in cut.content[0].text  # (its input was cut: not a rule)
+        await call("answer_approval", deny)
+        res = await client.call_tool("answer_approval", deny, raise_on_error=False)  # a second answer: refused
+        assert res.is_error and "already answered" in res.content[0].text and size(res) <= REPLY_CHARS
+        await call("cancel_task", {"group": "asks"})
+
+        # budgets: a group's, set, shown and removed
+        await call("set_budget", {"budget_usd": 1_000_000, "group": "big"})
+        await call("get_budget", {"group": "big"})
+        await call("set_budget", {"budget_usd": None, "group": "big"})
         tools = {t.name for t in await client.list_tools()}
     assert set(call.largest) == tools
     print("largest reply per tool (characters):", json.dumps(call.largest, indent=1, sort_keys=True))
@@ -287,3 +323,17 @@ def test_cuts_count_the_encoded_length():
 
     n = fit_page(data, 20_000)
     assert cost(n) <= 20_000 < cost(n + 1)
+
+
+def test_list_approvals_pages_past_an_input_of_characters_outside_the_bmp():
+    from datetime import timedelta
+
+    from cc_tasks.models import ApprovalEntry, ApprovalList, utcnow
+    from cc_tasks.replies import approvals_reply
+
+    now = utcnow()
+    entries = [ApprovalEntry(task_id=record(1, "").task_id, request_id=f"a-{n:08x}", tool_name="Write",
+                             input_preview="\U0001f600" * 4_000, input_truncated=True, asked_at=now,
+                             expires_at=now + timedelta(minutes=10)) for n in range(3)]  # fmt: skip
+    reply = approvals_reply(ApprovalList(approvals=entries))
+    assert reply.size <= REPLY_CHARS and (reply.data["approvals"] or reply.data["next_cursor"])
