@@ -89,8 +89,8 @@ class MemoryRepo:
         return sorted(ids, reverse=True)
 
     def unfinished(self, skip: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, Versioned]]:
-        ids = self.ids("active")
-        return ids, self.get_many([t for t in ids if t not in skip])
+        ids = self.ids("active")  # (``skip`` is only a hint: reading is free here, and a view may be stale)
+        return ids, self.get_many(ids)
 
     def cas(self, task_id: str, record: TaskRecord, revision: object) -> object | None:
         with self._mu:
@@ -124,6 +124,7 @@ class MemoryRepo:
             self._logs.pop(f"ev.{task_id}", None)
             self._meta.pop(f"remarks.{task_id}", None)
             self._activity += 1
+        shutil.rmtree(self._dir / task_id, ignore_errors=True)
 
     # -- outputs ---------------------------------------------------------------------
     def workspace(self, task_id: str) -> Path:

@@ -126,6 +126,8 @@ class NatsRepo(JetStreamClient):
     async def create(self, record: TaskRecord, request: TaskRequest) -> None:
         """The request, the agent's prompt and the index first, the record last: the task appears with it."""
         t = validate_task_id(record.task_id)
+        if await self._kv_get(self.kv_tasks, t) is not None:  # (refused before anything of it is touched)
+            raise ValueError(f"task {t} exists already")
         data = request.model_dump_json().encode("utf-8", "surrogatepass")
         if len(data) > REQ_INLINE_MAX:
             await self._obj_put(f"{t}.request", data)
@@ -169,6 +171,7 @@ class NatsRepo(JetStreamClient):
         self._log_seqs.pop(subject, None)
         self._cancels.discard(t)
         self._cancel_checked.pop(t, None)
+        self._activity += 1  # (a purge leaves no marker for the records watcher to see)
 
     def ids(self, index: str = "all") -> list[str]:
         if index not in INDEXES:

@@ -67,7 +67,7 @@ class QueueView:
             if t not in self.queued:
                 del self.order[i]
                 continue
-            if t not in skip:
+            if t not in skip and t not in out:  # (a task queued again has a second entry until the first is reached)
                 out.append(t)
             i += 1
         return out

@@ -105,8 +105,8 @@ def parse_request(task_id: str, data: bytes, where: str) -> TaskRequest:
 class Repo(Protocol):
     """Records: ``create`` stores a new task (request and first record, indexed) whole or not at all; ``get`` is
     (revision, record), raising TaskNotFoundError or CorruptRecordError; ``get_many`` those of the ids that exist
-    and parse; ``unfinished`` the unfinished ids (newest first) and the records of those not in ``skip`` (a view
-    the caller trusts), as fresh as reading each; ``ids`` lists an index (INDEXES), newest first; ``cas`` writes a
+    and parse; ``unfinished`` the unfinished ids (newest first) and their records, as fresh as reading each
+    (``skip``: ids the caller holds as queued; a record of one of them may be left out only if it is unchanged); ``ids`` lists an index (INDEXES), newest first; ``cas`` writes a
     record if the stored one is still at ``revision`` (the new revision, or None if it changed or is gone) and
     keeps the index true to its status; ``cas_many`` does several, each on its own (a write that failed reads as
     None: it may have landed, so the caller re-reads); ``delete`` removes everything of a task (record, request,

@@ -55,20 +55,16 @@ log = logging.getLogger("cc_tasks")
 #: Seconds between two looks at whether the store's worker runs while tasks are unfinished.
 TEND_EVERY = 1.0
 
-INSTRUCTIONS = """Run Claude Code sub-agents in parallel. start_cc_task_async starts a sub-agent and returns its
-task_id at once (start_cc_tasks_batch starts many, with dependencies between them); wait_for_tasks waits
-for several (cheaper than polling check_task_status); get_task_output pages through long results;
-continue_task asks a finished sub-agent a follow-up; cancel_task stops one; cleanup_task deletes it.
-A task board for agents that are already running: post_task, then claim_task / renew_task / complete_task /
-fail_task / release_task under a lease; groups of tasks share notes (add_note, get_notes).
-A sub-agent whose tool call its permissions do not cover asks (task option approvals, default "ask"):
-wait_for_tasks returns with `needs_approval`; answer with answer_approval (list_approvals shows all).
-execute_cc_task runs one and returns when it ends. Every server process of this user shares the tasks,
-and at most CC_TASKS_MAX_CONCURRENT run at once; the rest are queued by priority. Replies are bounded:
-wait_for_tasks and list_active_tasks give a short entry per task (check_task_status has the whole record),
-and `more` with a cursor says where a reply was cut. Sub-agents editing the same repository in parallel:
-start them with `worktree: true` (each works in a git worktree of its own), read what each changed
-(`changes`, get_task_diff), bring the changes in with merge_task, then cleanup_task."""
+INSTRUCTIONS = """Runs Claude Code sub-agents (claude -p sessions) in parallel, supervised outside this session.
+Prefer it to the built-in Agent tool when parts of a job can run at the same time: its tasks are shared
+by every window and machine of this user and outlive this session, can ask you for permission mid-run
+(wait_for_tasks returns needs_approval: answer with answer_approval), and run under shared budgets
+(set_budget) and a rate-limit-aware cap.
+Reach first for start_cc_tasks_batch: every task in one call (key + depends_on order them; give each
+cwd, allowed_tools, max_turns, timeout_seconds). Then wait_for_tasks (mode "any" or "all"), never a
+check_task_status loop. Read long results with get_task_output, follow up with continue_task, stop one
+with cancel_task, delete with cleanup_task. Several tasks editing one repository: worktree: true, then
+get_task_diff and merge_task. Agents already running share work with post_task / claim_task."""
 
 
 def _validation_message(e: ValidationError) -> str:
