@@ -1,7 +1,6 @@
-"""The task board: tasks that outside agents claim (``runner: "agent"``), and groups' notes. Its rules, written
-once for every backend, as a part of the engine (``engine.TaskEngine`` is an ``AgentBoard``): an agent's lease
-carries an expiry and the SHA-256 of its token; every agent write is fenced by both; an expired lease goes through
-the engine's ``worker_lost`` like a lost worker's."""
+"""The task board, for every backend (``engine.TaskEngine`` is an ``AgentBoard``): tasks outside agents claim
+(``runner: "agent"``) and groups' notes. An agent's lease carries an expiry and its token's SHA-256; every agent
+write is fenced by both; an expired lease goes through ``worker_lost`` like a lost worker's."""
 
 from __future__ import annotations
 
@@ -51,8 +50,7 @@ def agent_failed(r: TaskRecord, error: str, retry: bool) -> dict:
 
 
 def check_agent_lease(r: TaskRecord, task_id: str, digest: str) -> Lease:
-    """The lease an agent's call holds ``r`` under (``digest``: the SHA-256 of its token), or the error that
-    refuses the call: not an agent task, held by no lease, by another one, or expired."""
+    """The lease an agent's call (``digest``: its token's SHA-256) holds ``r`` under, or the error refusing it."""
     if r.runner != "agent":
         raise InvalidOptionsError(
             f"task {task_id} is not an agent task (a worker runs claude for it); only tasks posted with "
@@ -83,13 +81,11 @@ def fold_notes(notes: list[dict], since: int) -> Iterator[dict]:
 class AgentBoard:
     """The agent-task and notes half of the engine (its methods use the engine's records and leases)."""
 
-    # -- agents: a task board -----------------------------------------------------------
     def claim_agent(
         self, claimer: str, labels: list[str], group: str | None, lease_seconds: float
     ) -> tuple[TaskRecord, str] | None:
-        """Lease the highest-priority, oldest ready agent task ``claimer`` may take (it has all the task's labels;
-        of ``group`` if given) for ``lease_seconds``. Returns the record and the lease token (only its SHA-256 is
-        stored), or None. Agent tasks do not count against the cap."""
+        """Lease the first ready agent task ``claimer`` has the labels for (of ``group`` if given): the record and the
+        lease token (only its SHA-256 is stored), or None. Agent tasks do not count against the cap."""
         mine = set(labels)
         with self.repo.claim_lock() as still_ours:
             _, seen = self.repo.unfinished()
@@ -155,8 +151,7 @@ class AgentBoard:
         return False
 
     def _agent_op(self, task_id: str, token: str, changes: Callable[[TaskRecord], dict]) -> TaskRecord:
-        """Change an agent task under its lease: refused (nothing changed) for a task that is not an agent task, a
-        lease that is not the task's (another claimer's, an earlier one's), or one that expired."""
+        """Change an agent task under its lease (``check_agent_lease``; an expired one is refused too)."""
         digest = hashlib.sha256(token.encode()).hexdigest()
         expired: list[TaskRecord] = []
 
@@ -184,8 +179,8 @@ class AgentBoard:
 
     def complete_agent(self, task_id: str, token: str, result: str, preview_chars: int) -> TaskRecord:
         """Completed, its whole result stored under the claim's epoch first (a lease taken over meanwhile: refused)."""
-        r0 = self.load(task_id)
-        epoch = r0.lease.epoch if r0.lease else r0.epoch
+        r0 = self.load(task_id)  # (the caller's lease first: a refused call never touches a stored result)
+        epoch = check_agent_lease(r0, task_id, hashlib.sha256(token.encode()).hexdigest()).epoch
         self.repo.put_output(task_id, epoch, "result", result.encode("utf-8", "surrogatepass"))
 
         def changes(r: TaskRecord) -> dict:
@@ -223,7 +218,6 @@ class AgentBoard:
         self.repo.signal("nudge")
         return r
 
-    # -- group notes -----------------------------------------------------------------------
     @staticmethod
     def _group(group: str) -> str:
         try:
@@ -232,8 +226,7 @@ class AgentBoard:
             raise InvalidOptionsError(str(e)) from None
 
     def add_note(self, group: str, text: str, key: str | None = None, by: str | None = None) -> int:
-        """Append a note to the group's notes; returns its position. A note with a ``key`` replaces, for readers,
-        the earlier notes of that key."""
+        """Append a note; returns its position. For readers, a note with a ``key`` replaces that key's earlier ones."""
         log_name = f"notes.{self._group(group)}"
         return self.repo.append_numbered(log_name, lambda n: {"seq": n, "ts": time.time(), "key": key, "by": by,
                                                                "text": text})  # fmt: skip

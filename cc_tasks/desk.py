@@ -45,18 +45,32 @@ def reply(answer: ApprovalAnswer, tool_input: Any) -> dict:
     return {"behavior": "deny", "message": answer.message or f"denied by {answer.by}"}
 
 
+_home: list[Path] = []
+
+
+def _socket_dir() -> Path:
+    """The private folder of this user's desks' sockets (made and checked once per process)."""
+    if not _home:
+        _home.append(ensure_private_dir(Path(tempfile.gettempdir()) / f"cc_tasks-approve-{os.getuid()}"))
+    return _home[0]
+
+
 class ApprovalDesk:
+    """No thread of its own while nothing asks: the supervisor's loop polls ``fileno()`` and calls ``accept()``
+    (each request then gets a thread, as it may wait minutes for its answer)."""
+
     def __init__(self, backend, lease: Lease, rules: list[ApprovalRule], timeout: float):
         self.backend, self.lease, self.rules, self.timeout = backend, lease, rules, timeout
-        home = ensure_private_dir(Path(tempfile.gettempdir()) / f"cc_tasks-approve-{os.getuid()}")
-        self.path = home / f"{lease.task_id}-{lease.epoch}-{secrets.token_hex(3)}.sock"
+        self.path = _socket_dir() / f"{lease.task_id}-{lease.epoch}-{secrets.token_hex(3)}.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(self.path))
         os.chmod(self.path, 0o600)
         self.sock.listen(16)
-        self.sock.settimeout(0.5)
+        self.sock.setblocking(False)
         self._closed = threading.Event()
-        threading.Thread(target=self._serve, name=f"desk-{lease.task_id}", daemon=True).start()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
     def server_config(self) -> dict:
         """The ``--mcp-config`` entry of the approval server (a name of its own: the nesting limit's
@@ -75,14 +89,14 @@ class ApprovalDesk:
             except FileNotFoundError:
                 pass
 
-    def _serve(self) -> None:
+    def accept(self) -> None:
+        """Take the requests waiting on the socket (non-blocking), a thread each."""
         while not self._closed.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
+            except (BlockingIOError, OSError):
                 return
+            conn.setblocking(True)
             uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
             if uid != os.getuid():
                 conn.close()

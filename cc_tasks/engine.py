@@ -1,15 +1,10 @@
-"""The task engine: every rule of a task's life, written once, over a storage interface (repo.Repo).
+"""The task engine: every rule of a task's life, written once over a storage interface (repo.Repo) and run
+unchanged on the local files, NATS JetStream and in memory (the repos hold only I/O): claim order (priority, age,
+labels, the cap), lease liveness, lost workers (requeue or fail), dependencies, cancels, agents' leases, notes.
 
-Which queued task a worker claims next (priority, age, labels, the cap), when a lease is alive, what a lost
-worker does to a running task (requeue as a new attempt or fail), how dependencies release or skip the waiting,
-how a cancel lands, how an agent's lease is renewed, completed, failed or expires, how notes fold by key: all
-here, run unchanged on the local files, on NATS JetStream and in memory. The repos hold only I/O.
-
-Client side (servers, the CLI): submit, read, list, events, output pages, request a cancel, delete, ``nudge``.
-Worker side: ``claim`` leases the highest-priority, oldest ready tasks within the cap; ``renew`` is a lease's
-heartbeat; ``progress``, ``event`` and ``finish`` are fenced by the lease: once it expired or was taken over they
-raise ``LeaseLostError`` and change nothing. Every record change is a compare-and-set through ``_update`` and
-states.TRANSITIONS, so two writers never both win.
+Clients submit, read, list, cancel, delete and ``nudge``; workers ``claim`` and ``renew``; ``progress``, ``event``
+and ``finish`` are fenced by the lease (``LeaseLostError`` once it expired or was taken over, nothing changed).
+Every record change is a compare-and-set through ``update`` and states.TRANSITIONS: two writers never both win.
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ from .config import default_max_concurrent
 from .errors import CorruptRecordError, LeaseLostError, TaskNotFoundError
 from .ids import HOST, validate_task_id
 from .launcher import WorkerLauncher
-from .leases import ALIVE_CACHE, LeaseRules, doomed_processes, lost_message, stop_processes
+from .leases import ALIVE_CACHE, LeaseRules, doomed_processes, holding, lost_message, stop_processes
 from .limits import FleetLimits
 from .models import FleetConfig, Lease, TaskRecord, TaskRequest, WorkerInfo, utcnow
 from .queue import QueueView, ready
@@ -51,25 +46,21 @@ def entry(kind: str, **data) -> dict:
     return {"ts": time.time(), "kind": kind, **{k: v for k, v in data.items() if v is not None}}
 
 
-# -- the rules, pure ------------------------------------------------------------------------
 def cancel_update(r: TaskRecord) -> TaskRecord | None:
-    """What a cancel does: a task that has not started, or an agent's task, is cancelled at once (an agent's
-    lease is dropped with it); a running claude task is only marked (its worker stops it). None: nothing to do."""
+    """A cancel: at once for a task not started or an agent's; a running claude task is only marked (None: no-op)."""
     if r.status.terminal or (r.cancel_requested and r.runner == "claude"):
         return None
     if r.status in (TaskStatus.WAITING, TaskStatus.QUEUED):
         error = "cancelled before it started"
     elif r.runner == "agent":
-        held = f" (it was held by {r.lease.worker!r})" if r.lease else ""
-        error = f"cancelled{held}"
+        error = f"cancelled (it was held by {r.lease.worker!r})" if r.lease else "cancelled"
     else:
         return r.model_copy(update={"cancel_requested": True})
     return r.model_copy(update={"status": TaskStatus.CANCELLED, "cancel_requested": True, "error": error})
 
 
 def dependency_verdict(r: TaskRecord, deps: dict[str, TaskRecord | None]) -> tuple[TaskStatus | None, str | None]:
-    """A waiting task: queued once every dependency completed, skipped as soon as one did not (or is gone);
-    (None, None) while some still run."""
+    """Queued once every dependency completed, skipped once one did not (or is gone); (None, None) while some run."""
     verdict: TaskStatus | None = TaskStatus.QUEUED
     for dep in r.depends_on:
         d = deps.get(dep)
@@ -83,9 +74,8 @@ def dependency_verdict(r: TaskRecord, deps: dict[str, TaskRecord | None]) -> tup
 
 
 class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
-    """The backend every layer above uses: the rules, over ``repo``. ``max_concurrent``: this process's default
-    cap (CC_TASKS_MAX_CONCURRENT); the cap stored with the backend (``set_config``) wins over it, and on a remote
-    backend the first worker stores its own when none is set, so every machine claims under one cap."""
+    """The rules over ``repo``. ``max_concurrent``: this process's default cap; one stored with the backend wins
+    (on a remote backend the first worker stores its own when none is set: every machine claims under one cap)."""
 
     def __init__(self, repo: Repo, *, max_concurrent: int | None = None):
         self.repo = repo
@@ -95,8 +85,7 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
         self._view: QueueView | None = None
         self._uploaded: dict[str, tuple[float, int]] = {}
         self._remarked: dict[tuple[str, str], float] = {}
-        #: The store's own worker, where the repo declares a home for one (started on demand by ``nudge``).
-        self.launcher = WorkerLauncher(self.caps.worker_home) if self.caps.worker_home else None
+        self.launcher = WorkerLauncher(self.caps.worker_home) if self.caps.worker_home else None  # (see nudge)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.address!r})"
@@ -122,13 +111,10 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
         if self.launcher is not None:
             self.launcher.reap(wait)
 
-    # -- the shared configuration -------------------------------------------------------
     def config(self) -> FleetConfig:
         got = self.repo.get_meta("config")
-        if got is None:
-            return FleetConfig()
         try:
-            return FleetConfig.model_validate_json(got[1])
+            return FleetConfig.model_validate_json(got[1]) if got else FleetConfig()
         except ValueError:
             log.warning("%s: the stored configuration is unreadable; using the defaults", self.address)
             return FleetConfig()
@@ -153,21 +139,15 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
         self.default_cap = value
 
     def cap_source(self) -> str:
-        stored = self.config().max_concurrent
-        if stored:
+        if self.config().max_concurrent:
             return f"stored with the backend ({self.address})"
         return "this process's CC_TASKS_MAX_CONCURRENT (or its default)"
 
-    # -- records -----------------------------------------------------------------------
-    def update(
-        self, task_id: str, fn: Callable[[TaskRecord], TaskRecord | None], hint: tuple[object, TaskRecord] | None = None
-    ) -> TaskRecord:
-        """Read, change and compare-and-set the record (again from a fresh read if another write came first).
-        ``fn`` returns None for no change, and may raise to refuse it; it may run more than once. Every status
-        change goes through here and the TRANSITIONS table."""
+    def update(self, task_id: str, fn: Callable[[TaskRecord], TaskRecord | None]) -> TaskRecord:
+        """Read, change, compare-and-set (again from a fresh read if another write came first). ``fn`` returns None
+        for no change, may raise to refuse it, and may run more than once. Every status change goes through here."""
         while True:
-            revision, current = hint if hint is not None else self.repo.get(task_id)
-            hint = None
+            revision, current = self.repo.get(task_id)
             new = fn(current)
             if new is None:
                 return current
@@ -183,8 +163,7 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
         return new
 
     def _log_status(self, task_id: str, line: dict) -> None:
-        """The status event of a change that landed: best effort (the record is the truth; a failed append is
-        never a reason to report the change as failed)."""
+        """Best effort: the record is the truth (a failed append never makes the change fail)."""
         try:
             self.repo.append(f"ev.{task_id}", line)
         except Exception as e:
@@ -205,8 +184,7 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
             return None
 
     def submit(self, record: TaskRecord, request: TaskRequest) -> None:
-        """A new task. Tasks of a batch are submitted in dependency order: nobody sees one whose dependencies are
-        missing."""
+        """A new task (a batch's in dependency order: none is seen before its dependencies)."""
         validate_task_id(record.task_id)
         self.repo.create(record, request)
         self.repo.append(f"ev.{record.task_id}", entry("status", status=record.status.value))
@@ -239,8 +217,7 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
 
     def queue_position(self, task_id: str) -> int | None:
         """1 = the next queued task of its kind (claude or agent) to be claimed; None if it is not queued."""
-        _, seen = self.repo.unfinished()
-        records = {t: r for t, (_, r) in seen.items()}
+        records = {t: r for t, (_, r) in self.repo.unfinished()[1].items()}
         mine = records.get(task_id)
         return QueueView(records, mine.runner).position(task_id) if mine else None
 
@@ -278,8 +255,7 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
         self.repo.append(f"ev.{validate_task_id(task_id)}", entry(kind, **data))
 
     def read_output(self, task_id: str, source: str, offset: int, limit: int) -> tuple[bytes, int]:
-        """Up to ``limit`` bytes of a task's output from ``offset``, and its size: the output of the record's claim
-        (a result only once the task has ended)."""
+        """Up to ``limit`` bytes from ``offset`` and the size of the record's claim's output (a result once ended)."""
         if source not in SOURCES:
             raise ValueError(f"unknown output source {source!r}")
         r = self._peek(validate_task_id(task_id))
@@ -291,8 +267,7 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
         return self.repo.workspace(validate_task_id(task_id))
 
     def annotate(self, task_id: str, **fields) -> TaskRecord:
-        """Set fields of a finished task's record that no worker writes any more (a worktree task's ``changes``).
-        Never its status or lease; a task that has not finished is left alone."""
+        """Set fields of a finished task's record (a worktree's ``changes``), never status or lease; else no-op."""
         if "status" in fields or "lease" in fields:
             raise ValueError("annotate never changes a task's status or lease")
 
@@ -310,8 +285,7 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
         self.delete(task_id)
 
     def nudge(self) -> None:
-        """Workers look at the queue now; where the backend has a worker of its own, one is started if none runs
-        (WorkerUnavailableError if it cannot be)."""
+        """Workers look at the queue now; the backend's own worker, if any, is started (WorkerUnavailableError)."""
         if self.launcher is not None:
             self.launcher.nudge()
         else:
@@ -320,10 +294,8 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
     def subscribe(self, handler: Callable[[], None]) -> None:
         self.repo.subscribe(handler)
 
-    # -- cancel ---------------------------------------------------------------------------
     def request_cancel(self, task_id: str) -> TaskRecord:
-        """A task that has not started, or an agent's, is cancelled at once; a running claude task is marked and its
-        worker is signalled (its supervisor stops the tree)."""
+        """See ``cancel_update``; a running claude task's worker is signalled (its supervisor stops the tree)."""
         r = self.update(validate_task_id(task_id), cancel_update)
         if r.status == TaskStatus.RUNNING:
             self.repo.signal("cancel", task_id)
@@ -336,8 +308,7 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
         return self.repo.cancel_signalled(task_id)
 
     def force_cancel(self, task_id: str, error: str) -> TaskRecord:
-        """End a running task whose worker did not stop it in time: its record first (cancelled, lease dropped: the
-        worker's later writes are refused), then its processes on this host."""
+        """End a task its worker did not stop in time: the record (lease dropped), then its processes here."""
         doomed: list = []
 
         def fn(cur: TaskRecord) -> TaskRecord | None:
@@ -354,10 +325,8 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
             self.resolve_waiting()
         return r
 
-    # -- dependencies ---------------------------------------------------------------------
     def resolve_waiting(self, records: dict[str, TaskRecord] | None = None) -> dict[str, TaskRecord]:
-        """Move waiting tasks whose dependencies all completed to queued; skip those with one that did not
-        (cascading). Runs when a task ends (and in every claim); returns the records it changed."""
+        """Queue or skip (cascading) the waiting tasks per ``dependency_verdict``; returns the records it changed."""
         ids = self.repo.ids("waiting")
         if not ids:
             return {}
@@ -366,12 +335,10 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
         again = True
         while again:
             again = False
-            waiting = {t: known.get(t) or self._peek(t) for t in ids}
-            for t, r in waiting.items():
+            for t, r in {t: known.get(t) or self._peek(t) for t in ids}.items():
                 if r is None or r.status != TaskStatus.WAITING:
                     continue
-                deps = {d: known.get(d) or self._peek(d) for d in r.depends_on}
-                verdict, reason = dependency_verdict(r, deps)
+                verdict, reason = dependency_verdict(r, {d: known.get(d) or self._peek(d) for d in r.depends_on})
                 if verdict is None:
                     continue
                 try:
@@ -384,16 +351,13 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
             self.repo.signal("nudge")
         return changed
 
-    # -- workers --------------------------------------------------------------------------
     def register(self, info: WorkerInfo) -> None:
         """A worker joins. On a remote backend the first worker's cap becomes the namespace's when none is stored."""
         self.repo.put_worker(info)
-        if self.caps.remote and not self.config().max_concurrent:
-            got = self.repo.get_meta("config")
-            if got is None:
-                new = FleetConfig(max_concurrent=self.default_cap).model_dump_json().encode()
-                if self.repo.cas_meta("config", new, None):
-                    log.info("%s: the cap is now %d (this worker's; none was stored)", self.address, self.default_cap)
+        if self.caps.remote and self.repo.get_meta("config") is None:
+            new = FleetConfig(max_concurrent=self.default_cap).model_dump_json().encode()
+            if self.repo.cas_meta("config", new, None):
+                log.info("%s: the cap is now %d (this worker's; none was stored)", self.address, self.default_cap)
 
     def heartbeat(self, worker_id: str) -> bool:
         with patiently():
@@ -405,12 +369,9 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
     def workers(self) -> list[WorkerInfo]:
         return self.repo.workers()
 
-    # -- claims ---------------------------------------------------------------------------
     def claim(self, worker: WorkerInfo, free_slots: int, fresh: bool = True) -> list[TaskRecord]:
-        """Lease up to ``free_slots`` ready tasks to ``worker``: highest priority, then oldest; only tasks whose
-        labels it has (and, where other machines may run it, whose directory exists here); never more running
-        than the cap. Serialised by the claim lock, and each lease is a compare-and-set on its record, so exactly
-        one worker gets a task. ``fresh=False`` trusts this engine's view of the queued tasks (QueueView)."""
+        """Lease up to ``free_slots`` ready tasks in queue order, within the cap, whose labels (and, remotely, folder)
+        ``worker`` has; under the claim lock, each lease a CAS. ``fresh=False`` trusts this engine's QueueView."""
         if free_slots <= 0:
             return []
         out: list[TaskRecord] = []
@@ -452,11 +413,9 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
                         self._remark(t, worker, f"lacks labels {missing}")
                     elif self.caps.remote and not os.path.isdir(r.cwd):
                         self._remark(t, worker, f"has no directory {r.cwd}")
-                    elif not scopes:
-                        picks.append((*have[t], None))
                     else:
-                        wanted = self.request(t).options.max_budget_usd
-                        amount, why = self.reserve(r, wanted, scopes)
+                        wanted = self.request(t).options.max_budget_usd if scopes else None
+                        amount, why = self.reserve(r, wanted, scopes) if scopes else (None, None)
                         if why is not None:
                             self._block(r, why)
                         else:
@@ -465,38 +424,30 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
                     log.warning("%s: the claim lock expired during a claim pass; leasing nothing more", self.address)
                     break
                 leased_epochs = {r.task_id: r.epoch + 1 for _, r, _ in picks}
-                reserved = {r.task_id: (r, amount) for _, r, amount in picks if amount is not None}
+                reserved = {r.task_id: r for _, r, amount in picks if amount is not None}
                 for rec in self._lease_all(picks, worker):
-                    if isinstance(rec, TaskRecord):
-                        out.append(rec)
-                        view.taken(rec.task_id)
-                        free -= 1
-                        continue
-                    r = self._peek(rec)
-                    ours = r is not None and r.status == TaskStatus.RUNNING and r.lease is not None
-                    if rec in reserved and not (ours and r.lease.worker == worker.worker_id):
-                        self.release(reserved[rec][0], None)  # (not leased: its reservation goes back)
-                    if r is None:  # refused: cancelled, or taken meanwhile
-                        view.queued.discard(rec)
-                    elif (
-                        r.status == TaskStatus.RUNNING
-                        and r.lease is not None
-                        and r.lease.worker == worker.worker_id
-                        and r.epoch == leased_epochs.get(rec)
-                    ):  # (ours: it landed, its answer was lost)
-                        out.append(r)
-                        view.taken(rec)
-                        free -= 1
-                    else:
-                        view.note(r)
-                        free -= r.status == TaskStatus.RUNNING and r.runner == "claude"
+                    if not isinstance(rec, TaskRecord):  # refused: the id
+                        r = self._peek(rec)
+                        by = r.lease.worker if r is not None and r.status == TaskStatus.RUNNING and r.lease else None
+                        if rec in reserved and by != worker.worker_id:
+                            self.release(reserved[rec], None)  # (not leased: its reservation goes back)
+                        if r is None:  # cancelled, or taken meanwhile
+                            view.queued.discard(rec)
+                            continue
+                        if by != worker.worker_id or r.epoch != leased_epochs.get(rec):
+                            view.note(r)
+                            free -= r.status == TaskStatus.RUNNING and r.runner == "claude"
+                            continue
+                        rec = r  # (ours: it landed, its answer was lost)
+                    out.append(rec)
+                    view.taken(rec.task_id)
+                    free -= 1
         return out
 
     def _lease_all(
         self, picks: list[tuple[object, TaskRecord, float | None]], worker: WorkerInfo
     ) -> list[TaskRecord | str]:
-        """Lease each picked record to ``worker`` (all at once, each with what it reserved of the budgets); the
-        leased records, or the ids refused."""
+        """Lease the picks to ``worker`` at once (each with its budget reservation): leased records or refused ids."""
         writes = []
         for revision, r, amount in picks:
             try:
@@ -522,10 +473,9 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
             out.append(new)
         return out
 
-    # -- fenced writes (worker side) --------------------------------------------------------
     def _fenced(self, lease: Lease, changes: Callable[[TaskRecord], dict]) -> TaskRecord:
         def fn(r: TaskRecord) -> TaskRecord:
-            if r.status != TaskStatus.RUNNING or not lease.same(r.lease):
+            if not holding(lease, r):
                 raise LeaseLostError(lost_message(lease, r))
             return r.model_copy(update=changes(r))
 
@@ -539,14 +489,14 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
         """Whether ``lease`` is still the task's lease (a read, no write)."""
         with patiently():
             r = self._peek(lease.task_id)
-        return r is not None and r.status == TaskStatus.RUNNING and lease.same(r.lease)
+        return holding(lease, r)
 
     def renew(self, lease: Lease) -> None:
         """The heartbeat for one lease: raises LeaseLostError if it is no longer the task's."""
         with patiently():
             self.repo.beat(lease.worker)
             r = self._peek(lease.task_id)
-        if r is None or r.status != TaskStatus.RUNNING or not lease.same(r.lease):
+        if not holding(lease, r):
             raise LeaseLostError(lost_message(lease, r))
 
     def event(self, lease: Lease, kind: str, **data) -> None:
@@ -557,8 +507,7 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
             self.repo.append(f"ev.{lease.task_id}", entry(kind, epoch=lease.epoch, **data))
 
     def progress(self, lease: Lease, **fields) -> TaskRecord:
-        """Record live progress under ``lease``; the transcript so far is stored every LIVE_UPLOAD_EVERY seconds
-        while it is small (readers elsewhere follow it; all of it is stored when the task ends)."""
+        """Live progress under ``lease``; a small transcript is also stored every LIVE_UPLOAD_EVERY s (for readers)."""
         r = self._fenced(lease, lambda r: fields)
         path = self.repo.workspace(lease.task_id) / WORKSPACE_FILES["transcript"]
         try:
@@ -574,8 +523,8 @@ class TaskEngine(LeaseRules, AgentBoard, ApprovalRules, FleetLimits):
         return r
 
     def finish(self, lease: Lease, status: TaskStatus, result_text: str | None = None, **fields) -> TaskRecord:
-        """End the task under ``lease``: store its outputs under the lease's epoch (a superseded claim's are never
-        the ones read), then the final record (fenced); then release or skip the tasks that wait for it."""
+        """Store the outputs under the lease's epoch (a superseded claim's are never read), then the final record
+        (fenced); then resolve the tasks waiting for it."""
         t, ws = lease.task_id, self.repo.workspace(lease.task_id)
         outputs: dict[str, bytes | Path] = {s: ws / name for s, name in WORKSPACE_FILES.items()}
         if result_text is not None:
@@ -607,8 +556,6 @@ def dependency_preamble(backend: TaskEngine, depends_on: list[str], total: int =
         r = backend.read(dep)
         data, size = backend.read_output(dep, "result", 0, per * 4)
         text = data.decode("utf-8", "replace") if size else (r.result or "")
-        cut = text[:per]
-        more = len(text) > per or size > len(data)
-        tail = f"\n[... more: get_task_output(task_id={dep!r})]" if more else ""
-        parts.append(f'<dependency task_id="{dep}" name="{r.name or ""}">\n{cut}{tail}\n</dependency>')
+        tail = f"\n[... more: get_task_output(task_id={dep!r})]" if len(text) > per or size > len(data) else ""
+        parts.append(f'<dependency task_id="{dep}" name="{r.name or ""}">\n{text[:per]}{tail}\n</dependency>')
     return ("Results of the tasks this task depends on:\n\n" + "\n\n".join(parts) + "\n\n---\n\n") if parts else ""

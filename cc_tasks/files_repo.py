@@ -1,26 +1,17 @@
 """The local repo: ``repo.Repo`` over files in one private folder, shared by every process of the user on this
 machine. Only I/O lives here (no task policy: that is the engine's).
 
-Layout::
-
-    <root>/tasks/<task_id>/record.json    the TaskRecord, replaced atomically; its bytes are its revision
-                           request.json   the TaskRequest: options, cwd, claude binary, the submitter's environment
-                           prompt.txt     claude's standard input (an agent task's prompt, from the start)
-                           stdout.jsonl   claude's stream-json transcript
-                           stderr.log     claude's standard error
-                           result.<epoch>.txt  the whole final result text of a claim (result.txt: cc-tasks <= 0.4)
-                           events.jsonl   append-only event log (``ev.<task_id>``)
-                           cancel         marker: a cancel was signalled (the running supervisor stops)
-                           lock           filelock serialising compare-and-sets of record.json
-                           events.lock    filelock serialising numbered appends to events.jsonl
-    <root>/active/<task_id>               marker of a task that is not finished (the "active" index)
-    <root>/waiting/<task_id>              marker of a task waiting for its dependencies (the "waiting" index)
-    <root>/workers/<worker_id>.json       a registered worker (WorkerInfo)
-    <root>/workers/<worker_id>.beat       its heartbeat: this host's monotonic clock, written in place
-    <root>/groups/<group>/notes.jsonl     a group's notes (``notes.<group>``), numbered under groups/<group>/lock
-    <root>/meta/<key>                     small keyed values (config, remarks.<task_id>), set under meta/.lock
-    <root>/worker.sock                    the control socket of the store's worker (control.py, launcher.py)
-    <root>/queue.lock                     serialises claims
+Layout (under the root): ``tasks/<task_id>/`` holds record.json (the TaskRecord, replaced atomically; its bytes are
+its revision), request.json (the TaskRequest: options, cwd, claude binary, the submitter's environment), prompt.txt,
+stdout.jsonl and stderr.log (claude's stdin, from the start for an agent task; its stream-json transcript; its
+stderr), result.<epoch>.txt (a claim's whole final result; result.txt: cc-tasks <= 0.4), events.jsonl (append-only,
+``ev.<task_id>``), the marker ``cancel`` (a cancel was signalled) and the filelocks ``lock`` (compare-and-sets of
+record.json) and ``events.lock`` (numbered appends). ``active/<task_id>`` and ``waiting/<task_id>`` are the index
+markers (not finished; waiting for its dependencies); ``workers/<worker_id>.json`` a registered WorkerInfo and
+``.beat`` its heartbeat (this host's monotonic clock, written in place); ``groups/<group>/notes.jsonl`` a group's
+notes (``notes.<group>``, numbered under its ``lock``); ``meta/<key>`` small keyed values (config,
+remarks.<task_id>) set under meta/.lock; ``worker.sock`` the store's worker's control socket (control.py,
+launcher.py); ``queue.lock`` serialises claims.
 
 The mtime of ``active/`` is the activity stamp: touched when a task is added, removed or changes status, and on
 every nudge. The active marker is made before a task's folder appears and removed after its record is final, so
@@ -72,8 +63,7 @@ def _write(path: Path, data: bytes, flags: int = 0) -> None:
 
 
 class FileRepo:
-    """See the module's docstring. Records returned by ``get``, ``get_many`` and ``unfinished`` are shared by
-    the parse cache: callers must not change them (the engine changes a ``model_copy``)."""
+    """Records from ``get``, ``get_many`` and ``unfinished`` are shared by the parse cache: never change them."""
 
     def __init__(self, root: Path | str, *, lease_seconds: float):
         self.root = ensure_private_dir(Path(root))
@@ -105,8 +95,7 @@ class FileRepo:
         return self.task_dir(task_id) / name
 
     def _locked(self, path: Path, timeout: float = LOCK_TIMEOUT) -> contextlib.AbstractContextManager:
-        """Hold the lock file ``path`` (in a ``with``), polling briskly (filelock's default poll is 50 ms). One
-        FileLock per lock file and process: making one costs more than using it (its state is per thread)."""
+        """Hold the lock file ``path``, polling briskly; one FileLock per file and process (making one costs more)."""
         lock = self._locks.get(str(path))
         if lock is None:
             if len(self._locks) > 10_000:
@@ -199,8 +188,8 @@ class FileRepo:
         return each(self.get, ids)
 
     def unfinished(self, skip: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, Versioned]]:
-        """The active markers, less those of missing tasks and of final records (a crash between a write and its
-        unlink: such markers are removed), and the records of those not in ``skip`` (a corrupt one: none)."""
+        """The active ids, less missing and final tasks (a crash's leftover markers are removed), and the records of
+        those not in ``skip`` (a corrupt one: none)."""
         waiting = set(self.ids("waiting"))
         ids: list[str] = []
         records: dict[str, Versioned] = {}
@@ -407,8 +396,7 @@ class FileRepo:
         return [info for info in map(self._worker_info, alive) if info is not None]
 
     def liveness(self, worker_id: str) -> Liveness:
-        """ALIVE while registered with a fresh beat and its process alive on this host; else GONE (a local
-        store is one host's: a worker elsewhere cannot be checked). Never UNKNOWN: there is no outage here."""
+        """ALIVE while registered with a fresh beat and its process alive on this host, else GONE (never UNKNOWN)."""
         info = self._worker_info(worker_id)
         path = self._worker_file(worker_id)
         try:  # (the beat: this host's monotonic clock)
@@ -438,8 +426,7 @@ class FileRepo:
             raise ValueError(f"unknown signal {kind!r} (nudge, cancel or uncancel)")
         for handler in list(self._handlers):
             handler()
-        sock = self.root / "worker.sock"
-        if kind == "nudge" and sock.exists():
+        if kind == "nudge" and (sock := self.root / "worker.sock").exists():
             control.send(sock, {"op": "nudge"})  # (best effort: a worker that does not listen polls anyway)
 
     def subscribe(self, handler: Callable[[], None]) -> None:

@@ -1,6 +1,6 @@
-"""Leases and lost workers, written once for every backend (a part of the engine: ``engine.TaskEngine`` is a
-``LeaseRules``): when a lease is alive, what "the worker is gone" does to a running task (requeue as a new attempt
-or fail), and, where claims can be lost in flight, what a worker does with leases it does not supervise."""
+"""Leases and lost workers, for every backend (``engine.TaskEngine`` is a ``LeaseRules``): when a lease is alive,
+what "the worker is gone" does to a running task (requeue or fail), and what a worker does with leases it does not
+supervise (where claims can be lost in flight)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,8 @@ ACTED_SCAN_MAX = 64 << 20
 
 
 def lost_update(cur: TaskRecord, reason: str, acted: bool) -> TaskRecord:
-    """What "the worker is gone" (or an agent's lease expired) does to a running record: the lease is dropped;
-    the task goes back to the queue as a new attempt if its run had no effect (``acted`` False: used no tool, no
-    result) and attempts remain, else it ends failed, or cancelled if a cancel was asked for."""
+    """A lost worker (or an agent's expired lease): lease dropped; requeued as a new attempt if the run had no effect
+    (``acted``: a tool used, a result) and attempts remain, else failed (cancelled if asked for)."""
     now = utcnow()
     n = len(cur.attempts) + 1
     agent = cur.runner == "agent"  # (an agent's lease expired: what it did is its own business)
@@ -52,6 +51,11 @@ def lost_update(cur: TaskRecord, reason: str, acted: bool) -> TaskRecord:
     return cur.model_copy(update=fields)
 
 
+def holding(lease: Lease, r: TaskRecord | None) -> bool:
+    """Whether ``r`` still runs under ``lease``."""
+    return r is not None and r.status == TaskStatus.RUNNING and lease.same(r.lease)
+
+
 def lost_message(lease: Lease, r: TaskRecord | None) -> str:
     if r is None:
         return f"task {lease.task_id}: the lease of worker {lease.worker} is no longer valid: the task is gone"
@@ -63,8 +67,7 @@ def lost_message(lease: Lease, r: TaskRecord | None) -> str:
 
 
 def doomed_processes(r: TaskRecord) -> tuple[psutil.Process | None, list[psutil.Process]]:
-    """The processes of ``r``'s run that this host can see: its claude, and every process carrying the task's id
-    in its environment (its tools). Taken before the task can be claimed again (a new attempt's carry the id)."""
+    """``r``'s claude and the processes with its id in their environment, on this host (taken before a new claim)."""
     if r.runner != "claude" or (r.lease is not None and r.lease.host not in ("", HOST)):
         return None, []
     root = procs.process_of(r.claude) if r.claude is not None else None
@@ -73,8 +76,7 @@ def doomed_processes(r: TaskRecord) -> tuple[psutil.Process | None, list[psutil.
 
 
 def stop_processes(doomed: tuple[psutil.Process | None, list[psutil.Process]], wait: bool) -> None:
-    """Stop what ``_doomed`` found; with ``wait=False`` in a thread of its own (a reader or a claim must not wait
-    seconds for a stubborn tree; not a daemon, so a short-lived CLI process still sees it through)."""
+    """Stop what ``doomed_processes`` found; ``wait=False``: in a (non-daemon) thread, so a reader need not wait."""
     root, others = doomed
     if root is None and not others:
         return
@@ -88,7 +90,6 @@ def stop_processes(doomed: tuple[psutil.Process | None, list[psutil.Process]], w
 class LeaseRules:
     """The lease half of the engine (its methods use the engine's records and repo)."""
 
-    # -- leases ---------------------------------------------------------------------------
     def _liveness(self, lease: Lease, max_age: float = 0.0) -> Liveness:
         if lease.expires_at is not None:  # an agent's: until it expires
             return Liveness.ALIVE if utcnow() < lease.expires_at else Liveness.GONE
@@ -116,9 +117,8 @@ class LeaseRules:
         if lease is None:
             if r.supervisor is not None and procs.alive(r.supervisor):
                 return r  # a task of cc-tasks 0.2, still under its supervisor: left to it
-            return self.worker_lost(
-                r, "it has no lease (a task of an earlier cc-tasks version whose supervisor is gone)"
-            )
+            why = "it has no lease (a task of an earlier cc-tasks version whose supervisor is gone)"
+            return self.worker_lost(r, why)
         if self._liveness(lease, max_age) is not Liveness.GONE:
             return r
         if lease.expires_at is not None:
@@ -127,8 +127,8 @@ class LeaseRules:
         return self.worker_lost(r, f"{who} stopped renewing its lease (exited, killed, hung or cut off)")
 
     def _acted(self, r: TaskRecord) -> bool:
-        """Whether the run under ``r``'s lease may have had effects: a tool call in the record, or a tool call or a
-        final result in its transcript since the lease was granted (the record's progress lags it by a flush)."""
+        """Whether the run may have had effects: a tool call in the record, or a tool call or result in the transcript
+        since the lease (the record's progress lags it by a flush)."""
         if r.progress.tool_calls:
             return True
         seen, buf = Progress(), b""
@@ -148,14 +148,9 @@ class LeaseRules:
                 break
         return False
 
-    def worker_lost(self, r: TaskRecord, reason: str, *, force: bool = False, tool_calls: int = 0,
-                    wait: bool = False) -> TaskRecord:  # fmt: skip
-        """The one place for "the worker is gone" (or an agent's lease expired). First the record: the lease is
-        dropped, so the lost worker's writes are refused from here on, and the task goes back to the queue as a new
-        attempt when its run had no effect and attempts remain; else it ends failed, or cancelled if a cancel was
-        asked for. Then its processes on this host are stopped, as found before it could be claimed again.
-        ``force``: its own worker says it no longer runs it (the lease is not looked at); ``tool_calls``: what
-        that worker counted (the record may have fewer)."""
+    def worker_lost(self, r: TaskRecord, reason: str, *, force: bool = False, tool_calls: int = 0) -> TaskRecord:
+        """The one place for "the worker is gone": the record first (``lost_update``), then its processes here.
+        ``force``: its worker says it no longer runs it (lease not judged); ``tool_calls``: that worker's count."""
         lease = r.lease
         doomed: list = []
 
@@ -178,7 +173,7 @@ class LeaseRules:
             self.repo.signal("uncancel", r.task_id)
             self.append_event(r.task_id, "requeued", reason=reason, attempt=len(new.attempts) + 1)
             self.repo.signal("nudge")
-        stop_processes(doomed[0], wait)
+        stop_processes(doomed[0], wait=False)
         if new.status.terminal:
             self.resolve_waiting()
         return new
@@ -189,20 +184,17 @@ class LeaseRules:
         supervised: Callable[[], tuple[set[tuple[str, int]], datetime]],
         abandoned: dict[tuple[str, int], tuple[bool, int]] | None = None,
     ) -> list[str]:
-        """Where claims can be lost in flight: put back the tasks leased to ``worker_id`` that it does not supervise
-        (a claim whose answer was lost after its lease landed). ``supervised()``: the (task id, epoch) it supervises
-        and the time before which every lease it got is among them. ``abandoned``: its tasks whose supervisor its
-        lease watch abandoned, each with whether claude was started and its count of tool calls: those are a lost
-        worker's (an attempt counted); the quiet release is for leases never started."""
+        """Put back the tasks leased to ``worker_id`` it does not supervise (a claim's answer lost). ``supervised()``:
+        its (task id, epoch) and the time before which every lease it got is among them; ``abandoned``: (claude
+        started?, tool calls) of tasks it gave up: a lost worker's; the quiet release is for unstarted ones."""
         _, seen = self.repo.unfinished()
         mine = [r for _, r in seen.values()
                 if r.status == TaskStatus.RUNNING and r.runner == "claude" and r.lease and r.lease.worker == worker_id]  # fmt: skip
         keys, cutoff = supervised()
-        gone = dict(abandoned or {})
-        if abandoned is not None:
-            ours = {(r.task_id, r.epoch) for r in mine}
-            for k in [k for k in gone if k not in ours]:
-                abandoned.pop(k, None)
+        abandoned = {} if abandoned is None else abandoned
+        gone, ours = dict(abandoned), {(r.task_id, r.epoch) for r in mine}
+        for k in [k for k in gone if k not in ours]:
+            abandoned.pop(k, None)
         out: list[str] = []
         for r in (r for r in mine if (r.task_id, r.epoch) not in keys and r.lease.acquired_at < cutoff):
             lease, key = r.lease, (r.task_id, r.epoch)
@@ -214,19 +206,13 @@ class LeaseRules:
                 new = self.worker_lost(r, why, force=True, tool_calls=tools)
                 if new is not r and not (new.status == TaskStatus.RUNNING and new.lease == lease):
                     out.append(r.task_id)
-                    if abandoned is not None:
-                        abandoned.pop(key, None)
+                    abandoned.pop(key, None)
                 continue
             did: list[bool] = []
 
             def fn(cur: TaskRecord, lease=lease, did=did) -> TaskRecord | None:
                 did.clear()
-                if (
-                    cur.status != TaskStatus.RUNNING
-                    or not lease.same(cur.lease)
-                    or cur.claude
-                    or cur.progress.tool_calls
-                ):
+                if not holding(lease, cur) or cur.claude or cur.progress.tool_calls:
                     return None  # (ended, taken, or claude started meanwhile: the next pass deals with it)
                 did.append(True)
                 if cur.cancel_requested:
@@ -240,8 +226,7 @@ class LeaseRules:
             except (TaskNotFoundError, CorruptRecordError):
                 continue
             if did:
-                if abandoned is not None:
-                    abandoned.pop(key, None)
+                abandoned.pop(key, None)
                 log.warning("task %s: leased to worker %s, which does not run it: released", r.task_id, worker_id)
                 self.append_event(r.task_id, "released", by=worker_id, reason="leased but not started")
                 out.append(r.task_id)

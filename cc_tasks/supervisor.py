@@ -344,7 +344,10 @@ class Supervisor:
         last_flush, dirty = time.monotonic(), True  # (the first flush also records claude's pid)
         try:
             while True:
-                self._sleep(min(TICK, deadline - time.monotonic()), (pidfd,) if pidfd is not None else ())
+                fds = tuple(fd for fd in (pidfd, self.desk.fileno() if self.desk else None) if fd is not None)
+                self._sleep(min(TICK, deadline - time.monotonic()), fds)
+                if self.desk is not None:
+                    self.desk.accept()  # (the sub-agent asks: a request waits on the desk's socket)
                 self._check_lost()
                 tools_before = self.progress.tool_calls
                 dirty |= self.read_output()
