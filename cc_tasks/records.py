@@ -69,6 +69,8 @@ class RecordsMixin(ManagerBase):
         NATS, also what the workers that passed it over said (no such cwd, missing labels)."""
         if r.runner != "claude":
             return None
+        if r.blocked_by == "budget" and r.blocked_reason:  # (which budget, and how to raise it)
+            return r.blocked_reason
         workers = self.store.workers()
         if self.remote and not workers:
             return "no worker is running on this backend: start one with `cc-tasks worker --backend URL`"

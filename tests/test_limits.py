@@ -38,7 +38,9 @@ async def test_a_group_budget_blocks_new_tasks_and_raising_it_releases_them(mana
     waited = await manager.wait([second.task_id], timeout=60)
     assert time.monotonic() - t0 < 30 and not waited.done and not waited.timed_out
     assert [b.task_id for b in waited.blocked] == [second.task_id] and "exhausted" in waited.blocked[0].reason
-    assert manager.get(second.task_id).blocked_by == "budget" and manager.get_budget("g").blocked == 1
+    blocked = manager.get(second.task_id)
+    assert blocked.blocked_by == "budget" and manager.get_budget("g").blocked == 1
+    assert "group 'g''s budget is exhausted" in blocked.queue_note and "set_budget" in blocked.queue_note
     events = [e["kind"] for _, e in manager.store.iter_events(second.task_id)]
     assert "budget_exhausted" in events
     raised = manager.set_budget(5.0, group="g")
