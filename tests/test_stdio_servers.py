@@ -133,6 +133,10 @@ async def test_python_m_entry_point_serves(cc_env):
         "get_notes",
         "get_task_diff",
         "merge_task",
+        "answer_approval",
+        "list_approvals",
+        "set_budget",
+        "get_budget",
     }
 
 
