@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
-import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from unittest import mock
@@ -36,7 +34,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from cc_tasks import __version__, board, leases, procs
+from cc_tasks import board, leases
 from cc_tasks import engine as engine_module
 from cc_tasks.engine import TaskEngine
 from cc_tasks.errors import InvalidOptionsError, LeaseLostError, TaskNotFoundError
@@ -46,6 +44,8 @@ from cc_tasks.memory_repo import MemoryRepo
 from cc_tasks.models import Lease, Progress, TaskOptions, TaskRecord, TaskRequest, WorkerInfo
 from cc_tasks.repo import WORKSPACE_FILES
 from cc_tasks.states import DEP_FAILED, TaskStatus
+
+from .backends import worker_info as backend_worker_info
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,14 +100,7 @@ def fake_time(clock: Clock) -> list:
 
 
 def worker_info(labels=(), slots: int = 2) -> WorkerInfo:
-    return WorkerInfo(
-        worker_id=f"w-{os.getpid()}-{secrets.token_hex(3)}",
-        host=HOST,
-        proc=procs.ref_of(os.getpid()),
-        labels=sorted(labels),
-        slots=slots,
-        version=__version__,
-    )
+    return backend_worker_info(tuple(labels), slots)
 
 
 def submit(
