@@ -54,6 +54,11 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """What changes whenever a record is replaced (atomic_write: a new inode) or rewritten."""
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _write(path: Path, data: bytes, flags: int = 0) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
     try:
@@ -77,6 +82,8 @@ class FileRepo:
         self._queue_lock_path = self.root / "queue.lock"
         self._queue_lock_path.touch(0o600)
         self._cache: dict[str, tuple[bytes, TaskRecord]] = {}
+        #: The stamp of each record file as last read here: a skipped one is read again only if it changed.
+        self._stamps: dict[str, tuple[int, int, int]] = {}
         self._locks: dict[str, FileLock] = {}
         self._workers: dict[str, WorkerInfo] = {}
         self._handlers: list[Callable[[], None]] = []
@@ -178,11 +185,20 @@ class FileRepo:
         return record
 
     def get(self, task_id: str) -> Versioned:
-        data = _read(self.path(task_id, "record.json"))
-        if data is None:
+        try:
+            fd = os.open(self.path(task_id, "record.json"), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
             self._cache.pop(task_id, None)
-            raise TaskNotFoundError(self._not_found(task_id))
-        return data, self._parsed(task_id, data)
+            raise TaskNotFoundError(self._not_found(task_id)) from None
+        try:
+            stamp = _stamp(os.fstat(fd))
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read()
+        finally:
+            os.close(fd)
+        record = self._parsed(task_id, data)
+        self._stamps[task_id] = stamp
+        return data, record
 
     def get_many(self, ids: list[str]) -> dict[str, Versioned]:
         return each(self.get, ids)
@@ -194,7 +210,12 @@ class FileRepo:
         ids: list[str] = []
         records: dict[str, Versioned] = {}
         for t in self.ids("active"):
-            if t not in skip:
+            if t in skip:  # (a view's queued task: read again only if its file changed since, e.g. claimed elsewhere)
+                try:
+                    changed = _stamp(os.stat(self.path(t, "record.json"))) != self._stamps.get(t)
+                except OSError:
+                    changed = True
+            if t not in skip or changed:
                 try:
                     rev, r = self.get(t)
                 except TaskNotFoundError:
@@ -211,6 +232,7 @@ class FileRepo:
         if len(self._cache) > len(ids):  # forget the others (a long-lived claimer would keep every task)
             for t in set(self._cache).difference(ids):  # (other threads write to it)
                 self._cache.pop(t, None)
+                self._stamps.pop(t, None)
         return ids, records
 
     def ids(self, index: str = "all") -> list[str]:

@@ -253,7 +253,6 @@ def test_a_stored_cap_wins_over_the_constructors_default(repo):
     assert len(other.claim(w, 8)) == 3
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=STALE_VIEW_CAP)
 def test_a_claim_trusting_its_view_of_the_queue_stays_within_the_cap(tmp_path):
     """A worker claims on a nudge with fresh=False (worker.py); another worker claimed meanwhile. On a FileRepo:
     it honours ``unfinished``'s skip (as NatsRepo does when its records watcher lags); MemoryRepo reads every
