@@ -1,3 +1,3 @@
 """cc-tasks: run Claude Code sub-agents in parallel from an MCP server."""
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -143,7 +143,7 @@ async def test_python_m_entry_point_serves(cc_env):
 async def test_initialize_reports_cc_tasks_version(cc_env):
     async with Client(server("v").transport, mode="legacy") as client:  # the initialize handshake Claude Code does
         info = client.initialize_result.server_info
-        assert (info.name, info.version) == ("cc-tasks", __version__) and __version__ == "0.4.0"  # not FastMCP's
+        assert (info.name, info.version) == ("cc-tasks", __version__) and __version__ == "0.5.0"  # not FastMCP's
     async with Client(server("v").transport) as client:  # server/discover
         assert client.server_info.version == __version__
 
